@@ -1,0 +1,481 @@
+//! The real [`Host`]: one instance's life on this node, composed from `image`, `runtime` and
+//! `network`.
+//!
+//! Start order matters: the runtime creates the container (its init waits, in a fresh network
+//! namespace), the network module plugs a veth into that namespace through the init's pid, and only
+//! then does the process start, so an application never sees its network missing.
+//!
+//! Per-instance files live in `<data>/instances/<id>/`: `instance.json` (the spec, for recovery after
+//! an agent restart), `container.log` (stdout and stderr), and the overlay rootfs with its upper and
+//! work dirs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_proto::v1::InstanceStatus;
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::image::{ImageConfig, ImageStore};
+use crate::network::NetworkManager;
+use crate::reconcile::{Host, InstanceSpec, Liveness, Recovered, Started};
+use crate::runtime::{ContainerConfig, Runtime, Status};
+
+/// How long a container gets between SIGTERM and SIGKILL when it is removed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// The node's real host operations.
+pub struct NodeHost {
+    images: Arc<ImageStore>,
+    runtime: Arc<Runtime>,
+    network: NetworkManager,
+    instances_dir: PathBuf,
+    /// Serialises bridge creation/removal with veth plumbing, so removing the last instance of a
+    /// network never deletes the bridge under an instance being attached to it.
+    plumbing: Mutex<()>,
+}
+
+impl NodeHost {
+    /// Composes the node's modules; `data_dir` is the agent's `--data-dir`.
+    pub fn new(
+        images: ImageStore,
+        runtime: Runtime,
+        network: NetworkManager,
+        data_dir: &Path,
+    ) -> std::io::Result<Self> {
+        let instances_dir = data_dir.join("instances");
+        std::fs::create_dir_all(&instances_dir)?;
+        Ok(Self {
+            images: Arc::new(images),
+            runtime: Arc::new(runtime),
+            network,
+            instances_dir,
+            plumbing: Mutex::new(()),
+        })
+    }
+
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.instances_dir.join(id)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Runtime) -> Result<T, crate::runtime::RuntimeError> + Send + 'static,
+    ) -> Result<T, String> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || f(&rt))
+            .await
+            .map_err(|e| format!("{what}: task failed: {e}"))?
+            .map_err(|e| format!("{what}: {e}"))
+    }
+
+    async fn try_start(
+        &self,
+        spec: &InstanceSpec,
+        progress: &(dyn Fn(InstanceStatus) + Send + Sync),
+        phases: &mut HashMap<String, f64>,
+    ) -> Result<(), String> {
+        let id = spec.instance_id.clone();
+        let dir = self.instance_dir(&id);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        write_record(&dir, spec)?;
+
+        progress(InstanceStatus::Pulling);
+        let t = Instant::now();
+        let image = self
+            .images
+            .pull(&spec.image)
+            .await
+            .map_err(|e| format!("pull {}: {e}", spec.image))?;
+        phases.insert("pull".into(), ms(t));
+
+        progress(InstanceStatus::Creating);
+        let t = Instant::now();
+        let images = self.images.clone();
+        let (img, rootfs_dir) = (image.clone(), dir.clone());
+        let rootfs = tokio::task::spawn_blocking(move || images.mount_rootfs(&img, &rootfs_dir))
+            .await
+            .map_err(|e| format!("rootfs: task failed: {e}"))?
+            .map_err(|e| format!("rootfs: {e}"))?;
+        phases.insert("rootfs".into(), ms(t));
+
+        let process = resolve_process(&image.config, spec, &rootfs)?;
+        let cfg = ContainerConfig {
+            id: id.clone(),
+            rootfs,
+            args: process.args,
+            env: process.env,
+            cwd: process.cwd,
+            uid: process.uid,
+            gid: process.gid,
+            hostname: hostname_for(spec),
+            cpu_millis: spec.cpu_millis,
+            memory_bytes: spec.memory_bytes,
+        };
+        let t = Instant::now();
+        let log = dir.join("container.log");
+        let pid = self
+            .blocking("create", move |rt| rt.create(&cfg, &log))
+            .await?;
+        phases.insert("create".into(), ms(t));
+
+        let t = Instant::now();
+        {
+            let net = &spec.network;
+            let _guard = self.plumbing.lock().await;
+            self.network
+                .ensure_bridge(&net.network_id, net.gateway, net.cidr.prefix_len())
+                .await
+                .map_err(|e| format!("network: {e}"))?;
+            self.network
+                .attach(&id, &net.network_id, pid, spec.ip, net.cidr.prefix_len())
+                .await
+                .map_err(|e| format!("network: {e}"))?;
+        }
+        phases.insert("network".into(), ms(t));
+
+        let t = Instant::now();
+        let start_id = id.clone();
+        self.blocking("start", move |rt| rt.start(&start_id))
+            .await?;
+        phases.insert("start".into(), ms(t));
+        Ok(())
+    }
+
+    /// Removes every piece of an instance, continuing past failures so one stuck piece does not
+    /// pin the rest; returns all the failures together.
+    async fn teardown(&self, spec: &InstanceSpec, remove_record: bool) -> Result<(), String> {
+        let id = spec.instance_id.clone();
+        let mut errors = Vec::new();
+        let rm_id = id.clone();
+        if let Err(e) = self
+            .blocking("remove container", move |rt| rt.remove(&rm_id, STOP_GRACE))
+            .await
+        {
+            errors.push(e);
+        }
+        {
+            let _guard = self.plumbing.lock().await;
+            if let Err(e) = self.network.detach(&id).await {
+                errors.push(format!("detach: {e}"));
+            }
+            match self
+                .network
+                .remove_bridge_if_unused(&spec.network.network_id)
+                .await
+            {
+                Ok(true) => debug!(network_id = %spec.network.network_id, "bridge removed"),
+                Ok(false) => {}
+                Err(e) => errors.push(format!("bridge: {e}")),
+            }
+        }
+        let dir = self.instance_dir(&id);
+        let images = self.images.clone();
+        let rootfs_dir = dir.clone();
+        match tokio::task::spawn_blocking(move || images.release_rootfs(&rootfs_dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("rootfs: {e}")),
+            Err(e) => errors.push(format!("rootfs: task failed: {e}")),
+        }
+        if remove_record && errors.is_empty() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    errors.push(format!("remove {}: {e}", dir.display()));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn write_record(dir: &Path, spec: &InstanceSpec) -> Result<(), String> {
+    let json = serde_json::to_vec_pretty(spec).map_err(|e| format!("encode record: {e}"))?;
+    let tmp = dir.join("instance.json.tmp");
+    std::fs::write(&tmp, json).map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join("instance.json"))
+        .map_err(|e| format!("write {}: {e}", dir.display()))
+}
+
+fn hostname_for(spec: &InstanceSpec) -> String {
+    // Host names are at most 64 bytes; instance ids are short and unique, names may repeat.
+    spec.instance_id.chars().take(63).collect()
+}
+
+impl Host for NodeHost {
+    async fn start(
+        &self,
+        spec: &InstanceSpec,
+        progress: Box<dyn Fn(InstanceStatus) + Send + Sync>,
+    ) -> Result<Started, String> {
+        // Whatever an earlier attempt or agent left goes first; start is always from clean.
+        self.teardown(spec, false).await?;
+        let mut phases = HashMap::new();
+        match self.try_start(spec, progress.as_ref(), &mut phases).await {
+            Ok(()) => Ok(Started { phases_ms: phases }),
+            Err(reason) => {
+                if let Err(cleanup) = self.teardown(spec, false).await {
+                    warn!(instance_id = %spec.instance_id, %cleanup, "cleanup after failed start failed too");
+                    return Err(format!("{reason} (cleanup failed: {cleanup})"));
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    async fn stop(&self, spec: &InstanceSpec) -> Result<(), String> {
+        self.teardown(spec, true).await
+    }
+
+    fn liveness(&self, instance_id: &str) -> Liveness {
+        match self.runtime.state(instance_id) {
+            Ok(Some(s)) if s.status == Status::Running || s.status == Status::Paused => {
+                Liveness::Running
+            }
+            Ok(Some(_)) => Liveness::Exited(-1),
+            Ok(None) => Liveness::Unknown,
+            Err(e) => {
+                warn!(instance_id, error = %e, "cannot read container state");
+                Liveness::Unknown
+            }
+        }
+    }
+
+    fn reap(&self) -> Vec<(String, i32)> {
+        self.runtime.reap()
+    }
+
+    fn recover(&self) -> Vec<Recovered> {
+        let mut found = Vec::new();
+        let entries = match std::fs::read_dir(&self.instances_dir) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(dir = %self.instances_dir.display(), error = %e, "cannot list instances");
+                return found;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path().join("instance.json");
+            let spec: InstanceSpec = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "unreadable instance record; skipping");
+                    continue;
+                }
+            };
+            let liveness = self.liveness(&spec.instance_id);
+            info!(instance_id = %spec.instance_id, ?liveness, "found instance from an earlier run");
+            found.push(Recovered { spec, liveness });
+        }
+        found
+    }
+}
+
+/// The process an instance runs: Kubernetes semantics, where `command` replaces both the image's
+/// entrypoint and cmd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// argv.
+    pub args: Vec<String>,
+    /// "K=V" list: the image's, overridden by the spec's.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Resolves what to run from the image config and the instance's overrides. `rootfs` is read for
+/// user and group names.
+pub fn resolve_process(
+    image: &ImageConfig,
+    spec: &InstanceSpec,
+    rootfs: &Path,
+) -> Result<Process, String> {
+    let args: Vec<String> = if spec.command.is_empty() {
+        image
+            .entrypoint
+            .iter()
+            .chain(image.cmd.iter())
+            .cloned()
+            .collect()
+    } else {
+        spec.command.clone()
+    };
+    if args.is_empty() {
+        return Err(format!(
+            "image {} has no entrypoint or cmd and no command was given",
+            spec.image
+        ));
+    }
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for kv in &image.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        env.insert(k.to_string(), v.to_string());
+    }
+    for (k, v) in &spec.env {
+        env.insert(k.clone(), v.clone());
+    }
+    let mut env: Vec<String> = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !env.iter().any(|kv| kv.starts_with("PATH=")) {
+        env.push(DEFAULT_PATH.to_string());
+    }
+    let (uid, gid) = resolve_user(image.user.as_deref().unwrap_or(""), rootfs)?;
+    let cwd = match image.working_dir.as_deref() {
+        Some(d) if d.starts_with('/') => d.to_string(),
+        _ => "/".to_string(),
+    };
+    Ok(Process {
+        args,
+        env,
+        cwd,
+        uid,
+        gid,
+    })
+}
+
+/// Resolves an image's `user` ("", "1000", "1000:1000", "www", "www:staff") against the rootfs's
+/// /etc/passwd and /etc/group.
+pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(uid) => {
+            let gid = lookup(&passwd, |f| f.get(2) == Some(&u)).and_then(|f| f.get(3)?.parse().ok());
+            (uid, gid.unwrap_or(0))
+        }
+        Err(_) => {
+            let fields = lookup(&passwd, |f| f.first() == Some(&u))
+                .ok_or_else(|| format!("image user {u:?} not found in /etc/passwd"))?;
+            let uid = fields.get(2).and_then(|s| s.parse().ok());
+            let gid = fields.get(3).and_then(|s| s.parse().ok());
+            match (uid, gid) {
+                (Some(uid), Some(gid)) => (uid, gid),
+                _ => return Err(format!("image user {u:?} has a malformed /etc/passwd entry")),
+            }
+        }
+    };
+    let gid = match g {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+                lookup(&group, |f| f.first() == Some(&g))
+                    .and_then(|f| f.get(2)?.parse().ok())
+                    .ok_or_else(|| format!("image group {g:?} not found in /etc/group"))?
+            }
+        },
+    };
+    Ok((uid, gid))
+}
+
+fn lookup<'a>(file: &'a str, pred: impl Fn(&[&'a str]) -> bool) -> Option<Vec<&'a str>> {
+    file.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| pred(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::NetworkSpec;
+
+    fn spec(command: &[&str]) -> InstanceSpec {
+        InstanceSpec {
+            instance_id: "ins-1".into(),
+            container_id: "ctr-1".into(),
+            container_name: String::new(),
+            image: "r/demo:1".into(),
+            cpu_millis: 100,
+            memory_bytes: 64 << 20,
+            command: command.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::from([("MODE".into(), "prod".into())]),
+            network: NetworkSpec {
+                network_id: "net-1".into(),
+                name: "n".into(),
+                cidr: "10.1.0.0/24".parse().expect("cidr"),
+                gateway: "10.1.0.1".parse().expect("ip"),
+            },
+            ip: "10.1.0.2".parse().expect("ip"),
+        }
+    }
+
+    fn image() -> ImageConfig {
+        ImageConfig {
+            entrypoint: vec!["/bin/httpd".into()],
+            cmd: vec!["-f".into()],
+            env: vec!["MODE=dev".into(), "PATH=/bin".into()],
+            working_dir: Some("/www".into()),
+            user: None,
+        }
+    }
+
+    #[test]
+    fn image_entrypoint_and_cmd_are_used_without_command() {
+        let p = resolve_process(&image(), &spec(&[]), Path::new("/nonexistent")).expect("ok");
+        assert_eq!(p.args, vec!["/bin/httpd", "-f"]);
+        assert_eq!(p.cwd, "/www");
+        assert_eq!(p.env, vec!["MODE=prod", "PATH=/bin"], "spec env overrides the image's");
+    }
+
+    #[test]
+    fn command_replaces_entrypoint_and_cmd() {
+        let p = resolve_process(&image(), &spec(&["sh", "-c", "true"]), Path::new("/x"))
+            .expect("ok");
+        assert_eq!(p.args, vec!["sh", "-c", "true"]);
+    }
+
+    #[test]
+    fn nothing_to_run_is_an_error_and_path_gets_a_default() {
+        let img = ImageConfig::default();
+        assert!(resolve_process(&img, &spec(&[]), Path::new("/x"))
+            .unwrap_err()
+            .contains("no entrypoint"));
+        let p = resolve_process(&img, &spec(&["true"]), Path::new("/x")).expect("ok");
+        assert!(p.env.iter().any(|e| e == DEFAULT_PATH));
+    }
+
+    #[test]
+    fn users_resolve_numerically_and_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("etc")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nwww:x:33:34::/var/www:/bin/false\n",
+        )
+        .expect("write");
+        std::fs::write(dir.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").expect("write");
+        assert_eq!(resolve_user("", dir.path()), Ok((0, 0)));
+        assert_eq!(resolve_user("1000", dir.path()), Ok((1000, 0)));
+        assert_eq!(resolve_user("33", dir.path()), Ok((33, 34)));
+        assert_eq!(resolve_user("www", dir.path()), Ok((33, 34)));
+        assert_eq!(resolve_user("www:staff", dir.path()), Ok((33, 50)));
+        assert_eq!(resolve_user("1:2", dir.path()), Ok((1, 2)));
+        assert!(resolve_user("nobody", dir.path()).is_err());
+        assert!(resolve_user("www:wheel", dir.path()).is_err());
+    }
+}

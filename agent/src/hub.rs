@@ -1,0 +1,316 @@
+//! The agent's link to the hub: register, heartbeat, the desired-state stream and status reports.
+//!
+//! Every loop here survives the hub going away: it retries with capped backoff and never touches the
+//! containers. The reconciler only ever sees the last desired state received, so a hub outage freezes
+//! the node's desired state instead of emptying it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use berth_proto::v1::agent_service_client::AgentServiceClient;
+use berth_proto::v1::{
+    DesiredState, HeartbeatRequest, InstanceReport, RegisterRequest, ReportStatusRequest,
+    WatchAssignmentsRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+/// What the agent offers the cluster.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Stable node id (`--node-id`).
+    pub node_id: String,
+    /// Host name reported to operators.
+    pub hostname: String,
+    /// Address other nodes and the hub reach this node on.
+    pub advertise_ip: String,
+    /// Offered CPU in millicores.
+    pub cpu_millis: u64,
+    /// Offered memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// Errors of the hub link.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The hub URL could not be parsed.
+    #[error("invalid hub url {url:?}: {source}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// Why tonic refused it.
+        source: tonic::transport::Error,
+    },
+}
+
+/// One change the reconciler wants the hub to know about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// The instance's current status.
+    Status(InstanceReport),
+    /// Nothing of the instance is left on the node.
+    Removed(String),
+}
+
+/// A lazily connected gRPC client; tonic reconnects on its own after the hub comes back.
+pub fn connect(url: &str) -> Result<AgentServiceClient<Channel>, HubError> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|source| HubError::InvalidUrl {
+            url: url.to_string(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    Ok(AgentServiceClient::new(endpoint.connect_lazy()))
+}
+
+/// Backoff that doubles up to a cap; reset after a success.
+#[derive(Debug)]
+struct Backoff {
+    current: Duration,
+}
+
+impl Backoff {
+    const START: Duration = Duration::from_millis(200);
+    const CAP: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Self {
+            current: Self::START,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = Self::START;
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.current).await;
+        self.current = (self.current * 2).min(Self::CAP);
+    }
+}
+
+async fn register(client: &mut AgentServiceClient<Channel>, node: &NodeInfo) -> u32 {
+    let mut backoff = Backoff::new();
+    loop {
+        let req = RegisterRequest {
+            node_id: node.node_id.clone(),
+            hostname: node.hostname.clone(),
+            advertise_ip: node.advertise_ip.clone(),
+            cpu_millis: node.cpu_millis,
+            memory_bytes: node.memory_bytes,
+        };
+        match client.register(req).await {
+            Ok(resp) => {
+                let interval = resp.into_inner().heartbeat_interval_secs.clamp(1, 60);
+                info!(node_id = %node.node_id, interval, "registered with hub");
+                return interval;
+            }
+            Err(status) => {
+                warn!(node_id = %node.node_id, error = %status.message(), code = ?status.code(), "register failed; retrying");
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+/// Registers, then heartbeats forever; registers again whenever the hub has forgotten the node.
+pub async fn run_membership(mut client: AgentServiceClient<Channel>, node: NodeInfo) {
+    let mut interval = register(&mut client, &node).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(u64::from(interval))).await;
+        let req = HeartbeatRequest {
+            node_id: node.node_id.clone(),
+        };
+        match client.heartbeat(req).await {
+            Ok(resp) if resp.get_ref().known => {}
+            Ok(_) => {
+                info!(node_id = %node.node_id, "hub no longer knows this node; registering again");
+                interval = register(&mut client, &node).await;
+            }
+            Err(status) => {
+                debug!(error = %status.message(), "heartbeat failed");
+            }
+        }
+    }
+}
+
+/// Follows the node's desired state; each full snapshot replaces the previous one in `tx`.
+pub async fn run_watch(
+    mut client: AgentServiceClient<Channel>,
+    node_id: String,
+    tx: watch::Sender<Option<DesiredState>>,
+) {
+    let mut backoff = Backoff::new();
+    loop {
+        let req = WatchAssignmentsRequest {
+            node_id: node_id.clone(),
+        };
+        match client.watch_assignments(req).await {
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(state)) => {
+                            backoff.reset();
+                            debug!(
+                                revision = state.revision,
+                                assignments = state.assignments.len(),
+                                "desired state"
+                            );
+                            if tx.send(Some(state)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            info!("hub closed the desired-state stream");
+                            break;
+                        }
+                        Err(status) => {
+                            warn!(error = %status.message(), "desired-state stream broke");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                debug!(error = %status.message(), code = ?status.code(), "watch failed");
+            }
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Pending reports, latest status per instance; what failed to send is sent again with the next batch.
+#[derive(Debug, Default)]
+struct Outbox {
+    statuses: HashMap<String, InstanceReport>,
+    removed: BTreeSet<String>,
+}
+
+impl Outbox {
+    fn push(&mut self, report: Report) {
+        match report {
+            Report::Status(r) => {
+                self.removed.remove(&r.instance_id);
+                self.statuses.insert(r.instance_id.clone(), r);
+            }
+            Report::Removed(id) => {
+                self.statuses.remove(&id);
+                self.removed.insert(id);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.statuses.is_empty() && self.removed.is_empty()
+    }
+
+    fn take(&mut self, node_id: &str) -> ReportStatusRequest {
+        ReportStatusRequest {
+            node_id: node_id.to_string(),
+            reports: std::mem::take(&mut self.statuses).into_values().collect(),
+            removed: std::mem::take(&mut self.removed).into_iter().collect(),
+        }
+    }
+
+    /// Puts back a batch that failed, without overwriting anything newer.
+    fn restore(&mut self, req: ReportStatusRequest) {
+        for r in req.reports {
+            if !self.removed.contains(&r.instance_id) {
+                self.statuses.entry(r.instance_id.clone()).or_insert(r);
+            }
+        }
+        for id in req.removed {
+            if !self.statuses.contains_key(&id) {
+                self.removed.insert(id);
+            }
+        }
+    }
+}
+
+/// Sends the reconciler's reports to the hub in batches; keeps them while the hub is away.
+pub async fn run_reporter(
+    mut client: AgentServiceClient<Channel>,
+    node_id: String,
+    mut rx: mpsc::UnboundedReceiver<Report>,
+) {
+    let mut outbox = Outbox::default();
+    let mut backoff = Backoff::new();
+    loop {
+        if outbox.is_empty() {
+            match rx.recv().await {
+                Some(r) => outbox.push(r),
+                None => return,
+            }
+        }
+        // Coalesce whatever else is already queued into the same request.
+        while let Ok(r) = rx.try_recv() {
+            outbox.push(r);
+        }
+        let req = outbox.take(&node_id);
+        match client.report_status(req.clone()).await {
+            Ok(_) => backoff.reset(),
+            Err(status) => {
+                debug!(error = %status.message(), "report failed; will retry");
+                outbox.restore(req);
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_proto::v1::InstanceStatus;
+
+    fn status(id: &str, s: InstanceStatus) -> Report {
+        Report::Status(InstanceReport {
+            instance_id: id.into(),
+            status: s as i32,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn outbox_keeps_latest_status_and_removal_wins_over_older_status() {
+        let mut o = Outbox::default();
+        o.push(status("a", InstanceStatus::Pulling));
+        o.push(status("a", InstanceStatus::Running));
+        o.push(status("b", InstanceStatus::Running));
+        o.push(Report::Removed("b".into()));
+        let req = o.take("n1");
+        assert_eq!(req.reports.len(), 1);
+        assert_eq!(req.reports[0].status, InstanceStatus::Running as i32);
+        assert_eq!(req.removed, vec!["b".to_string()]);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn outbox_restore_does_not_overwrite_newer_reports() {
+        let mut o = Outbox::default();
+        o.push(status("a", InstanceStatus::Creating));
+        o.push(Report::Removed("c".into()));
+        let failed = o.take("n1");
+        o.push(status("a", InstanceStatus::Running));
+        o.push(status("c", InstanceStatus::Pulling));
+        o.restore(failed);
+        let req = o.take("n1");
+        assert_eq!(req.reports.len(), 2);
+        let a = req.reports.iter().find(|r| r.instance_id == "a");
+        assert_eq!(
+            a.map(|r| r.status),
+            Some(InstanceStatus::Running as i32),
+            "newer status kept"
+        );
+        assert!(
+            req.removed.is_empty(),
+            "a newer status of c cancels its older removal"
+        );
+    }
+}

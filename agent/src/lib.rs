@@ -1,0 +1,12 @@
+//! berth's node agent.
+//!
+//! The agent turns the desired state the hub streams for this node into running containers and
+//! reports back what it sees. Each module owns one responsibility and one kind of kernel object:
+//! `image` (OCI pulls, layer cache, overlay rootfs), `runtime` (youki's libcontainer), `network`
+//! (bridges and veths over netlink), `reconcile` (desired vs actual), `hub` (the gRPC link).
+
+pub mod hub;
+pub mod image;
+pub mod network;
+pub mod reconcile;
+pub mod runtime;

@@ -1,0 +1,400 @@
+//! Container networking on one node: one Linux bridge per berth network, one veth pair per
+//! instance.
+//!
+//! The agent runs inside the node's network namespace ("the host" here). For each network with
+//! an instance on this node, [`NetworkManager::ensure_bridge`] keeps a bridge `bn-…` carrying the
+//! network's gateway address (the same on every node), through which the node reaches its local
+//! instances. [`NetworkManager::attach`] plugs an instance in: a veth pair whose host end `bv…`
+//! is a port of the bridge and whose other end is `eth0` in the container's own network
+//! namespace (made by the runtime; addressed here by the container's init pid), with the
+//! instance's address and no default route: the connected subnet route is all it gets.
+//!
+//! Every kernel call goes through the [`Netlink`] trait: [`RtNetlink`] speaks rtnetlink, a fake
+//! in the unit tests records calls and injects failures.
+
+use std::io;
+use std::net::Ipv4Addr;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::RwLock;
+use tracing::{debug, info, instrument, warn};
+
+mod netlink;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+pub use netlink::{Link, LinkKind, Netlink, NetlinkError, PeerPlan, RtNetlink};
+
+/// Name of the instance's interface inside its container.
+pub const CONTAINER_IFNAME: &str = "eth0";
+
+/// Errors of container networking.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// No netlink socket could be opened.
+    #[error("opening a netlink socket: {0}")]
+    Connect(io::Error),
+    /// The kernel refused a request.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// The container's network namespace could not be entered.
+    #[error("network namespace of pid {pid}: {error}")]
+    Netns {
+        /// The container's init pid.
+        pid: i32,
+        /// Why.
+        error: io::Error,
+    },
+    /// The thread working inside a container's namespace died without answering.
+    #[error("network namespace worker for pid {pid} ended without an answer")]
+    NetnsWorker {
+        /// The container's init pid.
+        pid: i32,
+    },
+    /// `attach` before `ensure_bridge`.
+    #[error("bridge {bridge} of network {network_id} does not exist")]
+    BridgeMissing {
+        /// The berth network.
+        network_id: String,
+        /// Its bridge's name on this node.
+        bridge: String,
+    },
+    /// A link with the bridge's name exists but is something else: not ours to touch.
+    #[error("link {name} exists but is not a bridge")]
+    NotABridge {
+        /// The link's name.
+        name: String,
+    },
+    /// A link that must exist (just created, or `lo`) is not there.
+    #[error("link {name} not found")]
+    LinkMissing {
+        /// The link's name.
+        name: String,
+    },
+    /// A prefix length no berth network can have.
+    #[error("invalid prefix length {prefix_len}: must be 1..=32")]
+    InvalidPrefix {
+        /// The rejected value.
+        prefix_len: u8,
+    },
+    /// Attach failed, and so did removing what it had made.
+    #[error("attaching instance {instance_id}: {error}; removing its veth {veth} afterwards failed too: {cleanup}")]
+    AttachRollback {
+        /// The instance.
+        instance_id: String,
+        /// Its host-side veth, possibly left behind.
+        veth: String,
+        /// The failure of attach.
+        error: Box<NetworkError>,
+        /// The failure of the cleanup.
+        cleanup: Box<NetworkError>,
+    },
+}
+
+/// Plumbs berth networks and instances into the kernel of this node.
+///
+/// `Send + Sync`: share it behind an `Arc`. Calls may run concurrently; removing a bridge waits
+/// for attaches in progress, so a veth is never plugged into a bridge being deleted.
+pub struct NetworkManager<N: Netlink = RtNetlink> {
+    netlink: N,
+    // Shared by ensure_bridge/attach, exclusive for remove_bridge_if_unused: "no port" must stay
+    // true between the check and the delete.
+    bridges: RwLock<()>,
+}
+
+impl NetworkManager<RtNetlink> {
+    /// Opens a netlink socket in the calling thread's network namespace, driven on the current
+    /// tokio runtime.
+    pub async fn new() -> Result<Self, NetworkError> {
+        Ok(Self::with_netlink(RtNetlink::connect()?))
+    }
+}
+
+impl<N: Netlink> NetworkManager<N> {
+    /// A manager over any [`Netlink`] implementation (tests use a fake).
+    pub fn with_netlink(netlink: N) -> Self {
+        Self {
+            netlink,
+            bridges: RwLock::new(()),
+        }
+    }
+
+    /// The [`Netlink`] implementation underneath.
+    pub fn netlink(&self) -> &N {
+        &self.netlink
+    }
+
+    /// Makes sure the bridge of `network_id` exists, carries `gateway/prefix_len` and is up;
+    /// returns its name. Idempotent, and safe to call concurrently for the same network.
+    ///
+    /// Every node's bridge of one network carries the same gateway address (the hub hands it
+    /// out): the node reaches its local instances through it.
+    #[instrument(skip(self), err)]
+    pub async fn ensure_bridge(
+        &self,
+        network_id: &str,
+        gateway: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<String, NetworkError> {
+        check_prefix(prefix_len)?;
+        let _shared = self.bridges.read().await;
+        let name = bridge_name(network_id);
+        let bridge = match self.netlink.link_get(&name).await? {
+            Some(link) => link,
+            None => {
+                match self.netlink.link_add_bridge(&name).await {
+                    Ok(()) => info!(bridge = %name, network_id, "created bridge"),
+                    // Another call for the same network won the race: use its bridge.
+                    Err(e) if e.is(libc::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.netlink
+                    .link_get(&name)
+                    .await?
+                    .ok_or_else(|| NetworkError::LinkMissing { name: name.clone() })?
+            }
+        };
+        if bridge.kind != LinkKind::Bridge {
+            return Err(NetworkError::NotABridge { name });
+        }
+
+        let addresses = self.netlink.addr_list(bridge.index).await?;
+        for &(ip, prefix) in &addresses {
+            // Same gateway with another prefix: a leftover of an older network with that id.
+            if ip == gateway && prefix != prefix_len {
+                warn!(bridge = %name, %ip, prefix, "replacing gateway address with a different prefix");
+                match self.netlink.addr_del(bridge.index, ip, prefix).await {
+                    Ok(()) => {}
+                    Err(e) if e.is(libc::EADDRNOTAVAIL) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if !addresses.contains(&(gateway, prefix_len)) {
+            match self
+                .netlink
+                .addr_add(bridge.index, gateway, prefix_len)
+                .await
+            {
+                Ok(()) => debug!(bridge = %name, %gateway, prefix_len, "gateway address added"),
+                Err(e) if e.is(libc::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !bridge.up {
+            self.netlink.link_set_up(bridge.index).await?;
+        }
+        Ok(name)
+    }
+
+    /// Plugs an instance into its network's bridge (which must exist: [`Self::ensure_bridge`]).
+    ///
+    /// Creates a veth pair: the host end [`host_veth_name`] becomes a port of the bridge, up, with
+    /// the bridge's MTU; the other end is created directly in the network namespace of `pid` as
+    /// `eth0`, gets `ip/prefix_len` and is brought up, along with `lo`. No default route: the
+    /// container reaches its subnet only. A stale host veth of the same name (an earlier attempt)
+    /// is deleted first, so this can be retried; on error, the veth it made is removed again.
+    #[instrument(skip(self), err)]
+    pub async fn attach(
+        &self,
+        instance_id: &str,
+        network_id: &str,
+        pid: i32,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetworkError> {
+        check_prefix(prefix_len)?;
+        let _shared = self.bridges.read().await;
+        let bridge_name = bridge_name(network_id);
+        let bridge = self.netlink.link_get(&bridge_name).await?.ok_or_else(|| {
+            NetworkError::BridgeMissing {
+                network_id: network_id.to_owned(),
+                bridge: bridge_name.clone(),
+            }
+        })?;
+        if bridge.kind != LinkKind::Bridge {
+            return Err(NetworkError::NotABridge { name: bridge_name });
+        }
+
+        let veth = host_veth_name(instance_id);
+        if let Some(stale) = self.netlink.link_get(&veth).await? {
+            warn!(%veth, "deleting stale host veth left by an earlier attempt");
+            self.delete_link(stale.index).await?;
+        }
+        // Nothing to undo if this fails: a netlink request is all or nothing.
+        self.netlink
+            .link_add_veth(&veth, bridge.mtu, CONTAINER_IFNAME, pid)
+            .await?;
+        let plan = PeerPlan {
+            ifname: CONTAINER_IFNAME.to_owned(),
+            ip,
+            prefix_len,
+        };
+        if let Err(error) = self.plug(&veth, bridge.index, pid, plan).await {
+            return Err(self.undo_veth(instance_id, &veth, error).await);
+        }
+        info!(%veth, bridge = %bridge_name, %ip, prefix_len, "instance attached");
+        Ok(())
+    }
+
+    /// Removes the instance's host veth, and with it the pair. Ok if it is already gone.
+    #[instrument(skip(self), err)]
+    pub async fn detach(&self, instance_id: &str) -> Result<(), NetworkError> {
+        let veth = host_veth_name(instance_id);
+        if let Some(link) = self.netlink.link_get(&veth).await? {
+            self.delete_link(link.index).await?;
+            info!(%veth, "instance detached");
+        }
+        Ok(())
+    }
+
+    /// Deletes the network's bridge if no link is a port of it any more. Returns whether it
+    /// deleted it; `Ok(false)` when it does not exist or is still in use.
+    #[instrument(skip(self), err)]
+    pub async fn remove_bridge_if_unused(&self, network_id: &str) -> Result<bool, NetworkError> {
+        let _exclusive = self.bridges.write().await;
+        let name = bridge_name(network_id);
+        let Some(bridge) = self.netlink.link_get(&name).await? else {
+            return Ok(false);
+        };
+        if bridge.kind != LinkKind::Bridge {
+            return Err(NetworkError::NotABridge { name });
+        }
+        let ports = self
+            .netlink
+            .link_list()
+            .await?
+            .into_iter()
+            .filter(|link| link.master == Some(bridge.index))
+            .count();
+        if ports > 0 {
+            debug!(bridge = %name, ports, "bridge still in use");
+            return Ok(false);
+        }
+        self.delete_link(bridge.index).await?;
+        info!(bridge = %name, network_id, "deleted unused bridge");
+        Ok(true)
+    }
+
+    /// The steps of attach after the veth exists; any error here means the veth must go.
+    async fn plug(
+        &self,
+        veth: &str,
+        bridge_index: u32,
+        pid: i32,
+        plan: PeerPlan,
+    ) -> Result<(), NetworkError> {
+        let host_end =
+            self.netlink
+                .link_get(veth)
+                .await?
+                .ok_or_else(|| NetworkError::LinkMissing {
+                    name: veth.to_owned(),
+                })?;
+        self.netlink
+            .link_set_master(host_end.index, bridge_index)
+            .await?;
+        self.netlink.link_set_up(host_end.index).await?;
+        self.netlink.configure_netns(pid, plan).await
+    }
+
+    /// Removes the veth a failed attach made; returns the error to report.
+    async fn undo_veth(&self, instance_id: &str, veth: &str, error: NetworkError) -> NetworkError {
+        let cleanup = match self.netlink.link_get(veth).await {
+            Ok(Some(link)) => self.delete_link(link.index).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+        match cleanup {
+            Ok(()) => error,
+            Err(cleanup) => NetworkError::AttachRollback {
+                instance_id: instance_id.to_owned(),
+                veth: veth.to_owned(),
+                error: Box::new(error),
+                cleanup: Box::new(cleanup),
+            },
+        }
+    }
+
+    /// Deletes a link; one that vanished meanwhile (e.g. the container's namespace went away and
+    /// took the pair with it) counts as deleted.
+    async fn delete_link(&self, index: u32) -> Result<(), NetworkError> {
+        match self.netlink.link_del(index).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is(libc::ENODEV) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Sets up the container end of a veth from inside the container's namespace: `lo` up, the
+/// address on `plan.ifname`, then that link up. Adds no route beyond the connected subnet.
+///
+/// `netlink` must be bound to the container's namespace ([`Netlink::configure_netns`] does that).
+pub async fn configure_peer<N: Netlink>(netlink: &N, plan: &PeerPlan) -> Result<(), NetworkError> {
+    let lo = netlink
+        .link_get("lo")
+        .await?
+        .ok_or_else(|| NetworkError::LinkMissing {
+            name: "lo".to_owned(),
+        })?;
+    if !lo.up {
+        netlink.link_set_up(lo.index).await?;
+    }
+    let eth = netlink
+        .link_get(&plan.ifname)
+        .await?
+        .ok_or_else(|| NetworkError::LinkMissing {
+            name: plan.ifname.clone(),
+        })?;
+    let addresses = netlink.addr_list(eth.index).await?;
+    if !addresses.contains(&(plan.ip, plan.prefix_len)) {
+        match netlink.addr_add(eth.index, plan.ip, plan.prefix_len).await {
+            Ok(()) => {}
+            Err(e) if e.is(libc::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    netlink.link_set_up(eth.index).await?;
+    Ok(())
+}
+
+/// Name of the bridge of a berth network on every node: `bn-` and 12 hex digits (15 characters,
+/// the kernel's limit). Network ids `net-<12 hex>` keep their suffix, so the bridge is easy to
+/// recognise; any other id is hashed.
+pub fn bridge_name(network_id: &str) -> String {
+    format!("bn-{}", short_id(network_id, "net-"))
+}
+
+/// Name of an instance's host-side veth: `bv` and 12 hex digits. Instance ids `ins-<12 hex>` keep
+/// their suffix; any other id is hashed.
+pub fn host_veth_name(instance_id: &str) -> String {
+    format!("bv{}", short_id(instance_id, "ins-"))
+}
+
+/// 12 lower-case hex digits standing for `id`: its own suffix when it is `prefix` + 12 hex,
+/// otherwise the start of its SHA-256.
+fn short_id(id: &str, prefix: &str) -> String {
+    if let Some(suffix) = id.strip_prefix(prefix) {
+        if suffix.len() == 12
+            && suffix
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return suffix.to_owned();
+        }
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    hex::encode(&digest[..6])
+}
+
+fn check_prefix(prefix_len: u8) -> Result<(), NetworkError> {
+    if (1..=32).contains(&prefix_len) {
+        Ok(())
+    } else {
+        Err(NetworkError::InvalidPrefix { prefix_len })
+    }
+}

@@ -1,0 +1,331 @@
+//! Reconciler logic on a fake host: no root, no kernel.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use berth_proto::v1::NetworkAttachment;
+
+use super::*;
+
+#[derive(Default)]
+struct FakeState {
+    running: HashSet<String>,
+    starts: Vec<String>,
+    stops: Vec<String>,
+    /// Instance ids whose next start fails.
+    fail_next_start: HashSet<String>,
+    exits: Vec<(String, i32)>,
+    recovered: Vec<Recovered>,
+}
+
+#[derive(Default)]
+struct FakeHost(Mutex<FakeState>);
+
+impl FakeHost {
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.0.lock().expect("fake host lock")
+    }
+}
+
+impl Host for FakeHost {
+    async fn start(
+        &self,
+        spec: &InstanceSpec,
+        progress: Box<dyn Fn(InstanceStatus) + Send + Sync>,
+    ) -> Result<Started, String> {
+        progress(InstanceStatus::Pulling);
+        progress(InstanceStatus::Creating);
+        let mut s = self.state();
+        s.starts.push(spec.instance_id.clone());
+        if s.fail_next_start.remove(&spec.instance_id) {
+            return Err("pull failed: registry unreachable".into());
+        }
+        s.running.insert(spec.instance_id.clone());
+        Ok(Started {
+            phases_ms: HashMap::from([("pull".to_string(), 1.0)]),
+        })
+    }
+
+    async fn stop(&self, spec: &InstanceSpec) -> Result<(), String> {
+        let mut s = self.state();
+        s.stops.push(spec.instance_id.clone());
+        s.running.remove(&spec.instance_id);
+        Ok(())
+    }
+
+    fn liveness(&self, id: &str) -> Liveness {
+        if self.state().running.contains(id) {
+            Liveness::Running
+        } else {
+            Liveness::Unknown
+        }
+    }
+
+    fn reap(&self) -> Vec<(String, i32)> {
+        let mut s = self.state();
+        let exits = std::mem::take(&mut s.exits);
+        for (id, _) in &exits {
+            s.running.remove(id);
+        }
+        exits
+    }
+
+    fn recover(&self) -> Vec<Recovered> {
+        std::mem::take(&mut self.state().recovered)
+    }
+}
+
+fn assignment(id: &str) -> Assignment {
+    Assignment {
+        instance_id: id.into(),
+        container_id: "ctr-1".into(),
+        image: "reg:5000/demo/httpd:1".into(),
+        cpu_millis: 500,
+        memory_bytes: 64 << 20,
+        network: Some(NetworkAttachment {
+            network_id: "net-1".into(),
+            name: "payments".into(),
+            cidr: "10.10.0.0/16".into(),
+            gateway: "10.10.0.1".into(),
+        }),
+        ip: "10.10.0.2".into(),
+        ..Default::default()
+    }
+}
+
+fn desired(ids: &[&str]) -> DesiredState {
+    DesiredState {
+        assignments: ids.iter().map(|id| assignment(id)).collect(),
+        revision: 1,
+    }
+}
+
+struct Harness {
+    host: Arc<FakeHost>,
+    desired_tx: watch::Sender<Option<DesiredState>>,
+    children_tx: mpsc::UnboundedSender<()>,
+    reports: mpsc::UnboundedReceiver<Report>,
+}
+
+fn harness(host: FakeHost) -> Harness {
+    let host = Arc::new(host);
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let (desired_tx, desired_rx) = watch::channel(None);
+    let (children_tx, children_rx) = mpsc::unbounded_channel();
+    let rec = Reconciler::new(host.clone(), reports_tx);
+    tokio::spawn(rec.run(desired_rx, children_rx));
+    Harness {
+        host,
+        desired_tx,
+        children_tx,
+        reports,
+    }
+}
+
+impl Harness {
+    /// Collects reports until `pred` holds for the collected list (bounded by a paused-clock timeout).
+    async fn until(&mut self, mut pred: impl FnMut(&[Report]) -> bool) -> Vec<Report> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while !pred(&seen) {
+            match tokio::time::timeout_at(deadline, self.reports.recv()).await {
+                Ok(Some(r)) => seen.push(r),
+                _ => panic!("condition not reached; reports so far: {seen:?}"),
+            }
+        }
+        seen
+    }
+}
+
+fn is_status(r: &Report, id: &str, status: InstanceStatus) -> bool {
+    matches!(r, Report::Status(s) if s.instance_id == id && s.status == status as i32)
+}
+
+#[tokio::test(start_paused = true)]
+async fn starts_what_is_desired_and_reports_progress_then_running() {
+    let mut h = harness(FakeHost::default());
+    h.desired_tx
+        .send_replace(Some(desired(&["ins-a", "ins-b"])));
+    let seen = h
+        .until(|rs| {
+            ["ins-a", "ins-b"]
+                .iter()
+                .all(|id| rs.iter().any(|r| is_status(r, id, InstanceStatus::Running)))
+        })
+        .await;
+    let pulling = seen
+        .iter()
+        .position(|r| is_status(r, "ins-a", InstanceStatus::Pulling));
+    let running = seen
+        .iter()
+        .position(|r| is_status(r, "ins-a", InstanceStatus::Running));
+    assert!(
+        pulling < running && pulling.is_some(),
+        "PULLING precedes RUNNING: {seen:?}"
+    );
+    let phases = seen.iter().find_map(|r| match r {
+        Report::Status(s) if s.status == InstanceStatus::Running as i32 => {
+            Some(s.phases_ms.clone())
+        }
+        _ => None,
+    });
+    assert_eq!(phases.and_then(|p| p.get("pull").copied()), Some(1.0));
+    assert_eq!(h.host.state().starts.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stops_what_is_no_longer_desired_and_reports_removed() {
+    let mut h = harness(FakeHost::default());
+    h.desired_tx
+        .send_replace(Some(desired(&["ins-a", "ins-b"])));
+    h.until(|rs| {
+        rs.iter()
+            .filter(
+                |r| matches!(r, Report::Status(s) if s.status == InstanceStatus::Running as i32),
+            )
+            .count()
+            == 2
+    })
+    .await;
+    h.desired_tx.send_replace(Some(desired(&["ins-a"])));
+    h.until(|rs| rs.contains(&Report::Removed("ins-b".into())))
+        .await;
+    let s = h.host.state();
+    assert_eq!(s.stops, vec!["ins-b".to_string()]);
+    assert!(s.running.contains("ins-a"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_stopped_before_the_hub_has_spoken() {
+    let host = FakeHost::default();
+    host.state().running.insert("ins-old".into());
+    host.state().recovered.push(Recovered {
+        spec: InstanceSpec::try_from(assignment("ins-old")).expect("valid"),
+        liveness: Liveness::Running,
+    });
+    let h = harness(host);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(h.host.state().stops.is_empty());
+    assert!(h.host.state().running.contains("ins-old"));
+    drop(h.desired_tx);
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovered_running_instance_is_adopted_not_restarted() {
+    let host = FakeHost::default();
+    host.state().running.insert("ins-a".into());
+    host.state().recovered.push(Recovered {
+        spec: InstanceSpec::try_from(assignment("ins-a")).expect("valid"),
+        liveness: Liveness::Running,
+    });
+    let mut h = harness(host);
+    h.desired_tx.send_replace(Some(desired(&["ins-a"])));
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    assert!(
+        h.host.state().starts.is_empty(),
+        "adopted, not started again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_start_is_reported_and_retried_with_backoff() {
+    let host = FakeHost::default();
+    host.state().fail_next_start.insert("ins-a".into());
+    let mut h = harness(host);
+    h.desired_tx.send_replace(Some(desired(&["ins-a"])));
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+        })
+        .await;
+    let failed = seen.iter().find_map(|r| match r {
+        Report::Status(s) if s.status == InstanceStatus::Failed as i32 => Some(s.reason.clone()),
+        _ => None,
+    });
+    assert!(
+        failed
+            .as_deref()
+            .is_some_and(|r| r.contains("registry unreachable")),
+        "{seen:?}"
+    );
+    assert_eq!(h.host.state().starts.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn exited_instance_is_reported_and_restarted() {
+    let mut h = harness(FakeHost::default());
+    h.desired_tx.send_replace(Some(desired(&["ins-a"])));
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    h.host.state().exits.push(("ins-a".into(), 3));
+    h.children_tx.send(()).expect("reconciler alive");
+    let seen = h
+        .until(|rs| {
+            let failed = rs
+                .iter()
+                .position(|r| is_status(r, "ins-a", InstanceStatus::Failed));
+            failed.is_some_and(|f| {
+                rs[f..]
+                    .iter()
+                    .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+            })
+        })
+        .await;
+    assert!(
+        seen.iter()
+            .any(|r| matches!(r, Report::Status(s) if s.reason.contains("exited with status 3"))),
+        "{seen:?}"
+    );
+    assert_eq!(h.host.state().starts.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_assignment_is_reported_failed_and_not_started() {
+    let mut h = harness(FakeHost::default());
+    let mut bad = assignment("ins-bad");
+    bad.ip = "10.99.0.5".into(); // outside the network
+    h.desired_tx.send_replace(Some(DesiredState {
+        assignments: vec![bad],
+        revision: 1,
+    }));
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-bad", InstanceStatus::Failed))
+        })
+        .await;
+    assert!(format!("{seen:?}").contains("ip"));
+    assert!(h.host.state().starts.is_empty());
+}
+
+#[test]
+fn restart_delay_doubles_and_caps() {
+    assert_eq!(restart_delay(1), Duration::from_secs(1));
+    assert_eq!(restart_delay(2), Duration::from_secs(2));
+    assert_eq!(restart_delay(4), Duration::from_secs(8));
+    assert_eq!(restart_delay(50), Duration::from_secs(30));
+}
+
+#[test]
+fn assignment_validation_names_the_field() {
+    let mut a = assignment("ins-a");
+    a.network = None;
+    assert!(InstanceSpec::try_from(a)
+        .unwrap_err()
+        .to_string()
+        .contains("network"));
+    let mut a = assignment("ins-a");
+    a.ip = "10.10.0.1".into(); // the gateway
+    assert!(InstanceSpec::try_from(a)
+        .unwrap_err()
+        .to_string()
+        .contains("ip"));
+}

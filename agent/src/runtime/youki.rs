@@ -1,0 +1,430 @@
+//! Container lifecycles through youki's `libcontainer`, used as a library.
+//!
+//! Layout under the runtime root: `state/<id>/` is youki's state directory, `bundles/<id>/config.json`
+//! the OCI bundle youki reads at build time (the rootfs itself lives elsewhere, absolute in the
+//! spec). Order of calls follows youki's own `create`/`start`/`kill`/`delete` commands.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::error::LibcontainerError;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::Signal;
+
+use super::reaper::{Child, Reaper};
+use super::spec::{build_spec, is_valid_name};
+use super::{cgroup, ContainerConfig, ContainerState, RuntimeError, Status};
+
+/// How long processes get to disappear after SIGKILL before `remove` reports them.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(5);
+
+/// libcontainer changes process-wide state while building a container (dumpable flag, possibly
+/// oom_score_adj) and writes state files non-atomically, so every libcontainer call in this
+/// process is serialized, across all `Runtime` values.
+static LIBCONTAINER: Mutex<()> = Mutex::new(());
+
+fn libcontainer_lock() -> MutexGuard<'static, ()> {
+    // The guarded data is `()`: a panic while holding it leaves nothing inconsistent in memory.
+    LIBCONTAINER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Creates, starts, inspects and removes containers with libcontainer. `Send + Sync`; every
+/// method blocks.
+pub struct Runtime {
+    state_root: PathBuf,
+    bundles: PathBuf,
+    cgroup_parent: String,
+    reaper: Reaper,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("state_root", &self.state_root)
+            .field("cgroup_parent", &self.cgroup_parent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// A runtime keeping youki state and bundles under `root` (`<agent data dir>/runtime`) and its
+    /// containers' cgroups under `/<cgroup_parent>` in every hierarchy.
+    pub fn new(root: &Path, cgroup_parent: String) -> Result<Self, RuntimeError> {
+        if !is_valid_name(&cgroup_parent) {
+            return Err(RuntimeError::InvalidCgroupParent {
+                parent: cgroup_parent,
+                reason: "must be 1-128 characters of [A-Za-z0-9_+.-]",
+            });
+        }
+        let state_root = root.join("state");
+        let bundles = root.join("bundles");
+        for dir in [&state_root, &bundles] {
+            std::fs::create_dir_all(dir).map_err(|source| RuntimeError::Io {
+                op: "create dir",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        // youki canonicalizes its root; doing it once here keeps our paths and its paths equal.
+        let state_root = state_root
+            .canonicalize()
+            .map_err(|source| RuntimeError::Io {
+                op: "canonicalize",
+                path: state_root.clone(),
+                source,
+            })?;
+        Ok(Self {
+            state_root,
+            bundles,
+            cgroup_parent,
+            reaper: Reaper::default(),
+        })
+    }
+
+    /// The cgroup parent this runtime puts its containers under.
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
+    /// The bundle directory of container `id` (holds `config.json`).
+    pub fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.bundles.join(id)
+    }
+
+    /// youki's state directory of container `id`.
+    pub fn state_dir(&self, id: &str) -> PathBuf {
+        self.state_root.join(id)
+    }
+
+    /// Writes the bundle, opens `log_path` (append, create) as the container's stdout and stderr,
+    /// and creates the container without starting it. Returns the init's host pid; its network
+    /// namespace is `/proc/<pid>/ns/net`. Fails with `AlreadyExists` if the id has state.
+    pub fn create(&self, cfg: &ContainerConfig, log_path: &Path) -> Result<i32, RuntimeError> {
+        let span = tracing::info_span!("runtime_create", id = %cfg.id);
+        let _span = span.enter();
+        let spec = build_spec(cfg, &self.cgroup_parent)?;
+        let id = cfg.id.as_str();
+
+        let _lock = libcontainer_lock();
+        let state_dir = self.state_dir(id);
+        if state_dir.symlink_metadata().is_ok() {
+            return Err(RuntimeError::AlreadyExists { id: id.to_owned() });
+        }
+
+        let bundle = self.bundle_dir(id);
+        std::fs::create_dir_all(&bundle).map_err(|source| RuntimeError::Io {
+            op: "create bundle dir",
+            path: bundle.clone(),
+            source,
+        })?;
+        let built = (|| {
+            let config = bundle.join("config.json");
+            spec.save(&config).map_err(|source| RuntimeError::Spec {
+                id: id.to_owned(),
+                source,
+            })?;
+            let (stdin, stdout, stderr) = open_stdio(log_path)?;
+            let youki = |source: LibcontainerError| youki_err("create", id, source);
+            let builder = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+                .with_root_path(&self.state_root)
+                .map_err(youki)?
+                .validate_id()
+                .map_err(youki)?
+                .with_stdin(stdin)
+                .with_stdout(stdout)
+                .with_stderr(stderr)
+                .as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true);
+            let result = builder.build();
+            // build() makes this whole process non-dumpable when the spec has namespaces; the
+            // agent needs its /proc entries (and CRIU later), so give it back whatever happened.
+            if let Err(e) = nix::sys::prctl::set_dumpable(true) {
+                tracing::warn!(error = %e, "cannot restore the dumpable flag");
+            }
+            result.map_err(youki)
+        })();
+
+        let container = match built {
+            Ok(container) => container,
+            Err(first) => {
+                // libcontainer removes its own state and cgroup when its process setup fails, but
+                // not when it fails earlier; make sure nothing of this id stays behind.
+                let cleaned = self.cleanup(id);
+                // Its intermediate and init processes may be zombies by now; the rest are reaped
+                // by the next `reap`.
+                self.reaper.sweep();
+                return Err(match cleaned {
+                    Ok(()) => first,
+                    Err(cleanup) => RuntimeError::Cleanup {
+                        first: Box::new(first),
+                        cleanup: Box::new(cleanup),
+                    },
+                });
+            }
+        };
+        let Some(pid) = container.pid() else {
+            let first = youki_err(
+                "create",
+                id,
+                LibcontainerError::Other("no init pid recorded".to_owned()),
+            );
+            return Err(match self.cleanup(id) {
+                Ok(()) => first,
+                Err(cleanup) => RuntimeError::Cleanup {
+                    first: Box::new(first),
+                    cleanup: Box::new(cleanup),
+                },
+            });
+        };
+        let pid = pid.as_raw();
+        self.reaper.track(id, pid);
+        tracing::info!(pid, "container created");
+        Ok(pid)
+    }
+
+    /// Starts a created container: its init executes the user process.
+    pub fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let _lock = libcontainer_lock();
+        let mut container = self
+            .load(id)?
+            .ok_or_else(|| RuntimeError::NotFound { id: id.to_owned() })?;
+        container
+            .start()
+            .map_err(|source| youki_err("start", id, source))?;
+        tracing::info!(id, "container started");
+        Ok(())
+    }
+
+    /// The container's status (refreshed against its process) and init pid; `None` for an
+    /// unknown id. A container whose state file is missing (half created or half deleted) reads as
+    /// `Stopped` without a pid.
+    pub fn state(&self, id: &str) -> Result<Option<ContainerState>, RuntimeError> {
+        let _lock = libcontainer_lock();
+        if !self.state_dir(id).exists() {
+            return Ok(None);
+        }
+        // Reap first: a pid reaped here may be reused at once, so our record wins over /proc.
+        let reaped = matches!(self.reaper.try_reap(id), Child::Exited(_));
+        match self.load(id) {
+            Ok(Some(container)) => {
+                let status = if reaped {
+                    Status::Stopped
+                } else {
+                    status_of(container.status())
+                };
+                Ok(Some(ContainerState {
+                    status,
+                    pid: container.pid().map(|p| p.as_raw()),
+                }))
+            }
+            Ok(None) => Ok(None),
+            Err(_) if !self.state_dir(id).join("state.json").exists() => Ok(Some(ContainerState {
+                status: Status::Stopped,
+                pid: None,
+            })),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The exit status of `id`'s init if this runtime reaped it (128 + signal when killed).
+    pub fn exit_code(&self, id: &str) -> Option<i32> {
+        self.reaper.exit_code(id)
+    }
+
+    /// Stops and deletes container `id`: SIGTERM to its processes and up to `grace` for them to
+    /// exit (zero skips this), then SIGKILL, then removes youki's state, the bundle, the
+    /// container's cgroups and the parent's when they became empty. Ok for unknown or
+    /// half-deleted ids.
+    pub fn remove(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let span = tracing::info_span!("runtime_remove", id);
+        let _span = span.enter();
+        if !is_valid_name(id) {
+            // Never joined to a path: nothing of it can exist.
+            return Ok(());
+        }
+        if !grace.is_zero() {
+            let signalled = {
+                let _lock = libcontainer_lock();
+                match self.load(id) {
+                    Ok(Some(mut c)) if c.status() == ContainerStatus::Running => {
+                        // `all`: signal through the cgroup, never a possibly reused pid.
+                        c.kill(Signal::SIGTERM, true).is_ok()
+                    }
+                    _ => false,
+                }
+            };
+            // Wait without the lock: other containers keep being created meanwhile.
+            if signalled && self.wait_exit(id, grace) {
+                tracing::debug!("exited after SIGTERM");
+            }
+        }
+
+        let _lock = libcontainer_lock();
+        let mut first_err = None;
+        match self.load(id) {
+            Ok(Some(mut container)) => {
+                if container.status() != ContainerStatus::Stopped {
+                    if let Err(e) = container.kill(Signal::SIGKILL, true) {
+                        // Cgroup removal below kills whatever is left.
+                        tracing::warn!(error = %e, "youki kill failed");
+                    }
+                }
+                if !self.wait_exit(id, KILL_TIMEOUT) {
+                    first_err.get_or_insert(RuntimeError::KillTimeout {
+                        id: id.to_owned(),
+                        waited: KILL_TIMEOUT,
+                    });
+                }
+                if let Err(e) = container.delete(true) {
+                    tracing::warn!(error = %e, "youki delete failed, cleaning up by hand");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "unreadable youki state, cleaning up by hand"),
+        }
+        if let Err(e) = self.cleanup(id) {
+            first_err.get_or_insert(e);
+        }
+        self.reaper.forget(id);
+        match first_err {
+            None => {
+                tracing::info!("container removed");
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Ids of every container this runtime has youki state or a bundle for (what an agent
+    /// restart must reconcile: running containers and leftovers of interrupted creates).
+    pub fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut ids = Vec::new();
+        for dir in [&self.state_root, &self.bundles] {
+            let entries = std::fs::read_dir(dir).map_err(|source| RuntimeError::Io {
+                op: "read dir",
+                path: dir.clone(),
+                source,
+            })?;
+            for entry in entries {
+                let entry = entry.map_err(|source| RuntimeError::Io {
+                    op: "read dir",
+                    path: dir.clone(),
+                    source,
+                })?;
+                if let Some(name) = entry.file_name().to_str() {
+                    if is_valid_name(name) && !ids.iter().any(|i| i == name) {
+                        ids.push(name.to_owned());
+                    }
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Reaps, without blocking, the init processes of this runtime's containers that exited;
+    /// returns `(id, status)` for each (128 + signal when killed by one).
+    pub fn reap(&self) -> Vec<(String, i32)> {
+        self.reaper.reap()
+    }
+
+    fn load(&self, id: &str) -> Result<Option<Container>, RuntimeError> {
+        let dir = self.state_dir(id);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        Container::load(dir)
+            .map(Some)
+            .map_err(|source| youki_err("load", id, source))
+    }
+
+    /// True once `id`'s processes are gone (its init reaped if it is our child, its cgroups empty).
+    fn wait_exit(&self, id: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let init_done = match self.reaper.try_reap(id) {
+                Child::Exited(_) | Child::NotOurs => true,
+                Child::Alive => false,
+            };
+            if init_done && cgroup::pids(&cgroup::container_dirs(&self.cgroup_parent, id)).is_empty()
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Removes every trace of `id`: youki state dir, bundle, cgroups (and an empty parent).
+    fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut first = None;
+        for (op, dir) in [
+            ("remove state dir", self.state_dir(id)),
+            ("remove bundle", self.bundle_dir(id)),
+        ] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    first.get_or_insert(RuntimeError::Io {
+                        op,
+                        path: dir,
+                        source,
+                    });
+                }
+            }
+        }
+        if let Err(e) = cgroup::remove_container(&self.cgroup_parent, id) {
+            first.get_or_insert(e);
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+fn status_of(s: ContainerStatus) -> Status {
+    match s {
+        ContainerStatus::Creating => Status::Creating,
+        ContainerStatus::Created => Status::Created,
+        ContainerStatus::Running => Status::Running,
+        ContainerStatus::Stopped => Status::Stopped,
+        ContainerStatus::Paused => Status::Paused,
+    }
+}
+
+fn youki_err(op: &'static str, id: &str, source: LibcontainerError) -> RuntimeError {
+    RuntimeError::Youki {
+        op,
+        id: id.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// stdin from /dev/null (never the agent's own), stdout and stderr appended to the log file.
+fn open_stdio(log_path: &Path) -> Result<(File, File, File), RuntimeError> {
+    let io_err = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| RuntimeError::Io { op, path, source }
+    };
+    let stdin = File::open("/dev/null").map_err(io_err("open", Path::new("/dev/null")))?;
+    let stdout = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(log_path)
+        .map_err(io_err("open log", log_path))?;
+    let stderr = stdout.try_clone().map_err(io_err("dup log", log_path))?;
+    Ok((stdin, stdout, stderr))
+}

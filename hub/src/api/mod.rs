@@ -1,0 +1,7 @@
+//! The API edges: REST (axum) and gRPC (tonic), both thin layers over [`crate::service::Service`].
+
+pub mod grpc;
+pub mod rest;
+mod rest_types;
+
+pub use rest_types::{error_body, parse_body};

@@ -1,0 +1,274 @@
+//! JSON shapes of the REST API and strict body parsing: unknown fields, wrong types and missing required
+//! fields are 400s naming the field (axum's `Json` extractor would answer 422 without the field).
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::service::view::status_from_proto;
+use crate::service::{CreateContainer, ServiceError};
+use berth_proto::v1;
+
+/// `POST /v1/networks`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetworkBody {
+    /// Unique DNS-1123 label.
+    pub name: String,
+    /// Network address, e.g. "10.10.0.0/16".
+    pub cidr: String,
+}
+
+/// `POST /v1/containers`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateContainerBody {
+    /// Image reference (required).
+    pub image: String,
+    /// cpu per replica; default "0.1".
+    #[serde(default)]
+    pub cpu: Option<String>,
+    /// memory per replica; default "64MiB".
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Network id or name; default: the "default" network.
+    #[serde(default)]
+    pub network_id: Option<String>,
+    /// Desired replicas; default 1.
+    #[serde(default)]
+    pub replicas: Option<i64>,
+    /// Optional unique name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Replaces the image's entrypoint and cmd.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+impl From<CreateContainerBody> for CreateContainer {
+    fn from(b: CreateContainerBody) -> Self {
+        CreateContainer {
+            image: b.image,
+            cpu: b.cpu.unwrap_or_default(),
+            memory: b.memory.unwrap_or_default(),
+            network_id: b.network_id.unwrap_or_default(),
+            replicas: b.replicas,
+            name: b.name.unwrap_or_default(),
+            command: b.command.unwrap_or_default(),
+            env: b.env.unwrap_or_default(),
+        }
+    }
+}
+
+/// `POST /v1/containers/{id}/scale`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleBody {
+    /// New desired replica count.
+    pub replicas: i64,
+}
+
+/// A network.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct NetworkJson {
+    /// `net-…`
+    pub network_id: String,
+    /// Name.
+    pub name: String,
+    /// CIDR.
+    pub cidr: String,
+    /// First host address.
+    pub gateway: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+impl From<v1::Network> for NetworkJson {
+    fn from(n: v1::Network) -> Self {
+        NetworkJson {
+            network_id: n.network_id,
+            name: n.name,
+            cidr: n.cidr,
+            gateway: n.gateway,
+            created_at: n.created_at,
+        }
+    }
+}
+
+/// One replica.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct InstanceJson {
+    /// `ins-…`
+    pub instance_id: String,
+    /// Empty while unplaced.
+    pub node_id: String,
+    /// Empty while unplaced.
+    pub ip: String,
+    /// "PENDING", "RUNNING", …
+    pub status: String,
+    /// Why it is PENDING or FAILED.
+    pub reason: String,
+    /// Milliseconds per deploy phase ("schedule", "pull", "rootfs", "create", "network", "start").
+    pub phases_ms: BTreeMap<String, f64>,
+}
+
+/// A container.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ContainerJson {
+    /// `ctr-…`
+    pub container_id: String,
+    /// Name (may be empty).
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// DEPLOYING, RUNNING, FAILED or DELETING.
+    pub status: String,
+    /// First running replica's node.
+    pub node_id: String,
+    /// First running replica's address.
+    pub ip: String,
+    /// Network.
+    pub network_id: String,
+    /// cpu per replica, in cores.
+    pub cpu: String,
+    /// memory per replica.
+    pub memory: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Desired replicas.
+    pub replicas: u32,
+    /// The replicas.
+    pub instances: Vec<InstanceJson>,
+    /// Entrypoint override.
+    pub command: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// cpu per replica in millicores.
+    pub cpu_millis: u64,
+    /// memory per replica in bytes.
+    pub memory_bytes: u64,
+}
+
+impl From<v1::Container> for ContainerJson {
+    fn from(c: v1::Container) -> Self {
+        ContainerJson {
+            container_id: c.container_id,
+            name: c.name,
+            image: c.image,
+            status: c.status,
+            node_id: c.node_id,
+            ip: c.ip,
+            network_id: c.network_id,
+            cpu: c.cpu,
+            memory: c.memory,
+            created_at: c.created_at,
+            replicas: c.replicas,
+            instances: c
+                .instances
+                .into_iter()
+                .map(|i| InstanceJson {
+                    status: status_from_proto(i.status()).to_owned(),
+                    instance_id: i.instance_id,
+                    node_id: i.node_id,
+                    ip: i.ip,
+                    reason: i.reason,
+                    phases_ms: i.phases_ms.into_iter().collect(),
+                })
+                .collect(),
+            command: c.command,
+            env: c.env.into_iter().collect(),
+            cpu_millis: c.cpu_millis,
+            memory_bytes: c.memory_bytes,
+        }
+    }
+}
+
+/// A node.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeJson {
+    /// Id.
+    pub node_id: String,
+    /// Host name.
+    pub hostname: String,
+    /// Address.
+    pub ip: String,
+    /// Cores offered.
+    pub cpu_total: f64,
+    /// Cores not yet requested by placed instances.
+    pub cpu_available: f64,
+    /// Bytes offered.
+    pub memory_total: u64,
+    /// Bytes not yet requested by placed instances.
+    pub memory_available: u64,
+    /// HEALTHY or UNHEALTHY.
+    pub status: String,
+    /// Instances placed on it.
+    pub instances: u32,
+}
+
+impl From<v1::Node> for NodeJson {
+    fn from(n: v1::Node) -> Self {
+        NodeJson {
+            node_id: n.node_id,
+            hostname: n.hostname,
+            ip: n.ip,
+            cpu_total: n.cpu_total,
+            cpu_available: n.cpu_available,
+            memory_total: n.memory_total,
+            memory_available: n.memory_available,
+            status: n.status,
+            instances: n.instances,
+        }
+    }
+}
+
+/// Parses a JSON body strictly; errors name the offending field.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServiceError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ServiceError::invalid("body", "a JSON object is required"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        let field = if path.is_empty() || path == "." {
+            // Missing and unknown fields are reported at the parent: take the name from the message.
+            backticked(&message).unwrap_or_else(|| "body".to_owned())
+        } else {
+            path
+        };
+        ServiceError::invalid(field, strip_position(&message))
+    })?;
+    de.end()
+        .map_err(|e| ServiceError::invalid("body", strip_position(&e.to_string())))?;
+    Ok(value)
+}
+
+/// `{"error":{"code","message"}}`
+pub fn error_body(e: &ServiceError) -> serde_json::Value {
+    serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}})
+}
+
+/// The first `name` in a serde message like "missing field `image`".
+fn backticked(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}
+
+/// serde_json appends " at line 1 column 12"; users of a JSON API do not need it.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+#[path = "rest_types_tests.rs"]
+mod tests;

@@ -1,0 +1,265 @@
+//! The agent side: registration with a lease-bound liveness key, heartbeats, the desired-state stream
+//! of a node and status reports.
+
+use std::net::IpAddr;
+
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use futures::Stream;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::lifecycle::{finalize_container, release_instance};
+use super::view::status_from_proto;
+use super::{now_rfc3339, validate, RegisterNode, Service, ServiceError, NODE_LEASE_TTL_SECS};
+use crate::store::records::{InstanceRecord, NodeRecord, StatusRecord};
+use crate::store::{keys, to_json, Store, StoreError, Versioned};
+use berth_proto::v1;
+
+impl Service {
+    /// Records a node and (re)binds its liveness key to a fresh lease.
+    pub async fn register_node(&self, req: RegisterNode) -> Result<(), ServiceError> {
+        validate::name("node_id", &req.node_id)?;
+        req.advertise_ip.parse::<IpAddr>().map_err(|_| {
+            ServiceError::invalid(
+                "advertise_ip",
+                format!("{:?} is not an IP address", req.advertise_ip),
+            )
+        })?;
+        if req.cpu_millis == 0 {
+            return Err(ServiceError::invalid("cpu_millis", "must be more than 0"));
+        }
+        if req.memory_bytes == 0 {
+            return Err(ServiceError::invalid("memory_bytes", "must be more than 0"));
+        }
+        let mut client = self.store.client();
+        let lease = client
+            .lease_grant(NODE_LEASE_TTL_SECS, None)
+            .await
+            .map_err(StoreError::from)?;
+        let record = NodeRecord {
+            node_id: req.node_id.clone(),
+            hostname: req.hostname,
+            ip: req.advertise_ip,
+            cpu_millis: req.cpu_millis,
+            memory_bytes: req.memory_bytes,
+            lease_id: lease.id(),
+            registered_at: now_rfc3339(),
+        };
+        let txn = Txn::new().and_then([
+            TxnOp::put(keys::node(&record.node_id), to_json(&record), None),
+            TxnOp::put(
+                keys::alive(&record.node_id),
+                "",
+                Some(PutOptions::new().with_lease(lease.id())),
+            ),
+        ]);
+        self.store.txn(txn).await?;
+        tracing::info!(node_id = %record.node_id, ip = %record.ip, cpu_millis = record.cpu_millis,
+            memory_bytes = record.memory_bytes, lease_id = record.lease_id, "node registered");
+        Ok(())
+    }
+
+    /// Keeps a node's lease alive. `false` when the hub does not know the node (or its lease expired):
+    /// the agent then registers again.
+    pub async fn heartbeat(&self, node_id: &str) -> Result<bool, ServiceError> {
+        validate::reference("node_id", node_id)?;
+        let Some(node) = self
+            .store
+            .get_json::<NodeRecord>(&keys::node(node_id))
+            .await?
+        else {
+            return Ok(false);
+        };
+        if self.store.get_raw(&keys::alive(node_id)).await?.is_none() {
+            return Ok(false);
+        }
+        let mut client = self.store.client();
+        let (mut keeper, mut responses) = client
+            .lease_keep_alive(node.value.lease_id)
+            .await
+            .map_err(StoreError::from)?;
+        keeper.keep_alive().await.map_err(StoreError::from)?;
+        let ttl = match responses.message().await.map_err(StoreError::from)? {
+            Some(resp) => resp.ttl(),
+            None => 0,
+        };
+        Ok(ttl > 0)
+    }
+
+    /// The node's desired state now and after every change, until the receiver goes away.
+    pub fn watch_assignments(
+        &self,
+        node_id: &str,
+    ) -> Result<
+        impl Stream<Item = Result<v1::DesiredState, ServiceError>> + Send + 'static,
+        ServiceError,
+    > {
+        validate::reference("node_id", node_id)?;
+        let (tx, rx) = mpsc::channel(4);
+        let store = self.store.clone();
+        let node_id = node_id.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = stream_assignments(&store, &node_id, &tx).await {
+                tracing::warn!(node_id, error = %e, "assignment stream ended");
+                let _ = tx.send(Err(e.into())).await;
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// Records the statuses a node reports and releases what it removed.
+    pub async fn report_status(
+        &self,
+        node_id: &str,
+        reports: &[v1::InstanceReport],
+        removed: &[String],
+    ) -> Result<(), ServiceError> {
+        validate::reference("node_id", node_id)?;
+        for report in reports {
+            let Some(inst) = self.instance_on(node_id, &report.instance_id).await? else {
+                tracing::debug!(node_id, instance_id = %report.instance_id, "status for an unknown instance");
+                continue;
+            };
+            let status = v1::InstanceStatus::try_from(report.status)
+                .unwrap_or(v1::InstanceStatus::Unspecified);
+            let mut phases_ms: std::collections::BTreeMap<String, f64> = report
+                .phases_ms
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            if phases_ms.is_empty() {
+                // Later reports (e.g. STOPPED) carry no phases: keep the deploy's.
+                let previous = self
+                    .store
+                    .get_json::<StatusRecord>(&keys::status(
+                        &inst.value.container_id,
+                        &inst.value.instance_id,
+                    ))
+                    .await?;
+                phases_ms = previous.map(|p| p.value.phases_ms).unwrap_or_default();
+            }
+            let record = StatusRecord {
+                status: status_from_proto(status).to_owned(),
+                reason: report.reason.clone(),
+                node_id: node_id.to_owned(),
+                updated_at: now_rfc3339(),
+                phases_ms,
+            };
+            let r = &inst.value;
+            // Only for this incarnation of the instance: never resurrect a status after a release.
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    keys::instance(&r.container_id, &r.instance_id),
+                    CompareOp::Equal,
+                    inst.create_revision,
+                )])
+                .and_then([TxnOp::put(
+                    keys::status(&r.container_id, &r.instance_id),
+                    to_json(&record),
+                    None,
+                )]);
+            self.store.txn(txn).await?;
+            tracing::debug!(node_id, instance_id = %r.instance_id, status = %record.status, "status reported");
+        }
+        for iid in removed {
+            let Some(inst) = self.instance_on(node_id, iid).await? else {
+                continue;
+            };
+            if !inst.value.stopping {
+                // Still desired: the node will start it again from its assignments.
+                tracing::warn!(node_id, instance_id = %iid, "node removed an instance that is still desired");
+                continue;
+            }
+            if release_instance(&self.store, &inst).await? {
+                finalize_container(&self.store, &inst.value.container_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An instance placed on `node_id`, if it exists.
+    async fn instance_on(
+        &self,
+        node_id: &str,
+        instance_id: &str,
+    ) -> Result<Option<Versioned<InstanceRecord>>, ServiceError> {
+        if instance_id.is_empty() || instance_id.contains('/') {
+            return Ok(None);
+        }
+        let Some(cid) = self.store.get_string(&keys::owner(instance_id)).await? else {
+            return Ok(None);
+        };
+        let inst = self
+            .store
+            .get_json::<InstanceRecord>(&keys::instance(&cid, instance_id))
+            .await?;
+        Ok(inst.filter(|i| i.value.node_id == node_id))
+    }
+}
+
+/// Reads the node's assignments.
+async fn read_desired(store: &Store, node_id: &str) -> Result<v1::DesiredState, StoreError> {
+    let (kvs, revision) = store.get_prefix(&keys::assign_prefix(node_id)).await?;
+    let mut assignments = Vec::with_capacity(kvs.len());
+    for kv in &kvs {
+        let a = v1::Assignment::decode(kv.value()).map_err(|e| StoreError::Decode {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            message: e.to_string(),
+        })?;
+        assignments.push(a);
+    }
+    Ok(v1::DesiredState {
+        assignments,
+        revision,
+    })
+}
+
+async fn stream_assignments(
+    store: &Store,
+    node_id: &str,
+    tx: &mpsc::Sender<Result<v1::DesiredState, ServiceError>>,
+) -> Result<(), StoreError> {
+    let prefix = keys::assign_prefix(node_id);
+    'resync: loop {
+        let state = read_desired(store, node_id).await?;
+        let mut revision = state.revision;
+        if tx.send(Ok(state)).await.is_err() {
+            return Ok(());
+        }
+        let mut client = store.client();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut watch = client.watch(prefix.clone(), Some(options)).await?;
+        loop {
+            let msg = tokio::select! {
+                msg = watch.message() => msg?,
+                () = tx.closed() => return Ok(()),
+            };
+            let Some(msg) = msg else { continue 'resync };
+            if msg.canceled() || msg.compact_revision() > 0 {
+                // Compacted past our revision: start over from a fresh read.
+                continue 'resync;
+            }
+            let newest = msg
+                .events()
+                .iter()
+                .filter_map(|e| e.kv())
+                .map(|kv| kv.mod_revision())
+                .max();
+            let changed = msg
+                .events()
+                .iter()
+                .any(|e| matches!(e.event_type(), EventType::Put | EventType::Delete));
+            if !changed || newest.is_some_and(|r| r <= revision) {
+                continue;
+            }
+            let state = read_desired(store, node_id).await?;
+            revision = state.revision;
+            if tx.send(Ok(state)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Containers: create, get, list, scale, delete. The service only writes the container record (desired
+//! replicas, deleting flag); the reconciler turns it into instance records, places and releases them.
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+use super::view::container_to_proto;
+use super::{
+    new_id, now_rfc3339, validate, CreateContainer, Service, ServiceError, CONFLICT_RETRIES,
+};
+use crate::store::records::{ContainerRecord, InstanceRecord, StatusRecord};
+use crate::store::{keys, to_json, StoredInstance, Versioned};
+use berth_proto::v1;
+
+impl Service {
+    /// Validates and records a container; replicas are placed asynchronously. Returns its id.
+    pub async fn create_container(&self, req: CreateContainer) -> Result<String, ServiceError> {
+        validate::image(&req.image)?;
+        let cpu_millis = validate::cpu(&req.cpu)?;
+        let memory_bytes = validate::memory(&req.memory)?;
+        let replicas = validate::replicas(req.replicas.unwrap_or(1))?;
+        if !req.name.is_empty() {
+            validate::name("name", &req.name)?;
+        }
+        validate::command(&req.command)?;
+        validate::env(&req.env)?;
+        let network = if req.network_id.is_empty() {
+            self.default_network().await?
+        } else {
+            self.resolve_network("network_id", &req.network_id)
+                .await?
+                .ok_or_else(|| {
+                    ServiceError::invalid(
+                        "network_id",
+                        format!("network {} not found", req.network_id),
+                    )
+                })?
+        };
+        let record = ContainerRecord {
+            container_id: new_id("ctr"),
+            name: req.name.clone(),
+            image: req.image.clone(),
+            network_id: network.value.network_id.clone(),
+            cpu_millis,
+            memory_bytes,
+            replicas,
+            command: req.command,
+            env: req.env,
+            created_at: now_rfc3339(),
+            deleting: false,
+            next_ordinal: 0,
+        };
+        let id = record.container_id.clone();
+        let mut compares = vec![Compare::mod_revision(
+            keys::network(&record.network_id),
+            CompareOp::Equal,
+            network.mod_revision,
+        )];
+        let mut ops = vec![
+            TxnOp::put(keys::container(&id), to_json(&record), None),
+            TxnOp::put(keys::netuse(&record.network_id, &id), "", None),
+        ];
+        if !record.name.is_empty() {
+            compares.push(Compare::create_revision(
+                keys::container_name(&record.name),
+                CompareOp::Equal,
+                0,
+            ));
+            ops.push(TxnOp::put(
+                keys::container_name(&record.name),
+                id.clone(),
+                None,
+            ));
+        }
+        if self
+            .store
+            .txn(Txn::new().when(compares).and_then(ops))
+            .await?
+            .succeeded()
+        {
+            tracing::info!(container_id = %id, image = %record.image, replicas, network_id = %record.network_id,
+                "container created");
+            return Ok(id);
+        }
+        if !record.name.is_empty()
+            && self
+                .store
+                .get_raw(&keys::container_name(&record.name))
+                .await?
+                .is_some()
+        {
+            return Err(ServiceError::Conflict(format!(
+                "container name {:?} already exists",
+                record.name
+            )));
+        }
+        Err(ServiceError::invalid(
+            "network_id",
+            format!(
+                "network {} was deleted or changed meanwhile",
+                record.network_id
+            ),
+        ))
+    }
+
+    /// Finds a container by id or name.
+    pub(crate) async fn resolve_container(
+        &self,
+        id_or_name: &str,
+    ) -> Result<Versioned<ContainerRecord>, ServiceError> {
+        validate::reference("container_id", id_or_name)?;
+        if let Some(found) = self.store.get_json(&keys::container(id_or_name)).await? {
+            return Ok(found);
+        }
+        if let Some(id) = self
+            .store
+            .get_string(&keys::container_name(id_or_name))
+            .await?
+        {
+            if let Some(found) = self.store.get_json(&keys::container(&id)).await? {
+                return Ok(found);
+            }
+        }
+        Err(ServiceError::NotFound(format!(
+            "container {id_or_name} not found"
+        )))
+    }
+
+    /// A container with its instances, by id or name.
+    pub async fn get_container(&self, id_or_name: &str) -> Result<v1::Container, ServiceError> {
+        let found = self.resolve_container(id_or_name).await?;
+        let id = &found.value.container_id;
+        // Instances and statuses in one read, so they are consistent with each other.
+        let mut kv = self.store.client().kv_client();
+        let txn = Txn::new().and_then([
+            TxnOp::get(
+                keys::instances_prefix(id),
+                Some(GetOptions::new().with_prefix()),
+            ),
+            TxnOp::get(
+                keys::status_prefix(id),
+                Some(GetOptions::new().with_prefix()),
+            ),
+        ]);
+        let resp = kv.txn(txn).await.map_err(crate::store::StoreError::from)?;
+        let mut instances: Vec<StoredInstance> = Vec::new();
+        let mut statuses = std::collections::HashMap::new();
+        for (i, op) in resp.op_responses().into_iter().enumerate() {
+            let etcd_client::TxnOpResponse::Get(get) = op else {
+                continue;
+            };
+            for kv in get.kvs() {
+                if i == 0 {
+                    let record: Versioned<InstanceRecord> = crate::store::decode_versioned(kv)?;
+                    instances.push(StoredInstance {
+                        record,
+                        status: None,
+                    });
+                } else {
+                    let status: Versioned<StatusRecord> = crate::store::decode_versioned(kv)?;
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let iid = key.rsplit('/').next().unwrap_or_default().to_owned();
+                    statuses.insert(iid, status.value);
+                }
+            }
+        }
+        for inst in &mut instances {
+            inst.status = statuses.remove(&inst.record.value.instance_id);
+        }
+        let refs: Vec<&StoredInstance> = instances.iter().collect();
+        Ok(container_to_proto(&found.value, &refs))
+    }
+
+    /// Every container, oldest first.
+    pub async fn list_containers(&self) -> Result<Vec<v1::Container>, ServiceError> {
+        let snap = self.store.snapshot().await?;
+        let mut out: Vec<v1::Container> = snap
+            .containers
+            .values()
+            .map(|c| container_to_proto(&c.value, &snap.instances_of(&c.value.container_id)))
+            .collect();
+        out.sort_by(|a, b| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then(a.container_id.cmp(&b.container_id))
+        });
+        Ok(out)
+    }
+
+    /// Sets the desired replica count.
+    pub async fn scale_container(
+        &self,
+        id_or_name: &str,
+        replicas: i64,
+    ) -> Result<(), ServiceError> {
+        let replicas = validate::replicas(replicas)?;
+        self.update_container(id_or_name, |c| {
+            if c.deleting {
+                return Err(ServiceError::Conflict(format!(
+                    "container {} is being deleted",
+                    c.container_id
+                )));
+            }
+            c.replicas = replicas;
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a container for deletion; its replicas are stopped and released, then the record goes.
+    pub async fn delete_container(&self, id_or_name: &str) -> Result<(), ServiceError> {
+        let id = self
+            .update_container(id_or_name, |c| {
+                c.deleting = true;
+                Ok(())
+            })
+            .await?;
+        tracing::info!(container_id = %id, "container marked for deletion");
+        Ok(())
+    }
+
+    /// Read-modify-write of a container record under optimistic concurrency.
+    async fn update_container(
+        &self,
+        id_or_name: &str,
+        change: impl Fn(&mut ContainerRecord) -> Result<(), ServiceError>,
+    ) -> Result<String, ServiceError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let found = self.resolve_container(id_or_name).await?;
+            let mut record = found.value.clone();
+            change(&mut record)?;
+            let key = keys::container(&record.container_id);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    found.mod_revision,
+                )])
+                .and_then([TxnOp::put(key, to_json(&record), None)]);
+            if self.store.txn(txn).await?.succeeded() {
+                return Ok(record.container_id);
+            }
+        }
+        Err(ServiceError::Conflict(format!(
+            "container {id_or_name} changed concurrently, try again"
+        )))
+    }
+}

@@ -1,0 +1,125 @@
+//! Domain operations shared by the REST and gRPC edges: one code path, one error type.
+//!
+//! Requests come in as the small input structs below (each edge converts its wire form into them) and
+//! answers go out as `berth_proto::v1` messages, which REST turns into JSON at its edge.
+
+mod agent;
+mod containers;
+mod error;
+pub mod lifecycle;
+mod networks;
+mod nodes;
+pub mod validate;
+pub mod view;
+
+use std::collections::BTreeMap;
+
+use rand::RngCore;
+
+use crate::store::Store;
+
+pub use error::ServiceError;
+pub use networks::{network_to_proto, DEFAULT_NETWORK_CIDR, DEFAULT_NETWORK_NAME};
+pub use view::{STATUS_DELETING, STATUS_DEPLOYING};
+
+/// Status answered by a scale request.
+pub const STATUS_SCALING: &str = "SCALING";
+
+/// Seconds between heartbeats the hub asks agents for.
+pub const HEARTBEAT_INTERVAL_SECS: u32 = 3;
+/// TTL of a node's liveness lease: a node is UNHEALTHY this long after its last heartbeat.
+pub const NODE_LEASE_TTL_SECS: i64 = 10;
+
+/// Input of [`Service::create_container`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateContainer {
+    /// Image reference (required).
+    pub image: String,
+    /// cpu quantity; empty: [`validate::DEFAULT_CPU`].
+    pub cpu: String,
+    /// memory quantity; empty: [`validate::DEFAULT_MEMORY`].
+    pub memory: String,
+    /// Network id or name; empty: the default network.
+    pub network_id: String,
+    /// Replica count; `None`: 1.
+    pub replicas: Option<i64>,
+    /// Optional unique name.
+    pub name: String,
+    /// Replaces the image's entrypoint and cmd when non-empty.
+    pub command: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Input of [`Service::register_node`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegisterNode {
+    /// As the agent calls itself.
+    pub node_id: String,
+    /// The agent's host name.
+    pub hostname: String,
+    /// Address the node is reachable on.
+    pub advertise_ip: String,
+    /// Capacity offered.
+    pub cpu_millis: u64,
+    /// Capacity offered.
+    pub memory_bytes: u64,
+}
+
+/// The hub's operations over etcd. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Service {
+    store: Store,
+}
+
+impl Service {
+    /// A service over `store`.
+    pub fn new(store: Store) -> Self {
+        Service { store }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+/// A fresh random id: `prefix` + `-` + 12 hex digits.
+pub fn new_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 6];
+    rand::rng().fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}-{hex}")
+}
+
+/// Now in RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// How many times an optimistic write is retried when a concurrent change wins the race.
+const CONFLICT_RETRIES: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_have_prefix_and_12_hex() {
+        let id = new_id("ctr");
+        assert_eq!(id.len(), 16);
+        assert!(id.starts_with("ctr-"));
+        assert!(id[4..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_ne!(new_id("ctr"), id);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = now_rfc3339();
+        time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339).unwrap();
+    }
+}

@@ -1,0 +1,127 @@
+//! The etcd key layout. Every key the hub reads or writes is built here, so the layout is in one place.
+//!
+//! ```text
+//! /berth/networks/{network_id}                  NetworkRecord (JSON)
+//! /berth/names/networks/{name}                  network_id        (uniqueness of names)
+//! /berth/netuse/{network_id}/{container_id}     ""                (a container uses the network)
+//! /berth/containers/{container_id}              ContainerRecord (JSON)
+//! /berth/names/containers/{name}                container_id
+//! /berth/instances/{container_id}/{instance_id} InstanceRecord (JSON): ordinal, placement, stopping
+//! /berth/owners/{instance_id}                   container_id      (agents only know instance ids)
+//! /berth/status/{container_id}/{instance_id}    StatusRecord (JSON), written from agent reports
+//! /berth/ipam/{network_id}/{ip}                 instance_id       (an address claim)
+//! /berth/nodes/{node_id}                        NodeRecord (JSON): registration + lease id
+//! /berth/alive/{node_id}                        "" bound to the node's lease: present = HEALTHY
+//! /berth/assign/{node_id}/{instance_id}         berth.v1.Assignment (protobuf)
+//! /berth/election/scheduler                     etcd election: the hub replica that schedules
+//! ```
+
+/// Everything berth owns lives under this prefix.
+pub const ROOT: &str = "/berth/";
+/// Prefix of network records.
+pub const NETWORKS: &str = "/berth/networks/";
+/// Prefix of container records.
+pub const CONTAINERS: &str = "/berth/containers/";
+/// Prefix of instance records (then `{container_id}/`).
+pub const INSTANCES: &str = "/berth/instances/";
+/// Prefix of instance-to-container index keys.
+pub const OWNERS: &str = "/berth/owners/";
+/// Prefix of instance status records (then `{container_id}/`).
+pub const STATUS: &str = "/berth/status/";
+/// Prefix of IP claims (then `{network_id}/`).
+pub const IPAM: &str = "/berth/ipam/";
+/// Prefix of node records.
+pub const NODES: &str = "/berth/nodes/";
+/// Prefix of lease-bound liveness keys.
+pub const ALIVE: &str = "/berth/alive/";
+/// Prefix of assignments (then `{node_id}/`).
+pub const ASSIGN: &str = "/berth/assign/";
+/// Prefix of network-in-use markers (then `{network_id}/`).
+pub const NETUSE: &str = "/berth/netuse/";
+/// Election name of the scheduler leader.
+pub const ELECTION: &str = "/berth/election/scheduler";
+
+/// `/berth/networks/{id}`
+pub fn network(id: &str) -> String {
+    format!("{NETWORKS}{id}")
+}
+
+/// `/berth/names/networks/{name}`
+pub fn network_name(name: &str) -> String {
+    format!("/berth/names/networks/{name}")
+}
+
+/// `/berth/netuse/{network_id}/`
+pub fn netuse_prefix(network_id: &str) -> String {
+    format!("{NETUSE}{network_id}/")
+}
+
+/// `/berth/netuse/{network_id}/{container_id}`
+pub fn netuse(network_id: &str, container_id: &str) -> String {
+    format!("{NETUSE}{network_id}/{container_id}")
+}
+
+/// `/berth/containers/{id}`
+pub fn container(id: &str) -> String {
+    format!("{CONTAINERS}{id}")
+}
+
+/// `/berth/names/containers/{name}`
+pub fn container_name(name: &str) -> String {
+    format!("/berth/names/containers/{name}")
+}
+
+/// `/berth/instances/{container_id}/`
+pub fn instances_prefix(container_id: &str) -> String {
+    format!("{INSTANCES}{container_id}/")
+}
+
+/// `/berth/instances/{container_id}/{instance_id}`
+pub fn instance(container_id: &str, instance_id: &str) -> String {
+    format!("{INSTANCES}{container_id}/{instance_id}")
+}
+
+/// `/berth/owners/{instance_id}`
+pub fn owner(instance_id: &str) -> String {
+    format!("{OWNERS}{instance_id}")
+}
+
+/// `/berth/status/{container_id}/`
+pub fn status_prefix(container_id: &str) -> String {
+    format!("{STATUS}{container_id}/")
+}
+
+/// `/berth/status/{container_id}/{instance_id}`
+pub fn status(container_id: &str, instance_id: &str) -> String {
+    format!("{STATUS}{container_id}/{instance_id}")
+}
+
+/// `/berth/ipam/{network_id}/`
+pub fn ipam_prefix(network_id: &str) -> String {
+    format!("{IPAM}{network_id}/")
+}
+
+/// `/berth/ipam/{network_id}/{ip}`
+pub fn ipam(network_id: &str, ip: &str) -> String {
+    format!("{IPAM}{network_id}/{ip}")
+}
+
+/// `/berth/nodes/{node_id}`
+pub fn node(node_id: &str) -> String {
+    format!("{NODES}{node_id}")
+}
+
+/// `/berth/alive/{node_id}`
+pub fn alive(node_id: &str) -> String {
+    format!("{ALIVE}{node_id}")
+}
+
+/// `/berth/assign/{node_id}/`
+pub fn assign_prefix(node_id: &str) -> String {
+    format!("{ASSIGN}{node_id}/")
+}
+
+/// `/berth/assign/{node_id}/{instance_id}`
+pub fn assign(node_id: &str, instance_id: &str) -> String {
+    format!("{ASSIGN}{node_id}/{instance_id}")
+}

@@ -1,0 +1,108 @@
+//! All of berth's state read at one etcd revision, indexed for the reconciler and the list views.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use etcd_client::KeyValue;
+
+use super::keys;
+use super::records::{ContainerRecord, InstanceRecord, NetworkRecord, NodeRecord, StatusRecord};
+use super::{decode_string, decode_versioned, StoreError, Versioned};
+
+/// An instance with its reported status.
+#[derive(Debug, Clone)]
+pub struct StoredInstance {
+    /// The record and its revisions.
+    pub record: Versioned<InstanceRecord>,
+    /// What its node last reported, if anything.
+    pub status: Option<StatusRecord>,
+}
+
+/// Everything under `/berth/` at `revision`.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Revision of the read.
+    pub revision: i64,
+    /// By network id.
+    pub networks: BTreeMap<String, Versioned<NetworkRecord>>,
+    /// By container id.
+    pub containers: BTreeMap<String, Versioned<ContainerRecord>>,
+    /// By container id, then instance id.
+    pub instances: BTreeMap<String, BTreeMap<String, StoredInstance>>,
+    /// By node id.
+    pub nodes: BTreeMap<String, Versioned<NodeRecord>>,
+    /// Node ids whose liveness key exists.
+    pub alive: BTreeSet<String>,
+    /// By network id: claimed addresses → instance id.
+    pub ipam: HashMap<String, BTreeMap<String, String>>,
+    /// (node id, instance id) of every assignment key.
+    pub assignments: BTreeSet<(String, String)>,
+}
+
+impl Snapshot {
+    /// Indexes the key-values of a prefix read of `/berth/`.
+    pub fn from_kvs(kvs: &[KeyValue], revision: i64) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
+        let mut statuses: HashMap<(String, String), StatusRecord> = HashMap::new();
+        for kv in kvs {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if let Some(id) = key.strip_prefix(keys::NETWORKS) {
+                snap.networks.insert(id.to_owned(), decode_versioned(kv)?);
+            } else if let Some(id) = key.strip_prefix(keys::CONTAINERS) {
+                snap.containers.insert(id.to_owned(), decode_versioned(kv)?);
+            } else if let Some(rest) = key.strip_prefix(keys::INSTANCES) {
+                if let Some((cid, iid)) = rest.split_once('/') {
+                    let record = decode_versioned(kv)?;
+                    snap.instances.entry(cid.to_owned()).or_default().insert(
+                        iid.to_owned(),
+                        StoredInstance {
+                            record,
+                            status: None,
+                        },
+                    );
+                }
+            } else if let Some(rest) = key.strip_prefix(keys::STATUS) {
+                if let Some((cid, iid)) = rest.split_once('/') {
+                    let status: Versioned<StatusRecord> = decode_versioned(kv)?;
+                    statuses.insert((cid.to_owned(), iid.to_owned()), status.value);
+                }
+            } else if let Some(id) = key.strip_prefix(keys::NODES) {
+                snap.nodes.insert(id.to_owned(), decode_versioned(kv)?);
+            } else if let Some(id) = key.strip_prefix(keys::ALIVE) {
+                snap.alive.insert(id.to_owned());
+            } else if let Some(rest) = key.strip_prefix(keys::IPAM) {
+                if let Some((nid, ip)) = rest.split_once('/') {
+                    snap.ipam
+                        .entry(nid.to_owned())
+                        .or_default()
+                        .insert(ip.to_owned(), decode_string(kv)?);
+                }
+            } else if let Some(rest) = key.strip_prefix(keys::ASSIGN) {
+                if let Some((node, iid)) = rest.split_once('/') {
+                    snap.assignments.insert((node.to_owned(), iid.to_owned()));
+                }
+            }
+        }
+        for ((cid, iid), status) in statuses {
+            if let Some(inst) = snap.instances.get_mut(&cid).and_then(|m| m.get_mut(&iid)) {
+                inst.status = Some(status);
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Every instance of every container.
+    pub fn all_instances(&self) -> impl Iterator<Item = &StoredInstance> {
+        self.instances.values().flat_map(|m| m.values())
+    }
+
+    /// Instances of one container (empty when it has none).
+    pub fn instances_of(&self, container_id: &str) -> Vec<&StoredInstance> {
+        self.instances
+            .get(container_id)
+            .map(|m| m.values().collect())
+            .unwrap_or_default()
+    }
+}

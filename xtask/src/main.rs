@@ -1,0 +1,87 @@
+//! berth's developer commands: `cargo xtask install | up | down | test | bench deploy`.
+
+mod bench;
+mod cluster;
+mod image;
+mod install;
+mod test;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "berth's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what berth needs on Debian 12 (apt packages, toolchain components); idempotent.
+    Install,
+    /// Start a dev cluster: etcd, registry, hub and two agents on netns hosts, demo image pushed.
+    Up {
+        /// Where the cluster keeps its data, logs and pids.
+        #[arg(long, env = "BERTH_DEV_DIR", default_value = cluster::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Stop the dev cluster and remove everything `up` made.
+    Down {
+        /// The state directory `up` used.
+        #[arg(long, env = "BERTH_DEV_DIR", default_value = cluster::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Install, check formatting and lints, build, and run every test (what CI runs).
+    Test,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        bench: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Deploy latency (POST → every replica RUNNING), cached image and cold pulls.
+    Deploy(bench::DeployArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Install => install::run(),
+        Cmd::Up { state_dir } => cluster::up(&state_dir),
+        Cmd::Down { state_dir } => cluster::down(&state_dir),
+        Cmd::Test => test::run(),
+        Cmd::Bench {
+            bench: BenchCmd::Deploy(args),
+        } => bench::deploy(&args),
+    }
+}
+
+/// Runs a command with inherited stdio, failing with its name when it fails.
+fn run(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("running {cmd:?}: {e}"))?;
+    if !status.success() {
+        anyhow::bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A `cargo` command run in the workspace root with the toolchain that runs xtask.
+fn cargo() -> std::process::Command {
+    let mut cmd =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(berth_tests::paths::workspace_root());
+    if ci() {
+        cmd.env("CARGO_TERM_COLOR", "never");
+    }
+    cmd
+}
+
+/// Whether we run in CI (`CI=true`): no colours, no prompts.
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
