@@ -1,1 +1,220 @@
-fn main() {}
+//! `berth-agent`: runs this node's share of the cluster.
+//!
+//! Exit codes (for systemd and operators):
+//! - 0: stopped by SIGTERM/SIGINT. Containers are left running on purpose: a restarted agent adopts them.
+//! - 1: invalid configuration (a flag value that parses but makes no sense, e.g. a bad node id).
+//! - 2: command-line usage error (from clap).
+//! - 3: the node could not be set up (data dir, runtime, netlink).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use berth_agent::host::NodeHost;
+use berth_agent::image::ImageStore;
+use berth_agent::network::NetworkManager;
+use berth_agent::reconcile::Reconciler;
+use berth_agent::runtime::Runtime;
+use berth_agent::{hub, hub::NodeInfo};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info};
+
+#[derive(Debug, Parser)]
+#[command(name = "berth-agent", version, about = "berth node agent")]
+struct Args {
+    /// The hub's gRPC URL, e.g. http://10.0.0.1:7081.
+    #[arg(long, env = "BERTH_HUB")]
+    hub: String,
+    /// This node's id: lower-case letters, digits and '-', at most 40 characters.
+    #[arg(long)]
+    node_id: String,
+    /// The address other nodes and the hub reach this node on.
+    #[arg(long)]
+    advertise_ip: IpAddr,
+    /// Where images, instance rootfs and runtime state live (one per agent).
+    #[arg(long, default_value = "/var/lib/berth/agent")]
+    data_dir: PathBuf,
+    /// A registry (HOST:PORT) spoken to over plain HTTP. Repeatable.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// CPU offered to the cluster ("4", "3.5", "1500m"); default: every core of the machine.
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Memory offered to the cluster ("8GB", "512MiB"); default: all of the machine's.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Host name reported to the hub; default: the machine's.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+enum Failure {
+    Config(anyhow::Error),
+    Setup(anyhow::Error),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(3);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            error!(error = format!("{e:#}"), "invalid configuration");
+            ExitCode::from(1)
+        }
+        Err(Failure::Setup(e)) => {
+            error!(error = format!("{e:#}"), "node setup failed");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn validate_node_id(id: &str) -> anyhow::Result<()> {
+    // The id names cgroups and directories: keep it to a safe, short alphabet.
+    let ok = !id.is_empty()
+        && id.len() <= 40
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-');
+    if !ok {
+        bail!("--node-id {id:?}: use 1-40 characters of a-z, 0-9 and '-', not starting with '-'");
+    }
+    Ok(())
+}
+
+fn machine_memory() -> anyhow::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("read /proc/meminfo")?;
+    let kb = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no MemTotal in /proc/meminfo")?;
+    Ok(kb * 1024)
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    validate_node_id(&args.node_id).map_err(Failure::Config)?;
+    let cpu_millis = match &args.cpu {
+        Some(c) => berth_proto::units::parse_cpu(c)
+            .with_context(|| format!("--cpu {c:?}"))
+            .map_err(Failure::Config)?,
+        None => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores as u64 * 1000
+        }
+    };
+    let memory_bytes = match &args.memory {
+        Some(m) => berth_proto::units::parse_memory(m)
+            .with_context(|| format!("--memory {m:?}"))
+            .map_err(Failure::Config)?,
+        None => machine_memory().map_err(Failure::Setup)?,
+    };
+    let hostname = match args.hostname.clone() {
+        Some(h) => h,
+        None => hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| args.node_id.clone()),
+    };
+    let client = hub::connect(&args.hub)
+        .context("--hub")
+        .map_err(Failure::Config)?;
+
+    let data = &args.data_dir;
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("create {}", data.display()))
+        .map_err(Failure::Setup)?;
+    let images = ImageStore::new(&data.join("images"), args.insecure_registries.clone())
+        .context("image store")
+        .map_err(Failure::Setup)?;
+    // Derived from the node id so several agents on one machine never share a cgroup parent.
+    let runtime = Runtime::new(&data.join("runtime"), format!("berth-{}", args.node_id))
+        .context("runtime")
+        .map_err(Failure::Setup)?;
+    let network = NetworkManager::new()
+        .await
+        .context("netlink")
+        .map_err(Failure::Setup)?;
+    let host = NodeHost::new(images, runtime, network, data)
+        .context("instance dir")
+        .map_err(Failure::Setup)?;
+
+    let node = NodeInfo {
+        node_id: args.node_id.clone(),
+        hostname,
+        advertise_ip: args.advertise_ip.to_string(),
+        cpu_millis,
+        memory_bytes,
+    };
+    info!(node_id = %node.node_id, cpu_millis, memory_bytes, hub = %args.hub, "agent starting");
+
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    let (desired_tx, desired_rx) = watch::channel(None);
+    let (children_tx, children_rx) = mpsc::unbounded_channel();
+    let mut sigchld = signal(SignalKind::child())
+        .context("SIGCHLD handler")
+        .map_err(Failure::Setup)?;
+    let mut sigterm = signal(SignalKind::terminate())
+        .context("SIGTERM handler")
+        .map_err(Failure::Setup)?;
+    let mut sigint = signal(SignalKind::interrupt())
+        .context("SIGINT handler")
+        .map_err(Failure::Setup)?;
+
+    let reconciler = Reconciler::new(Arc::new(host), reports_tx);
+    tokio::spawn(reconciler.run(desired_rx, children_rx));
+    tokio::spawn(hub::run_membership(client.clone(), node.clone()));
+    tokio::spawn(hub::run_watch(client.clone(), node.node_id.clone(), desired_tx));
+    tokio::spawn(hub::run_reporter(client, node.node_id.clone(), reports_rx));
+    tokio::spawn(async move {
+        while sigchld.recv().await.is_some() {
+            if children_tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: stopping the agent, containers keep running"),
+        _ = sigint.recv() => info!("SIGINT: stopping the agent, containers keep running"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_node_id;
+
+    #[test]
+    fn node_ids_are_restricted_to_a_safe_alphabet() {
+        assert!(validate_node_id("node-1").is_ok());
+        for bad in ["", "Node1", "a/b", "-x", "a b", &"x".repeat(41)] {
+            assert!(validate_node_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -484,16 +484,14 @@ impl<H: Host> Reconciler<H> {
                     local.phase = Phase::Stopping;
                     spawn_stop(&self.host, &self.events_tx, local.spec.clone());
                 }
-                (Phase::Running { .. }, Some(_)) => {
-                    if local.last_report.is_none() {
-                        report(
-                            &self.reports,
-                            local,
-                            InstanceStatus::Running,
-                            String::new(),
-                            HashMap::new(),
-                        );
-                    }
+                (Phase::Running { .. }, Some(_)) if local.last_report.is_none() => {
+                    report(
+                        &self.reports,
+                        local,
+                        InstanceStatus::Running,
+                        String::new(),
+                        HashMap::new(),
+                    );
                 }
                 // Starting or Stopping: the task's event moves it on; a Backoff waits for its time.
                 _ => {}

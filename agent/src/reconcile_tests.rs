@@ -319,13 +319,13 @@ fn assignment_validation_names_the_field() {
     let mut a = assignment("ins-a");
     a.network = None;
     assert!(InstanceSpec::try_from(a)
-        .unwrap_err()
+        .expect_err("must be rejected")
         .to_string()
         .contains("network"));
     let mut a = assignment("ins-a");
     a.ip = "10.10.0.1".into(); // the gateway
     assert!(InstanceSpec::try_from(a)
-        .unwrap_err()
+        .expect_err("must be rejected")
         .to_string()
         .contains("ip"));
 }

@@ -1,6 +1,8 @@
 //! Pulls from a real local registry through `ImageStore`: digest pinning, layer cache reuse,
 //! single-flight under concurrency, overlay mount and release. Needs root (see `image_support`).
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
 mod image_support;
 
 use std::time::Duration;
@@ -60,6 +62,7 @@ async fn pull_pins_caches_and_mounts() {
         "{:?}",
         warm.timing
     );
+    eprintln!("cold pull {:?}\nwarm pull {:?}", image.timing, warm.timing);
     assert_eq!(store.counters(), cold);
 
     // By digest: served from the store without the registry.
@@ -184,6 +187,56 @@ async fn concurrent_pulls_download_once() {
         std::fs::read_dir(dir.join("images/tmp")).unwrap().count(),
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_blob_is_rejected_and_never_cached() {
+    require_root_and_tools();
+    let registry = Registry::start();
+    let (_scratch, dir) = scratch("berth-image-test-");
+    let reference =
+        build_busybox_image(&dir.join("build"), &registry.addr, "demo/corrupt", "1", "c");
+    // Flip bytes of the biggest blob (the busybox layer) in the registry's own storage.
+    let blobs = registry.storage().join("docker/registry/v2/blobs/sha256");
+    let mut biggest: Option<(u64, std::path::PathBuf)> = None;
+    for prefix in std::fs::read_dir(&blobs).unwrap() {
+        for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let data = blob.unwrap().path().join("data");
+            let len = std::fs::metadata(&data).unwrap().len();
+            if biggest.as_ref().is_none_or(|(l, _)| len > *l) {
+                biggest = Some((len, data));
+            }
+        }
+    }
+    let (_, data) = biggest.unwrap();
+    let digest = format!(
+        "sha256:{}",
+        data.parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+
+    let root = dir.join("images");
+    let store = ImageStore::new(&root, vec![registry.addr.clone()]).unwrap();
+    let err = store.pull(&reference).await.unwrap_err();
+    assert!(err.to_string().contains(&digest), "{err}");
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(!root.join("blobs/sha256").join(hex).exists());
+    assert!(!root.join("layers").join(hex).exists());
+    // Sibling layers still in flight when the pull failed clean up after themselves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(root.join("tmp")).unwrap().count() != 0 {
+        assert!(std::time::Instant::now() < deadline, "staging not cleaned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("corrupted blob error: {err}");
 }
 
 #[tokio::test]

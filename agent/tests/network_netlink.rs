@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_agent::network::{bridge_name, host_veth_name, NetworkError, NetworkManager};
+use berth_agent::network::{bridge_mac, bridge_name, host_veth_name, NetworkError, NetworkManager};
 use nix::sched::CloneFlags;
 
 /// The one precondition of every test here.
@@ -197,6 +197,7 @@ fn attached_instance_answers_on_its_ip_and_gets_no_default_route() {
     let subnet = random_subnet();
     let (gateway, ip) = (ip_in(subnet, 1), ip_in(subnet, 2));
     let pid = container.pid();
+    let mac_text = bridge_mac(&net).map(|b| format!("{b:02x}")).join(":");
 
     let (bridge, net_id, ins_id) = in_host(&host, move || async move {
         let manager = NetworkManager::new().await.expect("manager");
@@ -231,6 +232,12 @@ fn attached_instance_answers_on_its_ip_and_gets_no_default_route() {
     assert!(
         link.contains(&format!("master {bridge}")) && link.contains("state UP"),
         "{link}"
+    );
+    // A bridge takes its lowest port's address unless one was set: ours must stay put.
+    let bridge_link = stdout_of(&host.exec(&["ip", "-o", "link", "show", "dev", &bridge]));
+    assert!(
+        bridge_link.contains(&format!("link/ether {mac_text} ")),
+        "bridge mac: {bridge_link}"
     );
     let gw = stdout_of(&host.exec(&["ip", "-4", "-o", "addr", "show", "dev", &bridge]));
     assert!(

@@ -2,6 +2,7 @@
 //!
 //! Rootfs: busybox-static copied into a temp dir, no registry involved. Every test uses its own
 //! cgroup parent and runtime root (random suffix) and cleans up in `Drop` even when it panics.
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,9 @@ fn make_rootfs(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "sleep", "cat", "echo", "httpd", "true", "ls"] {
+    for applet in [
+        "sh", "sleep", "cat", "echo", "httpd", "true", "ls", "id", "hostname",
+    ] {
         symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     root
@@ -129,12 +132,14 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 fn read_cgroup_file(parent: &str, id: &str, names: &[&str]) -> Option<String> {
-    cgroup::container_dirs(parent, id).into_iter().find_map(|d| {
-        names
-            .iter()
-            .find_map(|n| std::fs::read_to_string(d.join(n)).ok())
-            .map(|s| s.trim().to_owned())
-    })
+    cgroup::container_dirs(parent, id)
+        .into_iter()
+        .find_map(|d| {
+            names
+                .iter()
+                .find_map(|n| std::fs::read_to_string(d.join(n)).ok())
+                .map(|s| s.trim().to_owned())
+        })
 }
 
 fn proc_alive(pid: i32) -> bool {
@@ -181,7 +186,10 @@ fn full_lifecycle_with_limits_log_and_cleanup() {
     }
 
     f.runtime.start(&id).unwrap();
-    assert_eq!(f.runtime.state(&id).unwrap().unwrap().status, Status::Running);
+    assert_eq!(
+        f.runtime.state(&id).unwrap().unwrap().status,
+        Status::Running
+    );
     wait_for("hello in the log", Duration::from_secs(5), || {
         std::fs::read_to_string(f.log(&id)).is_ok_and(|l| l.contains("hello"))
     });
@@ -208,7 +216,9 @@ fn full_lifecycle_with_limits_log_and_cleanup() {
 
     // Idempotent.
     f.runtime.remove(&id, Duration::ZERO).unwrap();
-    f.runtime.remove("ins-never-created", Duration::ZERO).unwrap();
+    f.runtime
+        .remove("ins-never-created", Duration::ZERO)
+        .unwrap();
 }
 
 #[test]
@@ -295,7 +305,9 @@ fn sigterm_grace_lets_the_process_exit() {
         "SIGTERM not honoured: {:?}",
         t.elapsed()
     );
-    assert!(std::fs::read_to_string(f.log(&id)).unwrap().contains("term"));
+    assert!(std::fs::read_to_string(f.log(&id))
+        .unwrap()
+        .contains("term"));
     assert!(cgroup::parent_dirs(&f.parent).is_empty());
 }
 
@@ -308,8 +320,14 @@ fn parent_cgroup_stays_while_another_container_lives() {
     f.run(&b);
     f.runtime.remove(&a.id, Duration::ZERO).unwrap();
     assert!(cgroup::container_dirs(&f.parent, &a.id).is_empty());
-    assert!(!cgroup::parent_dirs(&f.parent).is_empty(), "parent removed too early");
-    assert_eq!(f.runtime.state(&b.id).unwrap().unwrap().status, Status::Running);
+    assert!(
+        !cgroup::parent_dirs(&f.parent).is_empty(),
+        "parent removed too early"
+    );
+    assert_eq!(
+        f.runtime.state(&b.id).unwrap().unwrap().status,
+        Status::Running
+    );
     f.runtime.remove(&b.id, Duration::ZERO).unwrap();
     assert!(cgroup::parent_dirs(&f.parent).is_empty());
 }
@@ -331,7 +349,10 @@ fn two_runtimes_do_not_interfere() {
     assert!(cgroup::parent_dirs(&f1.parent).is_empty());
     assert!(!cgroup::container_dirs(&f2.parent, &b.id).is_empty());
     assert!(proc_alive(pid_b));
-    assert_eq!(f2.runtime.state(&b.id).unwrap().unwrap().status, Status::Running);
+    assert_eq!(
+        f2.runtime.state(&b.id).unwrap().unwrap().status,
+        Status::Running
+    );
     assert!(f1.runtime.reap().is_empty());
     assert!(f2.runtime.reap().is_empty());
 }
@@ -392,4 +413,54 @@ fn our_youki_children() -> bool {
             comm.contains("(youki:") && rest.split_whitespace().nth(1) == Some(me.as_str())
         })
     })
+}
+
+#[test]
+fn new_runtime_on_the_same_root_recovers_containers() {
+    let f = Fixture::new();
+    let cfg = f.config(&["sleep", "1000"]);
+    let id = cfg.id.clone();
+    let pid = f.run(&cfg);
+
+    // As after an agent restart: a fresh runtime that did not create the container.
+    let again = Runtime::new(&f.dir.path().join("runtime"), f.parent.clone()).unwrap();
+    assert_eq!(again.list().unwrap(), vec![id.clone()]);
+    let st = again.state(&id).unwrap().unwrap();
+    assert_eq!(st.status, Status::Running);
+    assert_eq!(st.pid, Some(pid));
+    assert!(again.reap().is_empty(), "not its child to report");
+
+    again.remove(&id, Duration::ZERO).unwrap();
+    assert!(!proc_alive(pid));
+    assert!(cgroup::container_dirs(&f.parent, &id).is_empty());
+    assert!(cgroup::parent_dirs(&f.parent).is_empty());
+    assert!(again.list().unwrap().is_empty());
+    // The first runtime still tracks the pid (same test process) and collects the zombie.
+    wait_for("zombie reaped", Duration::from_secs(5), || {
+        f.runtime.reap();
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
+
+#[test]
+fn process_runs_as_configured() {
+    let f = Fixture::new();
+    let mut cfg = f.config(&[
+        "sh",
+        "-c",
+        "echo uid=$(id -u) gid=$(id -g) cwd=$(pwd) host=$(hostname) env=$GREETING",
+    ]);
+    cfg.uid = 1000;
+    cfg.gid = 1000;
+    cfg.cwd = "/tmp".into();
+    let id = cfg.id.clone();
+    f.run(&cfg);
+    wait_for("output", Duration::from_secs(5), || {
+        std::fs::read_to_string(f.log(&id)).is_ok_and(|l| l.contains("env="))
+    });
+    let log = std::fs::read_to_string(f.log(&id)).unwrap();
+    assert!(
+        log.contains("uid=1000 gid=1000 cwd=/tmp host=berth-test env=hello"),
+        "{log}"
+    );
 }

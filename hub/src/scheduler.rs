@@ -9,7 +9,7 @@
 //! 3. the smallest node id, so that ties never depend on input order.
 //!
 //! Cost: healthy nodes are kept in an ordered set by free resources and each container's replicas per node
-//! in a hash map, so the common case (a free node without that container's replicas near the top) is a few
+//! in a map, so the common case (a free node without that container's replicas near the top) is a few
 //! set steps; the worst case is one scan of the nodes per request. A request shape that found no node is
 //! remembered until the next placement, so a full cluster answers a long queue in constant time each.
 
@@ -87,6 +87,8 @@ struct Node<'a> {
     memory_total: u64,
     cpu_free: u64,
     memory_free: u64,
+    /// `free_score()` as of the last change of free resources; read in every comparison, so kept.
+    score: u64,
 }
 
 impl Node<'_> {
@@ -102,8 +104,15 @@ impl Node<'_> {
         self.healthy && self.has_cpu(r) && self.has_memory(r)
     }
 
+    /// Takes an instance's resources off the node's free resources.
+    fn take(&mut self, cpu_millis: u64, memory_bytes: u64) {
+        self.cpu_free = self.cpu_free.saturating_sub(cpu_millis);
+        self.memory_free = self.memory_free.saturating_sub(memory_bytes);
+        self.score = self.free_score();
+    }
+
     /// Free cpu fraction plus free memory fraction, scaled: higher is emptier.
-    fn score(&self) -> u64 {
+    fn free_score(&self) -> u64 {
         let fraction = |free: u64, total: u64| {
             if total == 0 {
                 0
@@ -114,6 +123,33 @@ impl Node<'_> {
         // Each fraction is at most SCORE_SCALE (free never exceeds total), so the sum fits in u64.
         (fraction(self.cpu_free, self.cpu_total) + fraction(self.memory_free, self.memory_total))
             as u64
+    }
+}
+
+/// Where one container's replicas are, during one `schedule` call.
+#[derive(Default)]
+struct Spread {
+    /// (node index, replicas there); a vector because the fallback choice scans all of it.
+    counts: Vec<(usize, u32)>,
+    /// Position in `counts` of each node index.
+    position: HashMap<usize, usize>,
+    /// How many of those nodes are healthy.
+    healthy_nodes: usize,
+}
+
+impl Spread {
+    fn on(&self, node: usize) -> bool {
+        self.position.contains_key(&node)
+    }
+
+    fn add(&mut self, node: usize, healthy: bool) {
+        if let Some(&p) = self.position.get(&node) {
+            self.counts[p].1 += 1;
+        } else {
+            self.position.insert(node, self.counts.len());
+            self.counts.push((node, 1));
+            self.healthy_nodes += usize::from(healthy);
+        }
     }
 }
 
@@ -143,31 +179,32 @@ pub fn schedule(nodes: &[NodeCapacity], placed: &[Placed], pending: &[Request]) 
             memory_total: n.memory_bytes,
             cpu_free: n.cpu_millis,
             memory_free: n.memory_bytes,
+            // Set once the placed instances are taken off.
+            score: 0,
         })
         .collect();
     let index: HashMap<&str, usize> = state.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
 
-    // Replicas per node, per container.
-    let mut replicas: HashMap<&str, HashMap<usize, u32>> = HashMap::new();
+    let mut spreads: HashMap<&str, Spread> = HashMap::new();
     for p in placed {
         let Some(&i) = index.get(p.node_id.as_str()) else {
             continue;
         };
-        let node = &mut state[i];
-        node.cpu_free = node.cpu_free.saturating_sub(p.cpu_millis);
-        node.memory_free = node.memory_free.saturating_sub(p.memory_bytes);
-        *replicas
+        state[i].take(p.cpu_millis, p.memory_bytes);
+        spreads
             .entry(p.container_id.as_str())
             .or_default()
-            .entry(i)
-            .or_default() += 1;
+            .add(i, state[i].healthy);
     }
 
+    for n in &mut state {
+        n.score = n.free_score();
+    }
     let mut ranked: BTreeSet<Rank> = state
         .iter()
         .enumerate()
         .filter(|(_, n)| n.healthy)
-        .map(|(i, n)| (Reverse(n.score()), i))
+        .map(|(i, n)| (Reverse(n.score), i))
         .collect();
     // Shapes (cpu, memory) that fit nowhere, with their reason; valid until the next placement.
     let mut unfit: HashMap<(u64, u64), String> = HashMap::new();
@@ -182,28 +219,25 @@ pub fn schedule(nodes: &[NodeCapacity], placed: &[Placed], pending: &[Request]) 
             });
             continue;
         }
-        let counts = replicas.get(r.container_id.as_str());
-        let holds_replica = |i: usize| counts.is_some_and(|c| c.contains_key(&i));
+        let spread = spreads.get(r.container_id.as_str());
         // Once every healthy node holds a replica, walking the ranking for one without is wasted.
-        let everywhere = counts.is_some_and(|c| {
-            c.len() >= ranked.len()
-                && c.keys().filter(|&&i| state[i].healthy).count() == ranked.len()
-        });
+        let everywhere = spread.is_some_and(|s| s.healthy_nodes == ranked.len());
         // Best node without a replica of this container, else the best among those with the fewest.
         let choice = (!everywhere)
             .then(|| {
                 ranked
                     .iter()
                     .map(|&(_, i)| i)
-                    .find(|&i| !holds_replica(i) && state[i].fits(r))
+                    .find(|&i| !spread.is_some_and(|s| s.on(i)) && state[i].fits(r))
             })
             .flatten()
             .or_else(|| {
-                counts?
+                spread?
+                    .counts
                     .iter()
-                    .filter(|&(&i, _)| state[i].fits(r))
-                    .min_by_key(|&(&i, &n)| (n, Reverse(state[i].score()), i))
-                    .map(|(&i, _)| i)
+                    .filter(|&&(i, _)| state[i].fits(r))
+                    .min_by_key(|&&(i, n)| (n, Reverse(state[i].score), i))
+                    .map(|&(i, _)| i)
             });
         let Some(i) = choice else {
             let reason = unschedulable_reason(&state, r);
@@ -215,15 +249,13 @@ pub fn schedule(nodes: &[NodeCapacity], placed: &[Placed], pending: &[Request]) 
             continue;
         };
         let node = &mut state[i];
-        ranked.remove(&(Reverse(node.score()), i));
-        node.cpu_free -= r.cpu_millis;
-        node.memory_free -= r.memory_bytes;
-        ranked.insert((Reverse(node.score()), i));
-        *replicas
+        ranked.remove(&(Reverse(node.score), i));
+        node.take(r.cpu_millis, r.memory_bytes);
+        ranked.insert((Reverse(node.score), i));
+        spreads
             .entry(r.container_id.as_str())
             .or_default()
-            .entry(i)
-            .or_default() += 1;
+            .add(i, node.healthy);
         unfit.clear();
         decisions.push(Decision::Place {
             instance_id: r.instance_id.clone(),

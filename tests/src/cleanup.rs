@@ -2,8 +2,8 @@
 //!
 //! Containers outlive their agent by design, so stopping a cluster's daemons is not enough. Their
 //! processes are found two ways: by cgroup (any cgroup directory whose name holds one of the run's node
-//! ids, which the agent uses for its `berth-<node>` parents) and by root directory (a container's
-//! `/proc/PID/root` is its overlay mount under the run's data directory).
+//! ids, which the agent uses for its `berth-<node>` parents) and by root filesystem (a container's `/`
+//! is an overlay whose directories lie under the run's data directory).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -71,17 +71,31 @@ pub fn cgroup_pids(dir: &Path) -> Vec<u32> {
     pids
 }
 
-/// Pids whose root directory lies under `dir` (containers whose rootfs is mounted there).
+/// What a process's root filesystem is: its `/proc/PID/root` link, or, for a process in another mount
+/// namespace (where that link reads just "/"), the mountinfo line of its `/` mount, whose options name
+/// the overlay's directories.
+pub fn process_root(pid: u32) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/root")).ok()?;
+    if link != Path::new("/") {
+        return Some(link.to_string_lossy().into_owned());
+    }
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+    // The last mount on "/" is the one in effect.
+    info.lines()
+        .rfind(|l| l.split(' ').nth(4) == Some("/"))
+        .map(str::to_string)
+}
+
+/// Pids whose root filesystem lives under `dir` (containers whose rootfs is mounted from there).
 pub fn pids_rooted_under(dir: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let dir = dir.to_string_lossy();
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|root| root.starts_with(dir))
-        })
+        .filter(|pid| process_root(*pid).is_some_and(|root| root.contains(dir.as_ref())))
         .collect()
 }
 

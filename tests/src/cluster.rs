@@ -529,6 +529,66 @@ impl Cluster {
         ok_stdout(&format!("curl {url} from {node_id}"), out)
     }
 
+    /// Traces of these instances anywhere on the machine: cgroups, mounts or named netns whose name
+    /// holds an instance id. Empty when all were released.
+    pub fn traces_of(&self, instance_ids: &[String]) -> Vec<String> {
+        let mut found: Vec<String> = crate::cleanup::matching_cgroups(instance_ids)
+            .into_iter()
+            .map(|p| format!("cgroup {}", p.display()))
+            .collect();
+        let holds_id = |s: &str| instance_ids.iter().any(|id| s.contains(id.as_str()));
+        found.extend(
+            crate::cleanup::mounts_under(Path::new("/"))
+                .into_iter()
+                .filter(|m| holds_id(&m.to_string_lossy()))
+                .map(|m| format!("mount {}", m.display())),
+        );
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            found.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| holds_id(n))
+                    .map(|n| format!("netns {n}")),
+            );
+        }
+        found
+    }
+
+    /// Traces of any container in this cluster: processes whose root is under the run directory,
+    /// mounts there, veths in the hosts besides their own `eth0`, processes in the nodes' cgroups.
+    /// Empty when no container exists.
+    pub fn container_traces(&self) -> Vec<String> {
+        let dir = &self.state.run_dir;
+        let mut found: Vec<String> = crate::cleanup::pids_rooted_under(dir)
+            .into_iter()
+            .map(|pid| format!("process {pid} rooted under {}", dir.display()))
+            .collect();
+        found.extend(
+            crate::cleanup::mounts_under(dir)
+                .into_iter()
+                .map(|m| format!("mount {}", m.display())),
+        );
+        for h in &self.state.topology.hosts {
+            let links = crate::netns::ip(&["-n", &h.netns, "-o", "link", "show", "type", "veth"])
+                .unwrap_or_default();
+            for line in links.lines() {
+                let name = line.split(':').nth(1).unwrap_or("").trim();
+                let name = name.split('@').next().unwrap_or(name);
+                if name != "eth0" {
+                    found.push(format!("veth {name} in {}", h.netns));
+                }
+            }
+        }
+        for cg in crate::cleanup::matching_cgroups(&self.state.node_ids) {
+            let pids = crate::cleanup::cgroup_pids(&cg);
+            if !pids.is_empty() {
+                found.push(format!("processes {pids:?} in cgroup {}", cg.display()));
+            }
+        }
+        found
+    }
+
     /// Stops everything and leaves the daemons running in the background, recorded in
     /// `run_dir/state.json` for [`ClusterState::teardown`].
     pub fn detach(mut self) -> anyhow::Result<ClusterState> {

@@ -21,7 +21,23 @@ pub use api::{Api, Reply};
 pub use cluster::{Cluster, ClusterBuilder, ClusterState};
 pub use paths::{Binaries, Profile};
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
+
+/// Whether `ip` lies in `cidr` (IPv4, e.g. "10.10.0.0/16"); false when either does not parse.
+pub fn in_cidr(ip: &str, cidr: &str) -> bool {
+    let (Ok(ip), Some((net, len))) = (ip.parse::<Ipv4Addr>(), cidr.split_once('/')) else {
+        return false;
+    };
+    let (Ok(net), Ok(len)) = (net.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    if len > 32 {
+        return false;
+    }
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(net) & mask
+}
 
 /// Polls `probe` every `every` until it returns `Ok(Some(_))` or `timeout` passes.
 ///
@@ -72,4 +88,18 @@ pub fn wait_for<T>(
             e.context(format!("last state seen: {seen}"))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_membership() {
+        assert!(in_cidr("10.10.3.7", "10.10.0.0/16"));
+        assert!(!in_cidr("10.11.0.1", "10.10.0.0/16"));
+        assert!(in_cidr("1.2.3.4", "0.0.0.0/0"));
+        assert!(!in_cidr("nope", "10.10.0.0/16"));
+        assert!(!in_cidr("10.10.0.1", "10.10.0.0/33"));
+    }
 }

@@ -39,7 +39,9 @@ pub fn deploy(args: &DeployArgs) -> anyhow::Result<()> {
         bail!("--runs and --replicas must be at least 1");
     }
     crate::install::run()?;
-    println!("bench: building release binaries and starting a private cluster");
+    println!("bench: building release binaries");
+    crate::build_release()?;
+    println!("bench: starting a private cluster");
     let cluster = Cluster::builder()
         .profile(Profile::Release)
         .node_capacity("64", "64GB")

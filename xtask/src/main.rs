@@ -81,6 +81,17 @@ fn cargo() -> std::process::Command {
     cmd
 }
 
+/// Builds the release binaries the dev cluster and the benchmarks run, with cargo's progress shown
+/// (the harness would build them too, but quietly).
+fn build_release() -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release"]);
+    for p in berth_tests::paths::BIN_PACKAGES {
+        cmd.args(["-p", p]);
+    }
+    run(&mut cmd)
+}
+
 /// Whether we run in CI (`CI=true`): no colours, no prompts.
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

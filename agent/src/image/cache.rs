@@ -223,6 +223,7 @@ impl KeyedLocks {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

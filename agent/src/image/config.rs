@@ -76,6 +76,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedConfig, serde_json::Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -4,7 +4,7 @@
 //! makes sure every layer is downloaded (streamed to disk, size and sha256 checked here) and
 //! unpacked once into its own directory. [`ImageStore::mount_rootfs`] stacks those directories
 //! under a private overlayfs upper for one instance. The on-disk layout is described in
-//! [`cache`](self::cache).
+//! the `cache` submodule.
 //!
 //! Architecture invariant: an entry under `blobs/`, `layers/` or `images/` is complete and
 //! verified; anything in flight lives in `tmp/`.
@@ -246,6 +246,8 @@ pub struct StoreCounters {
 }
 
 /// The agent's image store. Cheap to clone; all clones share caches and locks.
+///
+/// Open one store per root per process: opening empties the root's `tmp/`.
 #[derive(Clone)]
 pub struct ImageStore {
     inner: Arc<Inner>,
@@ -381,7 +383,12 @@ impl ImageStore {
         image: &PulledImage,
         instance_dir: &Path,
     ) -> Result<PathBuf, ImageError> {
-        let dirs = overlay::InstanceDirs::new(instance_dir);
+        let instance_dir = std::path::absolute(instance_dir).map_err(|source| ImageError::Io {
+            op: "resolve",
+            path: instance_dir.to_owned(),
+            source,
+        })?;
+        let dirs = overlay::InstanceDirs::new(&instance_dir);
         let lowers = if image.layers.is_empty() {
             let empty = self.inner.layout.empty_layer();
             std::fs::create_dir_all(&empty).map_err(|source| ImageError::Io {
@@ -400,7 +407,12 @@ impl ImageStore {
 
     /// Unmounts and removes the instance's rootfs, upper and work directories. Idempotent.
     pub fn release_rootfs(&self, instance_dir: &Path) -> Result<(), ImageError> {
-        overlay::release(&overlay::InstanceDirs::new(instance_dir))
+        let instance_dir = std::path::absolute(instance_dir).map_err(|source| ImageError::Io {
+            op: "resolve",
+            path: instance_dir.to_owned(),
+            source,
+        })?;
+        overlay::release(&overlay::InstanceDirs::new(&instance_dir))
     }
 
     /// The in-memory fast path: a reference this process resolved whose layers are still there.
@@ -444,22 +456,22 @@ impl ImageStore {
     async fn resolve(&self, parsed: &Reference, key: &str) -> Result<ImageRecord, PullError> {
         let layout = &self.inner.layout;
         if let Some(digest) = parsed.digest().and_then(Digest::parse) {
-            if let Some(record) = cache::read_record(layout, &digest) {
-                return Ok(record);
+            // Content-addressed, so immutable: the digest itself or the platform manifest it
+            // was resolved to earlier (when it names an index) can be served from disk.
+            let earlier = self.known_digest(key);
+            for candidate in [Some(digest), earlier].into_iter().flatten() {
+                if let Some(record) = cache::read_record(layout, &candidate) {
+                    return Ok(record);
+                }
             }
         }
         match self.resolve_remote(parsed).await {
             Ok(record) => Ok(record),
             Err(err @ PullError::Registry { .. }) => {
-                let known = self
-                    .inner
-                    .refs
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .refs
-                    .get(key)
-                    .and_then(|d| Digest::parse(d));
-                match known.and_then(|d| cache::read_record(layout, &d)) {
+                match self
+                    .known_digest(key)
+                    .and_then(|d| cache::read_record(layout, &d))
+                {
                     Some(record) => {
                         tracing::warn!(reference = key, digest = %record.digest, error = %err,
                             "registry unavailable, using the digest this tag had before");
@@ -470,6 +482,12 @@ impl ImageStore {
             }
             Err(err) => Err(err),
         }
+    }
+
+    /// The digest `refs.json` recorded for a normalised reference.
+    fn known_digest(&self, key: &str) -> Option<Digest> {
+        let refs = self.inner.refs.lock().unwrap_or_else(|p| p.into_inner());
+        refs.refs.get(key).and_then(|d| Digest::parse(d))
     }
 
     async fn resolve_remote(&self, parsed: &Reference) -> Result<ImageRecord, PullError> {
@@ -602,7 +620,7 @@ impl ImageStore {
         if dir.is_dir() {
             return Ok((dir, Duration::ZERO, Duration::ZERO));
         }
-        let _flight = inner.locks.lock(&format!("layer:{digest}")).await;
+        let flight = inner.locks.lock(&format!("layer:{digest}")).await;
         if dir.is_dir() {
             return Ok((dir, Duration::ZERO, Duration::ZERO));
         }
@@ -618,9 +636,20 @@ impl ImageStore {
         let start = Instant::now();
         let staging = inner.layout.tmp_path(&format!("layer-{}", digest.hex()));
         let diff_id = layer.diff_id.clone();
-        let (dest, staging2) = (dir.clone(), staging.clone());
+        let dest = dir.clone();
+        // The blocking task owns the lock and its cleanup: if this future is dropped, the unpack
+        // still finishes (or cleans up) before anyone else may start on the same layer.
         let joined = tokio::task::spawn_blocking(move || {
-            unpack_staged(&blob, compression, diff_id.as_deref(), &staging2, &dest)
+            let result = unpack_staged(&blob, compression, diff_id.as_deref(), &staging, &dest);
+            if result.is_err() {
+                if let Err(e) = std::fs::remove_dir_all(&staging) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %staging.display(), error = %e, "could not clean failed unpack");
+                    }
+                }
+            }
+            drop(flight);
+            result
         })
         .await;
         let result = match joined {
@@ -631,11 +660,6 @@ impl ImageStore {
             }),
         };
         if let Err(err) = result {
-            if let Err(e) = std::fs::remove_dir_all(&staging) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %staging.display(), error = %e, "could not clean failed unpack");
-                }
-            }
             return Err(match err {
                 PullError::Unpack { source, .. } => PullError::Unpack {
                     digest: layer.digest.clone(),

@@ -207,21 +207,34 @@ where
     S: Stream<Item = Result<B, io::Error>> + Unpin,
     B: AsRef<[u8]>,
 {
-    let result = write_checked(stream, digest, size, tmp).await;
-    let result = match result {
-        Ok(()) => tokio::fs::rename(tmp, dest)
-            .await
-            .map_err(|source| PullError::Io {
-                op: "rename blob to",
-                path: dest.to_owned(),
-                source,
-            }),
-        Err(e) => Err(e),
-    };
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(tmp).await;
+    // Removes the partial file on error and also when this future is dropped mid-download
+    // (a sibling layer failed, or the caller gave up).
+    let mut partial = RemoveOnDrop(Some(tmp.to_owned()));
+    write_checked(stream, digest, size, tmp).await?;
+    tokio::fs::rename(tmp, dest)
+        .await
+        .map_err(|source| PullError::Io {
+            op: "rename blob to",
+            path: dest.to_owned(),
+            source,
+        })?;
+    partial.0 = None;
+    Ok(())
+}
+
+/// Deletes a staging file when dropped, unless disarmed by taking the path out.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove partial blob");
+                }
+            }
+        }
     }
-    result
 }
 
 async fn write_checked<S, B>(
@@ -328,6 +341,7 @@ fn host_arch() -> &'static str {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -48,6 +48,7 @@ pub fn validate(reference: &str) -> Result<(), ReferenceError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

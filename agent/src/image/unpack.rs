@@ -32,6 +32,7 @@ use tar::EntryType;
 use super::cache::Digest;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;
 
 const WHITEOUT_PREFIX: &str = ".wh.";

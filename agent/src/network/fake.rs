@@ -241,8 +241,9 @@ impl Netlink for FakeNetlink {
             .collect())
     }
 
-    async fn link_add_bridge(&self, name: &str) -> Result<(), NetlinkError> {
-        let mut state = self.enter("link_add_bridge", name.to_owned())?;
+    async fn link_add_bridge(&self, name: &str, mac: [u8; 6]) -> Result<(), NetlinkError> {
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        let mut state = self.enter("link_add_bridge", format!("{name} mac {mac}"))?;
         if state.exists(self.ns, name) {
             return Err(NetlinkError::from_errno(
                 "link_add_bridge",

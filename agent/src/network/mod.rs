@@ -145,7 +145,8 @@ impl<N: Netlink> NetworkManager<N> {
         let bridge = match self.netlink.link_get(&name).await? {
             Some(link) => link,
             None => {
-                match self.netlink.link_add_bridge(&name).await {
+                let mac = bridge_mac(network_id);
+                match self.netlink.link_add_bridge(&name, mac).await {
                     Ok(()) => info!(bridge = %name, network_id, "created bridge"),
                     // Another call for the same network won the race: use its bridge.
                     Err(e) if e.is(libc::EEXIST) => {}
@@ -367,6 +368,22 @@ pub async fn configure_peer<N: Netlink>(netlink: &N, plan: &PeerPlan) -> Result<
 /// recognise; any other id is hashed.
 pub fn bridge_name(network_id: &str) -> String {
     format!("bn-{}", short_id(network_id, "net-"))
+}
+
+/// Hardware address of the bridge of a berth network: locally administered, unicast, derived
+/// from the network id, so the same on every node.
+///
+/// A bridge without a set address takes the lowest one of its ports and changes it whenever that
+/// port leaves, and the instances' ARP entries for the gateway then point nowhere until they
+/// expire. A fixed address avoids that; one shared by every node matches the gateway IP they
+/// share.
+pub fn bridge_mac(network_id: &str) -> [u8; 6] {
+    let digest = Sha256::digest(format!("berth bridge {network_id}").as_bytes());
+    let mut mac = [0u8; 6];
+    mac[1..].copy_from_slice(&digest[..5]);
+    // 0x02: locally administered, unicast.
+    mac[0] = 0x02;
+    mac
 }
 
 /// Name of an instance's host-side veth: `bv` and 12 hex digits. Instance ids `ins-<12 hex>` keep

@@ -115,8 +115,12 @@ pub trait Netlink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Link>, NetlinkError>> + Send;
     /// Every link of the namespace.
     fn link_list(&self) -> impl Future<Output = Result<Vec<Link>, NetlinkError>> + Send;
-    /// Creates a bridge (down, no address).
-    fn link_add_bridge(&self, name: &str) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Creates a bridge with hardware address `mac` (down, no IP address).
+    fn link_add_bridge(
+        &self,
+        name: &str,
+        mac: [u8; 6],
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
     /// Creates a veth pair `name` here and `peer` directly in the network namespace of
     /// `peer_pid`, both with `mtu`. The peer never shows up in this namespace, so its name
     /// cannot collide with anything here.
@@ -219,10 +223,12 @@ impl Netlink for RtNetlink {
             .map_err(|e| NetlinkError::from_rtnetlink("link_list", "all links", e))
     }
 
-    async fn link_add_bridge(&self, name: &str) -> Result<(), NetlinkError> {
+    async fn link_add_bridge(&self, name: &str, mac: [u8; 6]) -> Result<(), NetlinkError> {
         // Created down (LinkBridge::new would ask for up): ensure_bridge addresses it, then brings
         // it up, the same path as for a bridge found down.
-        let message = LinkMessageBuilder::<LinkBridge>::new(name).build();
+        let message = LinkMessageBuilder::<LinkBridge>::new(name)
+            .address(mac.to_vec())
+            .build();
         self.handle
             .link()
             .add(message)

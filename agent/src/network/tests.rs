@@ -92,6 +92,18 @@ fn names_keep_id_suffixes_and_fit_ifnamsiz() {
     assert_ne!(host_veth_name("net-0123456789ab"), "bv0123456789ab");
 }
 
+#[test]
+fn bridge_macs_are_stable_local_unicast_and_per_network() {
+    let mac = bridge_mac(NET);
+    assert_eq!(mac, bridge_mac(NET));
+    assert_eq!(
+        mac[0] & 0b11,
+        0b10,
+        "locally administered, unicast: {mac:02x?}"
+    );
+    assert_ne!(mac, bridge_mac("net-00000000a0b2"));
+}
+
 #[tokio::test]
 async fn ensure_bridge_creates_addresses_and_ups_then_is_a_no_op() {
     let manager = manager();
@@ -105,6 +117,10 @@ async fn ensure_bridge_creates_addresses_and_ups_then_is_a_no_op() {
     assert_eq!(bridge.kind, LinkKind::Bridge);
     assert!(bridge.up);
     assert_eq!(fake.addresses(Ns::Host, BRIDGE), vec![(GATEWAY, 16)]);
+    let mac = bridge_mac(NET).map(|b| format!("{b:02x}")).join(":");
+    assert!(fake
+        .calls()
+        .contains(&format!("host link_add_bridge {BRIDGE} mac {mac}")));
 
     let before = fake.calls().len();
     manager

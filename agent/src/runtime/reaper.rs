@@ -160,7 +160,11 @@ fn sweep_strays() {
         return;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if tracked_pids().as_ref().is_some_and(|t| t.contains(&pid)) {
@@ -217,6 +221,7 @@ fn wait_nohang(pid: i32) -> Waited {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 mod tests {
     use super::*;
 

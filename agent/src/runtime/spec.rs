@@ -9,10 +9,10 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
-    LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
-    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
-    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount,
+    MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    SpecBuilder, UserBuilder,
 };
 
 use super::{ContainerConfig, RuntimeError};
@@ -169,8 +169,18 @@ pub fn build_spec(cfg: &ContainerConfig, cgroup_parent: &str) -> Result<Spec, Ru
         .namespaces(namespaces)
         .resources(resources.build().map_err(spec_err)?)
         .cgroups_path(cgroups_path(cgroup_parent, &cfg.id))
-        .masked_paths(MASKED_PATHS.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>())
-        .readonly_paths(READONLY_PATHS.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>())
+        .masked_paths(
+            MASKED_PATHS
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .readonly_paths(
+            READONLY_PATHS
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect::<Vec<_>>(),
+        )
         .build()
         .map_err(spec_err)?;
 
@@ -307,7 +317,12 @@ fn default_mounts() -> Result<Vec<Mount>, oci_spec::OciSpecError> {
             "mqueue",
             &["nosuid", "noexec", "nodev"],
         )?,
-        mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"])?,
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
         mount(
             "/sys/fs/cgroup",
             "cgroup",
@@ -318,6 +333,7 @@ fn default_mounts() -> Result<Vec<Mount>, oci_spec::OciSpecError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 mod tests {
     use super::*;
 
@@ -341,6 +357,13 @@ mod tests {
     }
 
     #[test]
+    fn public_types_cross_threads() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<super::super::Runtime>();
+        send_sync::<RuntimeError>();
+    }
+
+    #[test]
     fn cpu_and_memory_limits() {
         let spec = build_spec(&cfg(), "berth-node1").unwrap();
         let cpu = resources(&spec).cpu().as_ref().unwrap();
@@ -357,7 +380,10 @@ mod tests {
         assert_eq!(cpu_quota_us(1000), 100_000);
         assert_eq!(cpu_quota_us(2500), 250_000);
         assert_eq!(cpu_quota_us(1), MIN_CPU_QUOTA_US);
-        assert_eq!(cpu_quota_us(u64::MAX), i64::try_from(u64::MAX / 1000).unwrap());
+        assert_eq!(
+            cpu_quota_us(u64::MAX),
+            i64::try_from(u64::MAX / 1000).unwrap()
+        );
         assert_eq!(cpu_shares(1), 2);
         assert_eq!(cpu_shares(2000), 2048);
     }
@@ -385,7 +411,13 @@ mod tests {
     #[test]
     fn namespaces_include_a_new_network_namespace() {
         let spec = build_spec(&cfg(), "berth-node1").unwrap();
-        let ns = spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        let ns = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap();
         for typ in [
             LinuxNamespaceType::Pid,
             LinuxNamespaceType::Mount,
@@ -431,7 +463,11 @@ mod tests {
         let rl = &p.rlimits().as_ref().unwrap()[0];
         assert_eq!(rl.typ(), PosixRlimitType::RlimitNofile);
         assert_eq!(rl.hard(), NOFILE_LIMIT);
-        assert_eq!(p.oom_score_adj(), None, "libcontainer would write the agent's own");
+        assert_eq!(
+            p.oom_score_adj(),
+            None,
+            "libcontainer would write the agent's own"
+        );
         assert_eq!(spec.hostname().as_deref(), Some("web-1"));
         let root = spec.root().as_ref().unwrap();
         assert_eq!(root.path(), &cfg().rootfs);
@@ -493,7 +529,8 @@ mod tests {
 
     #[test]
     fn invalid_configs_are_rejected() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut ContainerConfig)>)> = vec![
+        type Mutate = Box<dyn Fn(&mut ContainerConfig)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("empty args", Box::new(|c| c.args.clear())),
             ("bad id", Box::new(|c| c.id = "../etc".into())),
             ("empty id", Box::new(|c| c.id.clear())),

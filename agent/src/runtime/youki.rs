@@ -354,7 +354,8 @@ impl Runtime {
                 Child::Exited(_) | Child::NotOurs => true,
                 Child::Alive => false,
             };
-            if init_done && cgroup::pids(&cgroup::container_dirs(&self.cgroup_parent, id)).is_empty()
+            if init_done
+                && cgroup::pids(&cgroup::container_dirs(&self.cgroup_parent, id)).is_empty()
             {
                 return true;
             }

@@ -103,6 +103,11 @@ impl Registry {
         panic!("docker-registry on {} not ready: {}", self.addr, self.log());
     }
 
+    /// The registry's storage root (`docker/registry/v2/...` below it).
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// The registry's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()

@@ -231,11 +231,19 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServiceError> 
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ServiceError::invalid("body", "a JSON object is required"));
     }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ServiceError::invalid(
+            "body",
+            format!("not JSON: {}", strip_position(&e.to_string())),
+        )
+    })?;
+    // serde would also accept an array for a struct; the API takes objects only.
+    if !value.is_object() {
+        return Err(ServiceError::invalid("body", "a JSON object is required"));
+    }
+    let value: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = inner.to_string();
+        let message = e.into_inner().to_string();
         let field = if path.is_empty() || path == "." {
             // Missing and unknown fields are reported at the parent: take the name from the message.
             backticked(&message).unwrap_or_else(|| "body".to_owned())
@@ -244,8 +252,6 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ServiceError> 
         };
         ServiceError::invalid(field, strip_position(&message))
     })?;
-    de.end()
-        .map_err(|e| ServiceError::invalid("body", strip_position(&e.to_string())))?;
     Ok(value)
 }
 

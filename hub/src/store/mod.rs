@@ -38,18 +38,19 @@ impl From<etcd_client::Error> for StoreError {
         use etcd_client::Error as E;
         match &e {
             E::TransportError(_) | E::IoError(_) => StoreError::Unavailable(e.to_string()),
-            E::GRpcStatus(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled
-                ) =>
-            {
-                StoreError::Unavailable(e.to_string())
-            }
+            E::GRpcStatus(s) if is_unavailable(s) => StoreError::Unavailable(e.to_string()),
             _ => StoreError::Etcd(e),
         }
+    }
+}
+
+/// Whether a gRPC status from etcd means "not reachable" rather than "refused".
+fn is_unavailable(s: &tonic::Status) -> bool {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => true,
+        // A broken connection surfaces as Unknown with the transport error as its source.
+        tonic::Code::Unknown => std::error::Error::source(s).is_some(),
+        _ => false,
     }
 }
 
