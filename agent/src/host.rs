@@ -364,7 +364,8 @@ pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
     let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
     let (uid, primary_gid) = match u.parse::<u32>() {
         Ok(uid) => {
-            let gid = lookup(&passwd, |f| f.get(2) == Some(&u)).and_then(|f| f.get(3)?.parse().ok());
+            let gid =
+                lookup(&passwd, |f| f.get(2) == Some(&u)).and_then(|f| f.get(3)?.parse().ok());
             (uid, gid.unwrap_or(0))
         }
         Err(_) => {
@@ -374,7 +375,11 @@ pub fn resolve_user(user: &str, rootfs: &Path) -> Result<(u32, u32), String> {
             let gid = fields.get(3).and_then(|s| s.parse().ok());
             match (uid, gid) {
                 (Some(uid), Some(gid)) => (uid, gid),
-                _ => return Err(format!("image user {u:?} has a malformed /etc/passwd entry")),
+                _ => {
+                    return Err(format!(
+                        "image user {u:?} has a malformed /etc/passwd entry"
+                    ))
+                }
             }
         }
     };
@@ -439,13 +444,17 @@ mod tests {
         let p = resolve_process(&image(), &spec(&[]), Path::new("/nonexistent")).expect("ok");
         assert_eq!(p.args, vec!["/bin/httpd", "-f"]);
         assert_eq!(p.cwd, "/www");
-        assert_eq!(p.env, vec!["MODE=prod", "PATH=/bin"], "spec env overrides the image's");
+        assert_eq!(
+            p.env,
+            vec!["MODE=prod", "PATH=/bin"],
+            "spec env overrides the image's"
+        );
     }
 
     #[test]
     fn command_replaces_entrypoint_and_cmd() {
-        let p = resolve_process(&image(), &spec(&["sh", "-c", "true"]), Path::new("/x"))
-            .expect("ok");
+        let p =
+            resolve_process(&image(), &spec(&["sh", "-c", "true"]), Path::new("/x")).expect("ok");
         assert_eq!(p.args, vec!["sh", "-c", "true"]);
     }
 

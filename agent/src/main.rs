@@ -63,7 +63,10 @@ enum Failure {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(&args.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             error!(error = %e, "cannot start the async runtime");
@@ -189,7 +192,11 @@ async fn run(args: Args) -> Result<(), Failure> {
     let reconciler = Reconciler::new(Arc::new(host), reports_tx);
     tokio::spawn(reconciler.run(desired_rx, children_rx));
     tokio::spawn(hub::run_membership(client.clone(), node.clone()));
-    tokio::spawn(hub::run_watch(client.clone(), node.node_id.clone(), desired_tx));
+    tokio::spawn(hub::run_watch(
+        client.clone(),
+        node.node_id.clone(),
+        desired_tx,
+    ));
     tokio::spawn(hub::run_reporter(client, node.node_id.clone(), reports_rx));
     tokio::spawn(async move {
         while sigchld.recv().await.is_some() {

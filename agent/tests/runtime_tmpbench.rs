@@ -468,7 +468,9 @@ fn process_runs_as_configured() {
 #[test]
 fn zz_bench() {
     let f = Fixture::new();
-    let mut c = vec![]; let mut s = vec![]; let mut r = vec![];
+    let mut c = vec![];
+    let mut s = vec![];
+    let mut r = vec![];
     for _ in 0..30 {
         let cfg = f.config(&["sleep", "1000"]);
         let t = Instant::now();

@@ -49,11 +49,12 @@ impl Binaries {
 
     /// The binaries of `profile`, built first so a test never runs stale ones.
     ///
-    /// `BERTH_BIN_DIR` overrides this (no build): `xtask test` builds once and sets it. Otherwise cargo
+    /// `BERTH_BIN_DIR` (absolute, or relative to the workspace) overrides this (no build): `xtask test` builds once and sets it. Otherwise cargo
     /// runs once per process; when everything is fresh that is a no-op of well under a second.
     pub fn locate(profile: Profile) -> anyhow::Result<Binaries> {
         if let Some(dir) = std::env::var_os("BERTH_BIN_DIR") {
-            let bins = Binaries::in_dir(Path::new(&dir));
+            // Relative to the workspace: tests run in their crate's directory.
+            let bins = Binaries::in_dir(&workspace_root().join(dir));
             bins.check()?;
             return Ok(bins);
         }
