@@ -107,6 +107,20 @@ fn deploy_scale_and_delete_over_two_nodes() {
     );
     assert_serving(&cluster, &c);
     let mut seen: BTreeSet<String> = placed.iter().map(|(i, _, _)| i.clone()).collect();
+    // The leftover checks below prove something only if they see live containers.
+    let ids: Vec<String> = seen.iter().cloned().collect();
+    let live = cluster.traces_of(&ids);
+    assert!(
+        live.iter().any(|t| t.starts_with("cgroup")),
+        "no cgroup found for running instances: {live:?}"
+    );
+    let live = cluster.container_traces();
+    for kind in ["process", "mount", "veth"] {
+        assert!(
+            live.iter().any(|t| t.starts_with(kind)),
+            "no {kind} found for running instances: {live:?}"
+        );
+    }
 
     api.scale(&id, 5).expect("scale to 5");
     let c = api
