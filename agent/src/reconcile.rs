@@ -16,12 +16,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use berth_proto::v1::{Assignment, DesiredState, InstanceReport, InstanceStatus};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
+// tokio's clock, so backoffs follow a paused test clock too.
+use tokio::time::Instant;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::hub::Report;

@@ -223,3 +223,16 @@ pub fn all_running(c: &Value, replicas: usize) -> bool {
 pub fn instances(c: &Value) -> Vec<Value> {
     c["instances"].as_array().cloned().unwrap_or_default()
 }
+
+/// `(instance_id, node_id, ip)` of each instance of a container's JSON, sorted.
+pub fn placements(c: &Value) -> Vec<(String, String, String)> {
+    let mut v: Vec<_> = instances(c)
+        .iter()
+        .map(|i| {
+            let s = |k: &str| i[k].as_str().unwrap_or_default().to_string();
+            (s("instance_id"), s("node_id"), s("ip"))
+        })
+        .collect();
+    v.sort();
+    v
+}

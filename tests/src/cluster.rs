@@ -231,7 +231,11 @@ impl ClusterBuilder {
             detached,
             released: false,
         };
-        cluster.boot(etcd_port)?;
+        if let Err(e) = cluster.boot(etcd_port) {
+            // The error says what did not come up; the logs say why.
+            cluster.keep_logs();
+            return Err(e);
+        }
         Ok(cluster)
     }
 }
@@ -527,6 +531,25 @@ impl Cluster {
         let url = format!("http://{ip}/");
         let out = self.on_host(node_id, "curl", &["-sS", "--max-time", "3", &url])?;
         ok_stdout(&format!("curl {url} from {node_id}"), out)
+    }
+
+    /// Waits until `http://IP/` from the host of `node_id` answers with exactly `body`.
+    ///
+    /// The body is what proves it: the sandbox gateway would answer a bare TCP connect.
+    pub fn wait_serving(
+        &self,
+        node_id: &str,
+        ip: &str,
+        body: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        crate::wait_for(&format!("{ip} to serve from {node_id}"), timeout, || {
+            Ok(match self.http_get(node_id, ip) {
+                Ok(b) if b == body => Ok(()),
+                Ok(b) => Err(format!("body {b:?}")),
+                Err(e) => Err(format!("{e:#}")),
+            })
+        })
     }
 
     /// Traces of these instances anywhere on the machine: cgroups, mounts or named netns whose name

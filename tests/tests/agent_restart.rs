@@ -1,33 +1,20 @@
 //! An agent that crashes and comes back while the hub is down keeps its containers serving, and the
 //! hub, once back, finds them RUNNING without starting duplicates.
 
-use berth_tests::api::instances;
+use berth_tests::api::placements;
 use berth_tests::cleanup::{pids_rooted_under, process_root};
 use berth_tests::image::DEMO_BODY;
 use berth_tests::{wait_for, Cluster};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-/// (instance_id, node_id, ip), sorted.
-fn placements(c: &Value) -> Vec<(String, String, String)> {
-    let mut v: Vec<_> = instances(c)
-        .iter()
-        .map(|i| {
-            let s = |k: &str| i[k].as_str().unwrap_or_default().to_string();
-            (s("instance_id"), s("node_id"), s("ip"))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 fn assert_all_serve(cluster: &Cluster, placed: &[(String, String, String)], when: &str) {
     for (id, node, ip) in placed {
-        match cluster.http_get(node, ip) {
-            Ok(body) if body == DEMO_BODY => {}
-            Ok(body) => panic!("{when}: {id} at {ip} on {node} served {body:?}"),
-            Err(e) => panic!("{when}: {id} at {ip} on {node} does not serve: {e:#}"),
+        // Short: these containers were serving a moment ago and must not have stopped.
+        let served = cluster.wait_serving(node, ip, DEMO_BODY, Duration::from_secs(3));
+        if let Err(e) = served {
+            panic!("{when}: {id} at {ip} on {node} does not serve: {e:#}");
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Deploy, scale and delete through the REST API and through the CLI, on two netns hosts.
 
-use berth_tests::api::instances;
+use berth_tests::api::{instances, placements};
 use berth_tests::image::DEMO_BODY;
 use berth_tests::{in_cidr, wait_for, Cluster};
 use serde_json::{json, Value};
@@ -10,17 +10,6 @@ use std::time::Duration;
 const CIDR: &str = "10.10.0.0/16";
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 const GONE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// (instance_id, node_id, ip) of each instance.
-fn placements(c: &Value) -> Vec<(String, String, String)> {
-    instances(c)
-        .iter()
-        .map(|i| {
-            let s = |k: &str| i[k].as_str().unwrap_or_default().to_string();
-            (s("instance_id"), s("node_id"), s("ip"))
-        })
-        .collect()
-}
 
 /// Every instance RUNNING with a distinct IP in the CIDR, serving the demo page to its own node.
 fn assert_serving(cluster: &Cluster, c: &Value) {
@@ -33,19 +22,8 @@ fn assert_serving(cluster: &Cluster, c: &Value) {
             cluster.node_ids().contains(node),
             "{id} on unknown node {node:?}"
         );
-        // The sandbox gateway would answer any TCP connect; only the page proves it is our httpd.
-        let body = wait_for(
-            &format!("{id} to serve on {ip}"),
-            Duration::from_secs(10),
-            || {
-                Ok(match cluster.http_get(node, ip) {
-                    Ok(b) if b == DEMO_BODY => Ok(b),
-                    Ok(b) => Err(format!("body {b:?}")),
-                    Err(e) => Err(format!("{e:#}")),
-                })
-            },
-        );
-        if let Err(e) = body {
+        let served = cluster.wait_serving(node, ip, DEMO_BODY, Duration::from_secs(10));
+        if let Err(e) = served {
             panic!("{id} ({ip} on {node}) does not serve the demo page: {e:#}");
         }
     }

@@ -83,4 +83,10 @@ fn teardown_runs_when_a_test_panics() {
     let state = state.expect("cluster started");
     assert!(!link_exists(&state.topology.bridge), "bridge left behind");
     assert!(!state.run_dir.exists(), "run dir left behind");
+    // A failing test keeps its logs; this failure was on purpose.
+    let kept = berth_tests::paths::harness_dir()
+        .join("logs")
+        .join(&state.prefix);
+    assert!(kept.exists(), "logs of the failed test not kept");
+    std::fs::remove_dir_all(kept).expect("removing kept logs");
 }

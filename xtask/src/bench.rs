@@ -31,7 +31,12 @@ const DEPLOY_TIMEOUT: Duration = Duration::from_secs(60);
 struct Sample {
     total: Duration,
     phases: BTreeMap<String, f64>,
+    /// DELETE → 404 (not part of the deploy figure).
+    delete: Duration,
 }
+
+/// Deploy phases in the order they happen (how `phases_ms` names them).
+const PHASE_ORDER: [&str; 6] = ["schedule", "pull", "rootfs", "create", "network", "start"];
 
 /// Runs the benchmark and prints the figures.
 pub fn deploy(args: &DeployArgs) -> anyhow::Result<()> {
@@ -101,11 +106,13 @@ fn deploy_once(
         std::thread::sleep(Duration::from_millis(2));
     };
     let total = start.elapsed();
+    let deleting = Instant::now();
     api.delete_container(&id)?;
     api.wait_gone(&id, DEPLOY_TIMEOUT)?;
     Ok(Sample {
         total,
         phases: phase_breakdown(&container),
+        delete: deleting.elapsed(),
     })
 }
 
@@ -149,9 +156,21 @@ fn report(title: &str, samples: &[Sample]) {
     if by_phase.is_empty() {
         println!("  (no per-phase breakdown: the hub does not report instances[].phases_ms yet)");
     }
+    for phase in PHASE_ORDER {
+        if let Some(v) = by_phase.remove(phase) {
+            println!("  {phase:<10} {}", figures(v));
+        }
+    }
+    // Phases this list does not know yet, so a new one shows up without a change here.
     for (phase, v) in by_phase {
         println!("  {phase:<10} {}", figures(v));
     }
+    let deletes = samples
+        .iter()
+        .map(|s| s.delete.as_secs_f64() * 1e3)
+        .collect();
+    println!("then DELETE -> 404 (polled every 100 ms):");
+    println!("  {:<10} {}", "delete", figures(deletes));
 }
 
 /// "p50 X ms  p99 Y ms  max Z ms" (nearest-rank percentiles).
