@@ -29,6 +29,14 @@ pub fn run() -> anyhow::Result<()> {
     )?;
     let bin_dir = target_dir().join("debug");
     if nextest_present() {
+        // nextest does not run doctests; they go first so that the run's closing summary is
+        // nextest's, which counts every test.
+        step(
+            "cargo test --doc",
+            crate::cargo()
+                .args(["test", "--workspace", "--doc"])
+                .env("BERTH_BIN_DIR", &bin_dir),
+        )?;
         let mut t = crate::cargo();
         t.args(["nextest", "run", "--workspace", "--no-fail-fast"])
             .env("BERTH_BIN_DIR", &bin_dir);
@@ -36,13 +44,6 @@ pub fn run() -> anyhow::Result<()> {
             t.args(["--color", "never"]);
         }
         step("cargo nextest run", &mut t)?;
-        // nextest does not run doctests.
-        step(
-            "cargo test --doc",
-            crate::cargo()
-                .args(["test", "--workspace", "--doc"])
-                .env("BERTH_BIN_DIR", &bin_dir),
-        )?;
     } else {
         step(
             "cargo test",
