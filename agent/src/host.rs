@@ -24,7 +24,7 @@ use crate::reconcile::{Host, InstanceSpec, Liveness, Recovered, Started};
 use crate::runtime::{ContainerConfig, Runtime, Status};
 
 /// How long a container gets between SIGTERM and SIGKILL when it is removed.
-const STOP_GRACE: Duration = Duration::from_secs(3);
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The node's real host operations.
 pub struct NodeHost {

@@ -312,6 +312,23 @@ fn sigterm_grace_lets_the_process_exit() {
 }
 
 #[test]
+fn init_without_a_sigterm_handler_is_not_waited_for() {
+    // pid 1 of a namespace ignores SIGTERM unless it installs a handler: the grace would be dead time.
+    let f = Fixture::new();
+    let cfg = f.config(&["sleep", "1000"]);
+    let id = cfg.id.clone();
+    f.run(&cfg);
+    let t = Instant::now();
+    f.runtime.remove(&id, Duration::from_secs(30)).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "waited out the grace for an init that ignores SIGTERM: {:?}",
+        t.elapsed()
+    );
+    assert!(f.runtime.state(&id).unwrap().is_none());
+}
+
+#[test]
 fn parent_cgroup_stays_while_another_container_lives() {
     let f = Fixture::new();
     let a = f.config(&["sleep", "1000"]);

@@ -255,8 +255,11 @@ impl Runtime {
                 let _lock = libcontainer_lock();
                 match self.load(id) {
                     Ok(Some(mut c)) if c.status() == ContainerStatus::Running => {
+                        // The init is pid 1 of its namespace: without a handler it ignores SIGTERM,
+                        // and waiting out the grace would only delay the SIGKILL below.
+                        let init_listens = c.pid().is_none_or(|pid| catches_sigterm(pid.as_raw()));
                         // `all`: signal through the cgroup, never a possibly reused pid.
-                        c.kill(Signal::SIGTERM, true).is_ok()
+                        c.kill(Signal::SIGTERM, true).is_ok() && init_listens
                     }
                     _ => false,
                 }
@@ -428,4 +431,17 @@ fn open_stdio(log_path: &Path) -> Result<(File, File, File), RuntimeError> {
         .map_err(io_err("open log", log_path))?;
     let stderr = stdout.try_clone().map_err(io_err("dup log", log_path))?;
     Ok((stdin, stdout, stderr))
+}
+
+/// Whether process `pid` has a SIGTERM handler installed (`SigCgt` in /proc/PID/status). Unknown
+/// counts as yes, so a container is never denied its grace period by mistake.
+fn catches_sigterm(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_none_or(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
 }

@@ -1,7 +1,7 @@
 //! The scheduler loop. One hub replica at a time (elected in etcd) turns desired state into placements:
 //! it materialises instance records from container replica counts, places them with
 //! [`crate::scheduler::schedule`] and [`crate::ipam::allocate`], stops what was scaled away and releases
-//! what nodes removed. It runs after every change under `/berth/` (debounced) and every
+//! what nodes removed. It runs after every change under `/berth/` (coalescing what arrives together) and every
 //! [`RESYNC_INTERVAL`].
 
 mod pass;
@@ -17,8 +17,10 @@ pub use pass::{PassReport, Reconciler};
 
 /// Periodic pass even without changes (catches lapsed liveness, release grace, missed events).
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
-/// Changes arriving within this window are handled by one pass.
-pub const DEBOUNCE: Duration = Duration::from_millis(30);
+/// Changes already queued within this window after the first one are handled by the same pass.
+/// Kept tiny on purpose: a pass starts at once (deploy latency), and bursts still coalesce because
+/// whatever arrives while a pass runs is handled by the next one.
+pub const COALESCE: Duration = Duration::from_millis(1);
 /// TTL of the leader's election lease; a dead leader is replaced after at most this long.
 pub const LEADER_LEASE_TTL_SECS: i64 = 5;
 
@@ -89,10 +91,8 @@ async fn reconcile_while_leader(store: &Store, reconciler: &mut Reconciler) -> S
             _ = tick.tick() => {}
             msg = watch.message() => match msg {
                 Ok(Some(_)) => {
-                    // Let a burst of writes land, then handle it in one pass.
-                    tokio::time::sleep(DEBOUNCE).await;
                     while let Ok(Ok(Some(_))) =
-                        tokio::time::timeout(Duration::from_millis(1), watch.message()).await {}
+                        tokio::time::timeout(COALESCE, watch.message()).await {}
                 }
                 Ok(None) => return StoreError::Unavailable("watch on /berth/ ended".into()),
                 Err(e) => return e.into(),
