@@ -225,6 +225,8 @@ enum Event {
     Progress(String, InstanceStatus),
     Started(String, Result<Started, String>),
     Stopped(String, Result<(), String>),
+    /// A liveness probe's findings: (instance, start of the run that was probed, what was seen).
+    Probed(Vec<(String, Instant, Liveness)>),
 }
 
 /// Backoff before restarting after `failures` consecutive failures: 1 s doubling to 30 s.
@@ -245,6 +247,8 @@ pub struct Reconciler<H: Host> {
     events_rx: mpsc::UnboundedReceiver<Event>,
     /// The last desired state; None until the hub has spoken once.
     desired: Option<HashMap<String, InstanceSpec>>,
+    /// A liveness probe is in flight (at most one at a time).
+    probing: bool,
 }
 
 impl<H: Host> Reconciler<H> {
@@ -277,6 +281,7 @@ impl<H: Host> Reconciler<H> {
             events_tx,
             events_rx,
             desired: None,
+            probing: false,
         }
     }
 
@@ -380,6 +385,7 @@ impl<H: Host> Reconciler<H> {
                     }
                 }
             }
+            Event::Probed(seen) => self.on_probed(seen),
             Event::Stopped(id, result) => match result {
                 Ok(()) => {
                     info!(instance_id = %id, "instance removed");
@@ -434,16 +440,48 @@ impl<H: Host> Reconciler<H> {
         }
     }
 
+    /// Probes every running instance off the loop: reading container state can wait behind the
+    /// runtime's lock (held through a create or a kill), and the loop must keep serving the hub.
     fn check_liveness(&mut self) {
         self.check_exits();
-        let running: Vec<String> = self
+        if self.probing {
+            return;
+        }
+        let running: Vec<(String, Instant)> = self
             .locals
             .iter()
-            .filter(|(_, l)| matches!(l.phase, Phase::Running { .. }))
-            .map(|(id, _)| id.clone())
+            .filter_map(|(id, l)| match l.phase {
+                Phase::Running { since } => Some((id.clone(), since)),
+                _ => None,
+            })
             .collect();
-        for id in running {
-            match self.host.liveness(&id) {
+        if running.is_empty() {
+            return;
+        }
+        self.probing = true;
+        let host = self.host.clone();
+        let events = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let seen = running
+                .into_iter()
+                .map(|(id, since)| {
+                    let l = host.liveness(&id);
+                    (id, since, l)
+                })
+                .collect();
+            let _ = events.send(Event::Probed(seen));
+        });
+    }
+
+    fn on_probed(&mut self, seen: Vec<(String, Instant, Liveness)>) {
+        self.probing = false;
+        for (id, since, liveness) in seen {
+            // A result about an earlier run (restarted or stopped since the probe began) is stale.
+            let current = self.locals.get(&id).map(|l| &l.phase);
+            if !matches!(current, Some(Phase::Running { since: s }) if *s == since) {
+                continue;
+            }
+            match liveness {
                 Liveness::Running => {}
                 Liveness::Exited(code) => self.exited(&id, code),
                 Liveness::Unknown => self.exited(&id, -1),

@@ -329,3 +329,34 @@ fn assignment_validation_names_the_field() {
         .to_string()
         .contains("ip"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_vanished_process_is_found_by_the_probe_and_restarted() {
+    // Not our child (adopted after an agent restart): no reap event, only the periodic probe sees it.
+    let mut h = harness(FakeHost::default());
+    h.desired_tx.send_replace(Some(desired(&["ins-a"])));
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    h.host.state().running.remove("ins-a");
+    let seen = h
+        .until(|rs| {
+            let failed = rs
+                .iter()
+                .position(|r| is_status(r, "ins-a", InstanceStatus::Failed));
+            failed.is_some_and(|f| {
+                rs[f..]
+                    .iter()
+                    .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+            })
+        })
+        .await;
+    assert!(
+        seen.iter()
+            .any(|r| matches!(r, Report::Status(s) if s.reason.contains("exited with status -1"))),
+        "{seen:?}"
+    );
+    assert_eq!(h.host.state().starts.len(), 2);
+}
