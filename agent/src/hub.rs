@@ -5,6 +5,7 @@
 //! the node's desired state instead of emptying it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use berth_proto::v1::agent_service_client::AgentServiceClient;
@@ -233,28 +234,91 @@ impl Outbox {
     }
 }
 
-/// Sends the reconciler's reports to the hub in batches; keeps them while the hub is away.
+/// Removals the hub has not acknowledged yet, kept on disk: the hub releases an instance's address
+/// only on this report, and the agent has nothing else left of the instance to remember it by, so
+/// a removal must survive an agent restart until the hub has it.
+#[derive(Debug, Clone)]
+pub struct Tombstones {
+    dir: PathBuf,
+}
+
+impl Tombstones {
+    /// Tombstones under `dir` (created if missing).
+    pub fn open(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// Instance ids whose removal was never acknowledged.
+    pub fn pending(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|id| is_safe_id(id))
+            .collect()
+    }
+
+    fn add(&self, id: &str) {
+        if !is_safe_id(id) {
+            return;
+        }
+        if let Err(e) = std::fs::write(self.dir.join(id), b"") {
+            warn!(instance_id = id, error = %e, "cannot record removal; a restart before the hub acknowledges it would lose it");
+        }
+    }
+
+    fn acknowledged(&self, id: &str) {
+        if is_safe_id(id) {
+            let _ = std::fs::remove_file(self.dir.join(id));
+        }
+    }
+}
+
+/// Ids come from the hub; only plain names may become file names.
+fn is_safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Sends the reconciler's reports to the hub in batches; keeps them while the hub is away, and
+/// removals across agent restarts.
 pub async fn run_reporter(
     mut client: AgentServiceClient<Channel>,
     node_id: String,
     mut rx: mpsc::UnboundedReceiver<Report>,
+    tombstones: Tombstones,
 ) {
     let mut outbox = Outbox::default();
+    for id in tombstones.pending() {
+        info!(instance_id = %id, "re-sending a removal the hub never acknowledged");
+        outbox.push(Report::Removed(id));
+    }
     let mut backoff = Backoff::new();
     loop {
         if outbox.is_empty() {
             match rx.recv().await {
-                Some(r) => outbox.push(r),
+                Some(r) => push(&mut outbox, &tombstones, r),
                 None => return,
             }
         }
         // Coalesce whatever else is already queued into the same request.
         while let Ok(r) = rx.try_recv() {
-            outbox.push(r);
+            push(&mut outbox, &tombstones, r);
         }
         let req = outbox.take(&node_id);
         match client.report_status(req.clone()).await {
-            Ok(_) => backoff.reset(),
+            Ok(_) => {
+                backoff.reset();
+                for id in &req.removed {
+                    tombstones.acknowledged(id);
+                }
+            }
             Err(status) => {
                 debug!(error = %status.message(), "report failed; will retry");
                 outbox.restore(req);
@@ -262,6 +326,13 @@ pub async fn run_reporter(
             }
         }
     }
+}
+
+fn push(outbox: &mut Outbox, tombstones: &Tombstones, r: Report) {
+    if let Report::Removed(id) = &r {
+        tombstones.add(id);
+    }
+    outbox.push(r);
 }
 
 #[cfg(test)]
@@ -312,5 +383,18 @@ mod tests {
             req.removed.is_empty(),
             "a newer status of c cancels its older removal"
         );
+    }
+
+    #[test]
+    fn tombstones_survive_until_acknowledged_and_refuse_odd_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Tombstones::open(dir.path().join("removed")).expect("open");
+        t.add("ins-0123456789ab");
+        t.add("../escape");
+        let reopened = Tombstones::open(dir.path().join("removed")).expect("reopen");
+        assert_eq!(reopened.pending(), vec!["ins-0123456789ab".to_string()]);
+        reopened.acknowledged("ins-0123456789ab");
+        assert!(t.pending().is_empty());
+        assert!(!dir.path().join("escape").exists());
     }
 }

@@ -197,7 +197,15 @@ async fn run(args: Args) -> Result<(), Failure> {
         node.node_id.clone(),
         desired_tx,
     ));
-    tokio::spawn(hub::run_reporter(client, node.node_id.clone(), reports_rx));
+    let tombstones = hub::Tombstones::open(data.join("removed"))
+        .context("removal records")
+        .map_err(Failure::Setup)?;
+    tokio::spawn(hub::run_reporter(
+        client,
+        node.node_id.clone(),
+        reports_rx,
+        tombstones,
+    ));
     tokio::spawn(async move {
         while sigchld.recv().await.is_some() {
             if children_tx.send(()).is_err() {
