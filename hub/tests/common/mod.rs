@@ -138,26 +138,7 @@ impl Hub {
         path: &str,
         body: Option<&str>,
     ) -> (StatusCode, Value) {
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("content-type", "application/json")
-            .body(
-                body.map(|b| Body::from(b.to_owned()))
-                    .unwrap_or_else(Body::empty),
-            )
-            .unwrap();
-        let resp = self.router.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (status, value)
+        call_router(&self.router, method, path, body).await
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -244,6 +225,35 @@ impl Drop for Hub {
             task.abort();
         }
     }
+}
+
+/// One REST call on any hub replica's router; returns the status and the JSON body (Null when empty).
+pub async fn call_router(
+    router: &axum::Router,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(
+            body.map(|b| Body::from(b.to_owned()))
+                .unwrap_or_else(Body::empty),
+        )
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (status, value)
 }
 
 /// Polls `f` until it returns `Some`, or panics after `secs` with `what`.
