@@ -518,11 +518,11 @@ impl<H: Host> Reconciler<H> {
                 (Phase::Backoff { retry_at }, Some(spec)) if *retry_at <= now => {
                     local.spec = spec.clone();
                     local.phase = Phase::Starting;
-                    spawn_start(&self.host, &self.events_tx, local.spec.clone());
+                    spawn_work(Work::Start, &self.host, &self.events_tx, local.spec.clone());
                 }
                 (Phase::Running { .. } | Phase::Backoff { .. }, None) => {
                     local.phase = Phase::Stopping;
-                    spawn_stop(&self.host, &self.events_tx, local.spec.clone());
+                    spawn_work(Work::Stop, &self.host, &self.events_tx, local.spec.clone());
                 }
                 (Phase::Running { .. }, Some(_)) if local.last_report.is_none() => {
                     report(
@@ -545,34 +545,36 @@ impl<H: Host> Reconciler<H> {
     }
 }
 
-fn spawn_start<H: Host>(host: &Arc<H>, events: &mpsc::UnboundedSender<Event>, spec: InstanceSpec) {
-    let host = host.clone();
-    let events = events.clone();
-    let id = spec.instance_id.clone();
-    let span = info_span!("instance", instance_id = %id, container_id = %spec.container_id);
-    tokio::spawn(
-        async move {
-            let progress_events = events.clone();
-            let progress_id = id.clone();
-            let progress = Box::new(move |s: InstanceStatus| {
-                let _ = progress_events.send(Event::Progress(progress_id.clone(), s));
-            });
-            let result = host.start(&spec, progress).await;
-            let _ = events.send(Event::Started(id, result));
-        }
-        .instrument(span),
-    );
+/// The slow work the loop hands to a task; its outcome comes back as an [`Event`].
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Start,
+    Stop,
 }
 
-fn spawn_stop<H: Host>(host: &Arc<H>, events: &mpsc::UnboundedSender<Event>, spec: InstanceSpec) {
+fn spawn_work<H: Host>(
+    work: Work,
+    host: &Arc<H>,
+    events: &mpsc::UnboundedSender<Event>,
+    spec: InstanceSpec,
+) {
     let host = host.clone();
     let events = events.clone();
     let id = spec.instance_id.clone();
     let span = info_span!("instance", instance_id = %id, container_id = %spec.container_id);
     tokio::spawn(
         async move {
-            let result = host.stop(&spec).await;
-            let _ = events.send(Event::Stopped(id, result));
+            let event = match work {
+                Work::Start => {
+                    let (progress_events, progress_id) = (events.clone(), id.clone());
+                    let progress = Box::new(move |s: InstanceStatus| {
+                        let _ = progress_events.send(Event::Progress(progress_id.clone(), s));
+                    });
+                    Event::Started(id, host.start(&spec, progress).await)
+                }
+                Work::Stop => Event::Stopped(id, host.stop(&spec).await),
+            };
+            let _ = events.send(event);
         }
         .instrument(span),
     );

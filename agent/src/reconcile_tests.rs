@@ -141,6 +141,18 @@ fn is_status(r: &Report, id: &str, status: InstanceStatus) -> bool {
     matches!(r, Report::Status(s) if s.instance_id == id && s.status == status as i32)
 }
 
+/// `id` was reported FAILED and, later, RUNNING again.
+fn failed_then_running(rs: &[Report], id: &str) -> bool {
+    let failed = rs
+        .iter()
+        .position(|r| is_status(r, id, InstanceStatus::Failed));
+    failed.is_some_and(|f| {
+        rs[f..]
+            .iter()
+            .any(|r| is_status(r, id, InstanceStatus::Running))
+    })
+}
+
 #[tokio::test(start_paused = true)]
 async fn starts_what_is_desired_and_reports_progress_then_running() {
     let mut h = harness(FakeHost::default());
@@ -267,18 +279,7 @@ async fn exited_instance_is_reported_and_restarted() {
     .await;
     h.host.state().exits.push(("ins-a".into(), 3));
     h.children_tx.send(()).expect("reconciler alive");
-    let seen = h
-        .until(|rs| {
-            let failed = rs
-                .iter()
-                .position(|r| is_status(r, "ins-a", InstanceStatus::Failed));
-            failed.is_some_and(|f| {
-                rs[f..]
-                    .iter()
-                    .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
-            })
-        })
-        .await;
+    let seen = h.until(|rs| failed_then_running(rs, "ins-a")).await;
     assert!(
         seen.iter()
             .any(|r| matches!(r, Report::Status(s) if s.reason.contains("exited with status 3"))),
@@ -341,18 +342,7 @@ async fn a_vanished_process_is_found_by_the_probe_and_restarted() {
     })
     .await;
     h.host.state().running.remove("ins-a");
-    let seen = h
-        .until(|rs| {
-            let failed = rs
-                .iter()
-                .position(|r| is_status(r, "ins-a", InstanceStatus::Failed));
-            failed.is_some_and(|f| {
-                rs[f..]
-                    .iter()
-                    .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
-            })
-        })
-        .await;
+    let seen = h.until(|rs| failed_then_running(rs, "ins-a")).await;
     assert!(
         seen.iter()
             .any(|r| matches!(r, Report::Status(s) if s.reason.contains("exited with status -1"))),
