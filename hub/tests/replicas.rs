@@ -516,3 +516,55 @@ async fn concurrent_passes_without_election_never_double_place() {
     }
     settled(&hub, 4, SETTLE_SECS).await;
 }
+
+#[tokio::test]
+async fn concurrent_passes_never_over_commit_a_node() {
+    // Nodes take 8 replicas of 0.5 cpu each; asking for more than both hold, with three passes racing,
+    // must fill them exactly and leave the rest pending. (The placement transaction's per-node guard
+    // closes a window, stale usage in an overlapping pass, that this test hits only by luck: it checks
+    // the outcome, not that window.)
+    let hub = Hub::start(false).await;
+    let mut api = Replica::start(&hub, "hub-api").await;
+    api.stop_loop().await;
+    let _agents = [agent(api.grpc.clone(), "n1"), agent(api.grpc.clone(), "n2")];
+    let _passes: Vec<Task> = (0..3)
+        .map(|_| {
+            let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
+            Task(tokio::spawn(async move {
+                loop {
+                    let _ = rec.pass().await;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }))
+        })
+        .collect();
+    let id = deploy(&hub, &api, 2).await;
+    for n in [20, 3, 24, 1, 20] {
+        api.scale(&id, n).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(SETTLE_SECS);
+        loop {
+            let c = census(&hub.store).await;
+            let mut per_node: HashMap<&str, usize> = HashMap::new();
+            for i in c.active.values().filter(|i| !i.node_id.is_empty()) {
+                *per_node.entry(i.node_id.as_str()).or_default() += 1;
+            }
+            for (node, count) in &per_node {
+                assert!(
+                    *count <= 8,
+                    "node {node} over-committed: {count} replicas of 0.5 cpu on 4 cpu"
+                );
+            }
+            if c.placed() == n.min(16) && c.stopping == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "did not settle at {} placed for {n} replicas: {} placed, {} stopping",
+                n.min(16),
+                c.placed(),
+                c.stopping
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -182,6 +182,51 @@ fn sweep_strays() {
     }
 }
 
+/// Kills our live children that libcontainer named and that no container tracks: the helper
+/// processes of a create that never answered. libcontainer clones them from this multi-threaded
+/// process, and a clone taken while another thread held a lock (allocator, log writer) can wait on
+/// that lock forever; killing it makes the create fail and be retried instead of hanging the agent.
+pub(crate) fn kill_stuck_helpers() -> usize {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if tracked_pids().as_ref().is_some_and(|t| t.contains(&pid)) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some((comm, state, ppid)) = parse_stat(&stat) {
+            if ppid == me && state != 'Z' && comm.starts_with("youki:") {
+                tracing::warn!(
+                    pid,
+                    comm,
+                    "killing a libcontainer helper that stopped answering"
+                );
+                if nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+                {
+                    killed += 1;
+                }
+            }
+        }
+    }
+    killed
+}
+
 /// `(comm, state, ppid)` from a `/proc/<pid>/stat` line; comm may contain spaces and parens.
 fn parse_stat(stat: &str) -> Option<(&str, char, u32)> {
     let open = stat.find('(')?;
@@ -224,6 +269,39 @@ fn wait_nohang(pid: i32) -> Waited {
 #[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 mod tests {
     use super::*;
+
+    #[test]
+    fn stuck_helpers_are_killed_and_others_are_not() {
+        // A child whose comm looks like libcontainer's helper (the name of the executed file), and
+        // one that does not.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("youki:[1:INTER]");
+        std::os::unix::fs::symlink("/bin/sleep", &fake).unwrap();
+        let mut helper = std::process::Command::new(&fake).arg("30").spawn().unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{}/stat", helper.id()))
+            .map_or(true, |s| !s.contains("youki:"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "helper never showed its name"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(kill_stuck_helpers() >= 1);
+        let status = helper.wait().unwrap();
+        assert!(!status.success(), "the helper was killed");
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "other children are left alone"
+        );
+        other.kill().unwrap();
+        other.wait().unwrap();
+    }
 
     #[test]
     fn parses_stat_lines() {

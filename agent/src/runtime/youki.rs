@@ -30,6 +30,9 @@ const POLL: Duration = Duration::from_millis(5);
 /// process is serialized, across all `Runtime` values.
 static LIBCONTAINER: Mutex<()> = Mutex::new(());
 
+/// How long a create may wait on libcontainer's helper processes before they are presumed stuck.
+const CREATE_WATCHDOG: Duration = Duration::from_secs(10);
+
 fn libcontainer_lock() -> MutexGuard<'static, ()> {
     // The guarded data is `()`: a panic while holding it leaves nothing inconsistent in memory.
     LIBCONTAINER.lock().unwrap_or_else(|e| e.into_inner())
@@ -143,7 +146,18 @@ impl Runtime {
                 .as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true);
+            // A watchdog for a create whose cloned helpers hang (see `kill_stuck_helpers`).
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            let watchdog = std::thread::spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    done_rx.recv_timeout(CREATE_WATCHDOG)
+                {
+                    super::reaper::kill_stuck_helpers();
+                }
+            });
             let result = builder.build();
+            drop(done_tx);
+            let _ = watchdog.join();
             // build() makes this whole process non-dumpable when the spec has namespaces; the
             // agent needs its /proc entries (and CRIU later), so give it back whatever happened.
             if let Err(e) = nix::sys::prctl::set_dumpable(true) {

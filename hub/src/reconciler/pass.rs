@@ -21,8 +21,8 @@ const BATCH: usize = 40;
 
 /// How one placement attempt ended.
 enum Outcome {
-    /// Committed with this address.
-    Placed(Ipv4Addr),
+    /// Committed with this address, at this etcd revision.
+    Placed(Ipv4Addr, i64),
     /// Something changed since the snapshot; the next pass retries.
     Lost,
     /// The network is full (or gone): the instance stays pending with this reason.
@@ -334,6 +334,10 @@ impl Reconciler {
                 )
             })
             .collect();
+        // The revision up to which this pass knows each node's assignments: placements compare against
+        // it, so a placement decided on a stale view of a node's usage (another pass placed there since)
+        // loses instead of over-committing the node.
+        let mut seen_rev: HashMap<String, i64> = HashMap::new();
         for decision in scheduler::schedule(&nodes, &placed, &requests) {
             match decision {
                 Decision::Place {
@@ -344,8 +348,10 @@ impl Reconciler {
                         continue;
                     };
                     let used = used.entry(c.value.network_id.clone()).or_default();
-                    match self.place_one(snap, c, i, &node_id, used).await? {
-                        Outcome::Placed(ip) => {
+                    let node_rev = seen_rev.get(&node_id).copied().unwrap_or(snap.revision);
+                    match self.place_one(snap, c, i, &node_id, used, node_rev).await? {
+                        Outcome::Placed(ip, revision) => {
+                            seen_rev.insert(node_id.clone(), revision);
                             used.insert(ip);
                             report.placed += 1;
                         }
@@ -379,6 +385,7 @@ impl Reconciler {
         inst: &StoredInstance,
         node_id: &str,
         used: &HashSet<Ipv4Addr>,
+        node_rev: i64,
     ) -> Result<Outcome, StoreError> {
         let c = &container.value;
         let Some(network) = snap.networks.get(&c.network_id) else {
@@ -443,6 +450,8 @@ impl Reconciler {
                 ),
                 Compare::create_revision(claim_key.clone(), CompareOp::Equal, 0),
                 Compare::version(keys::alive(node_id), CompareOp::Greater, 0),
+                Compare::mod_revision(keys::assign_prefix(node_id), CompareOp::Less, node_rev + 1)
+                    .with_prefix(),
             ])
             .and_then([
                 TxnOp::put(instance_key, to_json(&placed), None),
@@ -453,9 +462,11 @@ impl Reconciler {
                     None,
                 ),
             ]);
-        if self.store.txn(txn).await?.succeeded() {
+        let resp = self.store.txn(txn).await?;
+        if resp.succeeded() {
             tracing::info!(instance_id = %r.instance_id, container_id = %c.container_id, node_id, %ip, "instance placed");
-            Ok(Outcome::Placed(ip))
+            let revision = resp.header().map_or(node_rev, |h| h.revision());
+            Ok(Outcome::Placed(ip, revision))
         } else {
             tracing::debug!(instance_id = %r.instance_id, "placement lost a race; next pass retries");
             Ok(Outcome::Lost)
