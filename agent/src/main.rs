@@ -61,6 +61,12 @@ enum Failure {
 }
 
 fn main() -> ExitCode {
+    // The agent's own binary doubles as its container-create helper (see `Runtime::with_create_helper`).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(berth_agent::runtime::HELPER_ARG) {
+        let code = berth_agent::runtime::run_create_helper(&argv[2..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let args = Args::parse();
     init_tracing(&args.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -156,9 +162,18 @@ async fn run(args: Args) -> Result<(), Failure> {
         .context("image store")
         .map_err(Failure::Setup)?;
     // Derived from the node id so several agents on one machine never share a cgroup parent.
+    let helper = std::env::current_exe()
+        .context("locating the agent binary for the create helper")
+        .map_err(Failure::Setup)?;
+    // Containers' inits are orphaned when the create helper exits: as subreaper the agent inherits
+    // them, so it can reap them and learn their exit status.
+    nix::sys::prctl::set_child_subreaper(true)
+        .context("PR_SET_CHILD_SUBREAPER")
+        .map_err(Failure::Setup)?;
     let runtime = Runtime::new(&data.join("runtime"), format!("berth-{}", args.node_id))
         .context("runtime")
-        .map_err(Failure::Setup)?;
+        .map_err(Failure::Setup)?
+        .with_create_helper(helper);
     let network = NetworkManager::new()
         .await
         .context("netlink")

@@ -66,6 +66,17 @@ impl Fixture {
         }
     }
 
+    /// The same fixture, creating through the agent binary as a helper process (as the agent does).
+    fn with_helper() -> Self {
+        // The init is the helper's child; as subreaper this test process inherits it.
+        nix::sys::prctl::set_child_subreaper(true).unwrap();
+        let mut f = Self::new();
+        f.runtime = Runtime::new(&f.dir.path().join("runtime"), f.parent.clone())
+            .unwrap()
+            .with_create_helper(PathBuf::from(env!("CARGO_BIN_EXE_berth-agent")));
+        f
+    }
+
     fn config(&self, args: &[&str]) -> ContainerConfig {
         let id = format!("ins-{}", suffix());
         self.ids.borrow_mut().push(id.clone());
@@ -480,4 +491,35 @@ fn process_runs_as_configured() {
         log.contains("uid=1000 gid=1000 cwd=/tmp host=berth-test env=hello"),
         "{log}"
     );
+}
+
+#[test]
+fn creates_through_the_helper_process_run_log_and_are_reaped() {
+    let f = Fixture::with_helper();
+    let cfg = f.config(&["sh", "-c", "echo via-helper; exit 5"]);
+    let id = cfg.id.clone();
+    let pid = f.run(&cfg);
+    assert!(pid > 1);
+    let mut reaped = Vec::new();
+    wait_for("reap", Duration::from_secs(5), || {
+        reaped.extend(f.runtime.reap());
+        !reaped.is_empty()
+    });
+    assert_eq!(
+        reaped,
+        vec![(id.clone(), 5)],
+        "the orphaned init is ours to reap"
+    );
+    assert!(std::fs::read_to_string(f.log(&id))
+        .unwrap()
+        .contains("via-helper"));
+    f.runtime.remove(&id, Duration::from_secs(1)).unwrap();
+    assert!(cgroup::container_dirs(&f.parent, &id).is_empty());
+
+    // A create the helper refuses comes back as an error with its words, and leaves nothing.
+    let mut bad = f.config(&["/bin/does-not-exist"]);
+    bad.rootfs = f.dir.path().join("no-such-rootfs");
+    let err = f.runtime.create(&bad, &f.log(&bad.id)).unwrap_err();
+    assert!(err.to_string().contains("create helper"), "{err}");
+    assert_eq!(f.runtime.state(&bad.id).unwrap(), None);
 }

@@ -16,10 +16,10 @@ mod youki;
 use std::path::PathBuf;
 
 pub use spec::{build_spec, CPU_PERIOD_US, NOFILE_LIMIT};
-pub use youki::Runtime;
+pub use youki::{run_create_helper, Runtime, HELPER_ARG};
 
 /// What the runtime needs to create one container (one instance of a berth container).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ContainerConfig {
     /// Instance id, e.g. `ins-0123456789ab`; also the youki container id and cgroup leaf name.
     pub id: String,
@@ -128,6 +128,14 @@ pub enum RuntimeError {
         /// libcontainer's error (with its own source chain).
         #[source]
         source: Box<libcontainer::error::LibcontainerError>,
+    },
+    /// The create helper process failed or could not be run.
+    #[error("create helper for container {id}: {message}")]
+    Helper {
+        /// Container id.
+        id: String,
+        /// What the helper said (its stderr) or why it could not run.
+        message: String,
     },
     /// The container's processes did not exit in time after SIGKILL.
     #[error("container {id} still has processes {waited:?} after SIGKILL")]

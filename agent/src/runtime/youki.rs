@@ -41,6 +41,9 @@ fn libcontainer_lock() -> MutexGuard<'static, ()> {
 /// Creates, starts, inspects and removes containers with libcontainer. `Send + Sync`; every
 /// method blocks.
 pub struct Runtime {
+    root: PathBuf,
+    /// When set, creates run in this executable (`HELPER_ARG`), a fresh single-threaded process.
+    create_helper: Option<PathBuf>,
     state_root: PathBuf,
     bundles: PathBuf,
     cgroup_parent: String,
@@ -84,11 +87,25 @@ impl Runtime {
                 source,
             })?;
         Ok(Self {
+            root: root.to_path_buf(),
+            create_helper: None,
             state_root,
             bundles,
             cgroup_parent,
             reaper: Reaper::default(),
         })
+    }
+
+    /// Runs every `create` in a child process: `exe HELPER_ARG ...` (the agent's own binary, which
+    /// calls [`run_create_helper`]). libcontainer clones its helper processes from the caller; cloned
+    /// from a multi-threaded daemon they can inherit a lock another thread held (allocator, log
+    /// writer) and wait on it forever. A fresh single-threaded process has no such locks, and the
+    /// process-wide changes libcontainer makes (dumpable flag) stay out of the daemon. The caller
+    /// must be a child subreaper (`PR_SET_CHILD_SUBREAPER`) so the container's init, orphaned when
+    /// the helper exits, becomes its child and can be reaped.
+    pub fn with_create_helper(mut self, exe: PathBuf) -> Self {
+        self.create_helper = Some(exe);
+        self
     }
 
     /// The cgroup parent this runtime puts its containers under.
@@ -110,6 +127,73 @@ impl Runtime {
     /// and creates the container without starting it. Returns the init's host pid; its network
     /// namespace is `/proc/<pid>/ns/net`. Fails with `AlreadyExists` if the id has state.
     pub fn create(&self, cfg: &ContainerConfig, log_path: &Path) -> Result<i32, RuntimeError> {
+        match &self.create_helper {
+            Some(exe) => self.create_via_helper(exe, cfg, log_path),
+            None => self.create_in_process(cfg, log_path),
+        }
+    }
+
+    fn create_via_helper(
+        &self,
+        exe: &Path,
+        cfg: &ContainerConfig,
+        log_path: &Path,
+    ) -> Result<i32, RuntimeError> {
+        let span = tracing::info_span!("runtime_create", id = %cfg.id);
+        let _span = span.enter();
+        let id = cfg.id.as_str();
+        let helper_err = |message: String| RuntimeError::Helper {
+            id: id.to_owned(),
+            message,
+        };
+        let config =
+            serde_json::to_vec(cfg).map_err(|e| helper_err(format!("encode config: {e}")))?;
+        // Keeps start/remove of this id, and other creates, out of the way as in-process.
+        let _lock = libcontainer_lock();
+        let mut child = std::process::Command::new(exe)
+            .arg(HELPER_ARG)
+            .arg(&self.root)
+            .arg(&self.cgroup_parent)
+            .arg(log_path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| helper_err(format!("run {}: {e}", exe.display())))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin
+                .write_all(&config)
+                .map_err(|e| helper_err(format!("send config: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| helper_err(format!("wait: {e}")))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match stdout.trim().parse::<i32>() {
+            Ok(pid) if out.status.success() && pid > 0 => {
+                self.reaper.track(id, pid);
+                tracing::info!(pid, "container created");
+                Ok(pid)
+            }
+            _ => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                let message = match stderr.trim() {
+                    "" => format!("exited with {}", out.status),
+                    said => said.to_owned(),
+                };
+                self.reaper.sweep();
+                Err(helper_err(message))
+            }
+        }
+    }
+
+    /// [`Runtime::create`] in this process (what the create helper runs).
+    pub fn create_in_process(
+        &self,
+        cfg: &ContainerConfig,
+        log_path: &Path,
+    ) -> Result<i32, RuntimeError> {
         let span = tracing::info_span!("runtime_create", id = %cfg.id);
         let _span = span.enter();
         let spec = build_spec(cfg, &self.cgroup_parent)?;
@@ -458,4 +542,36 @@ fn catches_sigterm(pid: i32) -> bool {
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
         .is_none_or(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+}
+
+/// The first argument that makes the agent binary act as a create helper.
+pub const HELPER_ARG: &str = "__runtime-create";
+
+/// The create helper's whole life: `HELPER_ARG <runtime root> <cgroup parent> <log path>`, the
+/// container config as JSON on stdin; prints the init pid on stdout, or the error on stderr and
+/// exits non-zero. Returns the process exit code.
+pub fn run_create_helper(args: &[String]) -> i32 {
+    let [root, parent, log] = args else {
+        eprintln!("usage: {HELPER_ARG} ROOT CGROUP_PARENT LOG_PATH < config.json");
+        return 2;
+    };
+    let cfg: ContainerConfig = match serde_json::from_reader(std::io::stdin().lock()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("bad container config on stdin: {e}");
+            return 2;
+        }
+    };
+    let created = Runtime::new(Path::new(root), parent.clone())
+        .and_then(|rt| rt.create_in_process(&cfg, Path::new(log)));
+    match created {
+        Ok(pid) => {
+            println!("{pid}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
 }
