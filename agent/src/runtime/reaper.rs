@@ -151,14 +151,14 @@ impl Reaper {
     }
 }
 
-/// Waits for our zombie children that libcontainer named (`youki:[1:INTER]`, `youki:[2:INIT]`)
-/// and that no container tracks. Only exact pids are waited for, and only zombies, so the exit
-/// status of anything else (tokio's children, live containers) is never taken.
-fn sweep_strays() {
+/// Our children that libcontainer named (`youki:[1:INTER]`, `youki:[2:INIT]`) and that no
+/// container tracks: `(pid, comm, state)`.
+fn untracked_youki_children() -> Vec<(i32, String, char)> {
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
+    let mut found = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -174,54 +174,44 @@ fn sweep_strays() {
             continue;
         };
         if let Some((comm, state, ppid)) = parse_stat(&stat) {
-            if ppid == me && state == 'Z' && comm.starts_with("youki:") {
-                tracing::debug!(pid, comm, "reaping stray youki process");
-                let _ = wait_nohang(pid);
+            if ppid == me && comm.starts_with("youki:") {
+                found.push((pid, comm.to_owned(), state));
             }
+        }
+    }
+    found
+}
+
+/// Waits for the zombies among [`untracked_youki_children`]. Only exact pids are waited for, and
+/// only zombies, so the exit status of anything else (tokio's children, live containers) is never
+/// taken.
+fn sweep_strays() {
+    for (pid, comm, state) in untracked_youki_children() {
+        if state == 'Z' {
+            tracing::debug!(pid, comm, "reaping stray youki process");
+            let _ = wait_nohang(pid);
         }
     }
 }
 
-/// Kills our live children that libcontainer named and that no container tracks: the helper
-/// processes of a create that never answered. libcontainer clones them from this multi-threaded
-/// process, and a clone taken while another thread held a lock (allocator, log writer) can wait on
-/// that lock forever; killing it makes the create fail and be retried instead of hanging the agent.
+/// Kills the live ones among [`untracked_youki_children`]: the helper processes of a create that
+/// never answered. libcontainer clones them from its caller; cloned while another thread held a
+/// lock (allocator, log writer) they can wait on it forever. Killing them makes the create fail
+/// and be retried instead of hanging. Returns how many were killed.
 pub(crate) fn kill_stuck_helpers() -> usize {
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut killed = 0;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if tracked_pids().as_ref().is_some_and(|t| t.contains(&pid)) {
+    for (pid, comm, state) in untracked_youki_children() {
+        if state == 'Z' {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if let Some((comm, state, ppid)) = parse_stat(&stat) {
-            if ppid == me && state != 'Z' && comm.starts_with("youki:") {
-                tracing::warn!(
-                    pid,
-                    comm,
-                    "killing a libcontainer helper that stopped answering"
-                );
-                if nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                )
-                .is_ok()
-                {
-                    killed += 1;
-                }
-            }
+        tracing::warn!(
+            pid,
+            comm,
+            "killing a libcontainer helper that stopped answering"
+        );
+        let target = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).is_ok() {
+            killed += 1;
         }
     }
     killed
