@@ -62,8 +62,11 @@ enum Failure {
 
 fn main() -> ExitCode {
     // The agent's own binary doubles as its container-create helper (see `Runtime::with_create_helper`).
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some(berth_agent::runtime::HELPER_ARG) {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .get(1)
+        .is_some_and(|a| a == berth_agent::runtime::HELPER_ARG)
+    {
         let code = berth_agent::runtime::run_create_helper(&argv[2..]);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }

@@ -550,9 +550,13 @@ pub const HELPER_ARG: &str = "__runtime-create";
 /// The create helper's whole life: `HELPER_ARG <runtime root> <cgroup parent> <log path>`, the
 /// container config as JSON on stdin; prints the init pid on stdout, or the error on stderr and
 /// exits non-zero. Returns the process exit code.
-pub fn run_create_helper(args: &[String]) -> i32 {
+pub fn run_create_helper(args: &[std::ffi::OsString]) -> i32 {
     let [root, parent, log] = args else {
         eprintln!("usage: {HELPER_ARG} ROOT CGROUP_PARENT LOG_PATH < config.json");
+        return 2;
+    };
+    let Some(parent) = parent.to_str() else {
+        eprintln!("cgroup parent {parent:?} is not UTF-8");
         return 2;
     };
     let cfg: ContainerConfig = match serde_json::from_reader(std::io::stdin().lock()) {
@@ -562,7 +566,7 @@ pub fn run_create_helper(args: &[String]) -> i32 {
             return 2;
         }
     };
-    let created = Runtime::new(Path::new(root), parent.clone())
+    let created = Runtime::new(Path::new(root), parent.to_owned())
         .and_then(|rt| rt.create_in_process(&cfg, Path::new(log)));
     match created {
         Ok(pid) => {
