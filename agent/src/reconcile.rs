@@ -331,6 +331,14 @@ impl<H: Host> Reconciler<H> {
                 }
             }
         }
+        // Stopped before this node ever saw them (placed and stopped between two states): nothing
+        // of them is here, so they are removed as far as this node goes. Said again on every state
+        // while the hub still asks, so a lost report cannot strand an address.
+        for id in &state.stopping {
+            if !self.locals.contains_key(id) {
+                self.send(Report::Removed(id.clone()));
+            }
+        }
         // The hub may have restarted or missed reports: tell it again where every wanted instance is.
         for (id, local) in &mut self.locals {
             if map.contains_key(id) {

@@ -97,6 +97,7 @@ fn desired(ids: &[&str]) -> DesiredState {
     DesiredState {
         assignments: ids.iter().map(|id| assignment(id)).collect(),
         revision: 1,
+        stopping: Vec::new(),
     }
 }
 
@@ -139,6 +140,15 @@ impl Harness {
 
 fn is_status(r: &Report, id: &str, status: InstanceStatus) -> bool {
     matches!(r, Report::Status(s) if s.instance_id == id && s.status == status as i32)
+}
+
+/// A reconciler with `id` desired and reported RUNNING.
+async fn running(id: &str) -> Harness {
+    let mut h = harness(FakeHost::default());
+    h.desired_tx.send_replace(Some(desired(&[id])));
+    h.until(|rs| rs.iter().any(|r| is_status(r, id, InstanceStatus::Running)))
+        .await;
+    h
 }
 
 /// `id` was reported FAILED and, later, RUNNING again.
@@ -270,13 +280,7 @@ async fn failed_start_is_reported_and_retried_with_backoff() {
 
 #[tokio::test(start_paused = true)]
 async fn exited_instance_is_reported_and_restarted() {
-    let mut h = harness(FakeHost::default());
-    h.desired_tx.send_replace(Some(desired(&["ins-a"])));
-    h.until(|rs| {
-        rs.iter()
-            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
-    })
-    .await;
+    let mut h = running("ins-a").await;
     h.host.state().exits.push(("ins-a".into(), 3));
     h.children_tx.send(()).expect("reconciler alive");
     let seen = h.until(|rs| failed_then_running(rs, "ins-a")).await;
@@ -296,6 +300,7 @@ async fn invalid_assignment_is_reported_failed_and_not_started() {
     h.desired_tx.send_replace(Some(DesiredState {
         assignments: vec![bad],
         revision: 1,
+        stopping: Vec::new(),
     }));
     let seen = h
         .until(|rs| {
@@ -334,13 +339,7 @@ fn assignment_validation_names_the_field() {
 #[tokio::test(start_paused = true)]
 async fn a_vanished_process_is_found_by_the_probe_and_restarted() {
     // Not our child (adopted after an agent restart): no reap event, only the periodic probe sees it.
-    let mut h = harness(FakeHost::default());
-    h.desired_tx.send_replace(Some(desired(&["ins-a"])));
-    h.until(|rs| {
-        rs.iter()
-            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
-    })
-    .await;
+    let mut h = running("ins-a").await;
     h.host.state().running.remove("ins-a");
     let seen = h.until(|rs| failed_then_running(rs, "ins-a")).await;
     assert!(
@@ -349,4 +348,23 @@ async fn a_vanished_process_is_found_by_the_probe_and_restarted() {
         "{seen:?}"
     );
     assert_eq!(h.host.state().starts.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stopping_instances_never_seen_are_reported_removed_at_once() {
+    let mut h = running("ins-a").await;
+    let mut state = desired(&["ins-a"]);
+    state.stopping = vec!["ins-ghost".into(), "ins-a".into()];
+    h.desired_tx.send_replace(Some(state));
+    h.until(|rs| rs.contains(&Report::Removed("ins-ghost".into())))
+        .await;
+    let s = h.host.state();
+    assert!(
+        s.stops.is_empty(),
+        "nothing to tear down for an unknown instance"
+    );
+    assert!(
+        s.running.contains("ins-a"),
+        "a stopping id that is also desired is left to the hub's next state"
+    );
 }

@@ -161,10 +161,14 @@ fn agent(grpc: Grpc, node_id: &str) -> Task {
                     Some(Ok(state)) => {
                         let now: HashSet<String> =
                             state.assignments.into_iter().map(|a| a.instance_id).collect();
+                        // What went since the last state, and what the hub is stopping here (some
+                        // of it may have been placed and stopped between two states).
+                        let mut removed: HashSet<String> = seen.difference(&now).cloned().collect();
+                        removed.extend(state.stopping.into_iter().filter(|id| !now.contains(id)));
                         let req = v1::ReportStatusRequest {
                             node_id: node_id.clone(),
                             reports: Vec::new(),
-                            removed: seen.difference(&now).cloned().collect(),
+                            removed: removed.into_iter().collect(),
                         };
                         // Forget them only once the hub took the report.
                         if grpc.report_status(tonic::Request::new(req)).await.is_ok() {
@@ -490,24 +494,29 @@ async fn scaling_up_and_down_under_two_loops_and_a_hand_over_stays_consistent() 
 
 /// A deposed leader may still be finishing a pass while the new one runs: three reconcilers passing
 /// concurrently with no election at all must still never place a replica twice or share an address.
+/// `n` reconcile passes looping at once with no election, as when a replaced leader is still finishing.
+fn racing_passes(hub: &Hub, n: usize) -> Vec<Task> {
+    (0..n)
+        .map(|_| {
+            let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
+            Task(tokio::spawn(async move {
+                loop {
+                    let _ = rec.pass().await;
+                    // Pacing only, so the loops do not starve etcd.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }))
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn concurrent_passes_without_election_never_double_place() {
     let hub = Hub::start(false).await;
     let mut api = Replica::start(&hub, "hub-api").await;
     api.stop_loop().await;
     let _agents = [agent(api.grpc.clone(), "n1"), agent(api.grpc.clone(), "n2")];
-    let _passes: Vec<Task> = (0..3)
-        .map(|_| {
-            let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
-            Task(tokio::spawn(async move {
-                loop {
-                    let _ = rec.pass().await;
-                    // Pacing only, so three loops do not starve etcd.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }))
-        })
-        .collect();
+    let _passes = racing_passes(&hub, 3);
     let id = deploy(&hub, &api, 6).await;
     settled(&hub, 6, SETTLE_SECS).await;
     for n in [10, 1, 7, 0, 4] {
@@ -527,17 +536,7 @@ async fn concurrent_passes_never_over_commit_a_node() {
     let mut api = Replica::start(&hub, "hub-api").await;
     api.stop_loop().await;
     let _agents = [agent(api.grpc.clone(), "n1"), agent(api.grpc.clone(), "n2")];
-    let _passes: Vec<Task> = (0..3)
-        .map(|_| {
-            let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
-            Task(tokio::spawn(async move {
-                loop {
-                    let _ = rec.pass().await;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }))
-        })
-        .collect();
+    let _passes = racing_passes(&hub, 3);
     let id = deploy(&hub, &api, 2).await;
     for n in [20, 3, 24, 1, 20] {
         api.scale(&id, n).await;

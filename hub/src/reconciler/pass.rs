@@ -188,6 +188,13 @@ impl Reconciler {
                         keys::assign(&r.node_id, &r.instance_id),
                         None,
                     ));
+                    // Streamed to the node until it reports the removal, so a node that never saw
+                    // the assignment still answers for it.
+                    ops.push(TxnOp::put(
+                        keys::stopping(&r.node_id, &r.instance_id),
+                        "",
+                        None,
+                    ));
                 }
             }
             if !self

@@ -209,9 +209,18 @@ async fn read_desired(store: &Store, node_id: &str) -> Result<v1::DesiredState, 
         })?;
         assignments.push(a);
     }
+    let (stopping, _) = store.get_prefix(&keys::stopping_prefix(node_id)).await?;
+    let stopping = stopping
+        .iter()
+        .filter_map(|kv| {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            key.rsplit('/').next().map(str::to_owned)
+        })
+        .collect();
     Ok(v1::DesiredState {
         assignments,
         revision,
+        stopping,
     })
 }
 
@@ -221,6 +230,7 @@ async fn stream_assignments(
     tx: &mpsc::Sender<Result<v1::DesiredState, ServiceError>>,
 ) -> Result<(), StoreError> {
     let prefix = keys::assign_prefix(node_id);
+    let stopping_prefix = keys::stopping_prefix(node_id);
     'resync: loop {
         let state = read_desired(store, node_id).await?;
         let mut revision = state.revision;
@@ -231,10 +241,12 @@ async fn stream_assignments(
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let mut watch = client.watch(prefix.clone(), Some(options)).await?;
+        let mut watch = client.watch(prefix.clone(), Some(options.clone())).await?;
+        let mut stopping_watch = client.watch(stopping_prefix.clone(), Some(options)).await?;
         loop {
             let msg = tokio::select! {
                 msg = watch.message() => msg?,
+                msg = stopping_watch.message() => msg?,
                 () = tx.closed() => return Ok(()),
             };
             let Some(msg) = msg else { continue 'resync };

@@ -29,6 +29,10 @@ pub async fn release_instance(
             keys::assign(&r.node_id, &r.instance_id),
             None,
         ));
+        ops.push(TxnOp::delete(
+            keys::stopping(&r.node_id, &r.instance_id),
+            None,
+        ));
     }
     let txn = Txn::new()
         .when([Compare::mod_revision(

@@ -13,6 +13,7 @@
 //! /berth/nodes/{node_id}                        NodeRecord (JSON): registration + lease id
 //! /berth/alive/{node_id}                        "" bound to the node's lease: present = HEALTHY
 //! /berth/assign/{node_id}/{instance_id}         berth.v1.Assignment (protobuf)
+//! /berth/stopping/{node_id}/{instance_id}       ""                (stopped, removal not yet reported)
 //! /berth/election/scheduler                     etcd election: the hub replica that schedules
 //! ```
 
@@ -114,6 +115,19 @@ pub fn node(node_id: &str) -> String {
 /// `/berth/alive/{node_id}`
 pub fn alive(node_id: &str) -> String {
     format!("{ALIVE}{node_id}")
+}
+
+/// Prefix of stopping markers (then `{node_id}/`).
+pub const STOPPING: &str = "/berth/stopping/";
+
+/// `/berth/stopping/{node_id}/`
+pub fn stopping_prefix(node_id: &str) -> String {
+    format!("{STOPPING}{node_id}/")
+}
+
+/// `/berth/stopping/{node_id}/{instance_id}`
+pub fn stopping(node_id: &str, instance_id: &str) -> String {
+    format!("{STOPPING}{node_id}/{instance_id}")
 }
 
 /// `/berth/assign/{node_id}/`
