@@ -99,12 +99,51 @@ pub fn pids_rooted_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Processes whose command line names `dir`: what is left of the run's daemons once they were
+/// stopped, e.g. a libcontainer helper cloned from an agent (it keeps the agent's argv) that hung and
+/// outlived it. Never this process or its ancestors (`cargo xtask down --state-dir DIR`).
+pub fn pids_naming(dir: &Path) -> Vec<u32> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let ours = ancestors();
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !ours.contains(pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| !needle.is_empty() && c.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}
+
+/// This process and its ancestors up to init.
+fn ancestors() -> Vec<u32> {
+    let mut chain = vec![std::process::id()];
+    while let Some(&pid) = chain.last() {
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s.get(s.rfind(')')? + 1..)?.to_owned();
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        match ppid {
+            Some(p) if p > 1 && !chain.contains(&p) => chain.push(p),
+            _ => break,
+        }
+    }
+    chain
+}
+
 /// SIGKILLs the containers of a run until none is left (or 10 s pass), then removes their cgroups.
 /// Returns what could not be removed.
 pub fn remove_containers(tokens: &[String], data_dir: &Path) -> Vec<String> {
     let start = Instant::now();
     loop {
         let mut pids = pids_rooted_under(data_dir);
+        pids.extend(pids_naming(data_dir));
         for cg in matching_cgroups(tokens) {
             pids.extend(cgroup_pids(&cg));
         }
@@ -202,6 +241,27 @@ fn unescape_mount_path(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_processes_naming_a_dir_but_never_itself_or_its_parents() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("run-marker");
+        // `read` is a shell builtin: the shell itself waits, with no child to leak.
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("read x")
+            .arg(&marker)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let found = pids_naming(&marker);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found.contains(&child.id()), "{found:?}");
+        let ours = ancestors();
+        assert!(ours.contains(&std::process::id()));
+        assert!(found.iter().all(|p| !ours.contains(p)));
+    }
 
     #[test]
     fn unescapes_octal_sequences() {
