@@ -218,8 +218,12 @@ impl Host for NodeHost {
         spec: &InstanceSpec,
         progress: Box<dyn Fn(InstanceStatus) + Send + Sync>,
     ) -> Result<Started, String> {
-        // Whatever an earlier attempt or agent left goes first; start is always from clean.
-        self.teardown(spec, false).await?;
+        // Whatever an earlier attempt or agent left goes first; start is always from clean. The
+        // instance dir is the first thing an attempt makes and the last a stop removes, so without
+        // it there is nothing to clean and a fresh deploy skips the teardown's syscalls.
+        if self.instance_dir(&spec.instance_id).exists() {
+            self.teardown(spec, false).await?;
+        }
         let mut phases = HashMap::new();
         match self.try_start(spec, progress.as_ref(), &mut phases).await {
             Ok(()) => Ok(Started { phases_ms: phases }),

@@ -209,6 +209,8 @@ async fn read_desired(store: &Store, node_id: &str) -> Result<v1::DesiredState, 
         })?;
         assignments.push(a);
     }
+    // Read after the assignments, not at their revision: a stopping id is only a prompt to report a
+    // removal, which the hub checks against the instance record anyway.
     let (stopping, _) = store.get_prefix(&keys::stopping_prefix(node_id)).await?;
     let stopping = stopping
         .iter()
