@@ -110,5 +110,29 @@ pub fn allocate(net: &Ipv4Net, used: &HashSet<Ipv4Addr>, start: u32) -> Option<I
         .find(|a| !used.contains(a))
 }
 
+/// Picks a free host address of a range that has no gateway (service and tunnel ranges): anything but the
+/// network and broadcast addresses, not in `used`, scanning from the hint `start`. `None` when full.
+pub fn allocate_host(net: &Ipv4Net, used: &HashSet<Ipv4Addr>, start: u32) -> Option<Ipv4Addr> {
+    let first = u64::from(u32::from(net.network())) + 1;
+    let last = u64::from(u32::from(net.broadcast())).checked_sub(1)?;
+    let count = last.checked_sub(first)? + 1;
+    let start = u64::from(start) % count;
+    (0..count)
+        .map(|i| first + (start + i) % count)
+        .filter_map(|a| u32::try_from(a).ok())
+        .map(Ipv4Addr::from)
+        .find(|a| !used.contains(a))
+}
+
+/// Smallest VXLAN id not in `used`, from [`FIRST_VNI`] up to the 24-bit maximum.
+pub fn allocate_vni(used: &HashSet<u32>) -> Option<u32> {
+    (FIRST_VNI..=MAX_VNI).find(|v| !used.contains(v))
+}
+
+/// VXLAN ids below this are left to the operator's own overlays.
+pub const FIRST_VNI: u32 = 4096;
+/// VXLAN ids are 24 bits.
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
 #[cfg(test)]
 mod tests;

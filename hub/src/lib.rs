@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod ipam;
+pub mod netview;
 pub mod reconciler;
 pub mod scheduler;
 pub mod service;

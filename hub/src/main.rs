@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use berth_hub::service::Service;
+use berth_hub::service::{NetConfig, Service, DEFAULT_SERVICE_CIDR, DEFAULT_TUNNEL_CIDR};
 use berth_hub::store::Store;
 use berth_hub::{api, reconciler};
 use clap::{Parser, ValueEnum};
+use ipnet::Ipv4Net;
 use tokio::sync::watch;
 
 /// berth's hub: REST + gRPC API over etcd, scheduler.
@@ -33,6 +34,17 @@ struct Args {
     /// How long to keep retrying etcd at start before giving up.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     etcd_wait: Duration,
+    /// Range service (virtual) IPs are allocated from; the same on every hub replica. Network CIDRs
+    /// may not overlap it.
+    #[arg(long, default_value = DEFAULT_SERVICE_CIDR, value_parser = parse_range)]
+    service_cidr: Ipv4Net,
+    /// Range the nodes' WireGuard addresses are allocated from; the same on every hub replica.
+    #[arg(long, default_value = DEFAULT_TUNNEL_CIDR, value_parser = parse_range)]
+    tunnel_cidr: Ipv4Net,
+}
+
+fn parse_range(s: &str) -> Result<Ipv4Net, String> {
+    berth_hub::ipam::parse_network_cidr(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -73,7 +85,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("etcd at {} is unreachable", args.etcd.join(",")))?;
     tracing::info!(etcd = %args.etcd.join(","), "connected to etcd");
-    let service = Service::new(store.clone());
+    let net = NetConfig {
+        service_cidr: args.service_cidr,
+        tunnel_cidr: args.tunnel_cidr,
+    };
+    let service = Service::with_config(store.clone(), net);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -97,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
             stopped(stop_rx.clone()),
         );
     let candidate = format!("{}@{}", hostname_or_pid(), args.listen_grpc);
-    let scheduler = reconciler::run(store, candidate, stopped(stop_rx.clone()));
+    let scheduler = reconciler::run_with_config(store, candidate, net, stopped(stop_rx.clone()));
 
     let rest = tokio::spawn(async move { rest.await.context("REST server failed") });
     let grpc = tokio::spawn(async move { grpc.await.context("gRPC server failed") });

@@ -48,7 +48,9 @@ impl NetworkService for Grpc {
     ) -> GrpcResult<v1::Network> {
         let r = req.into_inner();
         Ok(Response::new(
-            self.service.create_network(&r.name, &r.cidr).await?,
+            self.service
+                .create_network(&r.name, &r.cidr, r.encrypted)
+                .await?,
         ))
     }
 
@@ -77,6 +79,32 @@ impl NetworkService for Grpc {
             .delete_network(&req.get_ref().network_id)
             .await?;
         Ok(Response::new(v1::DeleteNetworkResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(network_id = %req.get_ref().network_id))]
+    async fn link_networks(
+        &self,
+        req: Request<v1::LinkNetworksRequest>,
+    ) -> GrpcResult<v1::Network> {
+        let r = req.get_ref();
+        Ok(Response::new(
+            self.service
+                .link_networks(&r.network_id, &r.peer_network_id)
+                .await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(network_id = %req.get_ref().network_id))]
+    async fn unlink_networks(
+        &self,
+        req: Request<v1::UnlinkNetworksRequest>,
+    ) -> GrpcResult<v1::Network> {
+        let r = req.get_ref();
+        Ok(Response::new(
+            self.service
+                .unlink_networks(&r.network_id, &r.peer_network_id)
+                .await?,
+        ))
     }
 }
 
@@ -198,6 +226,7 @@ impl AgentService for Grpc {
                 advertise_ip: r.advertise_ip,
                 cpu_millis: r.cpu_millis,
                 memory_bytes: r.memory_bytes,
+                wireguard_public_key: r.wireguard_public_key,
             })
             .await?;
         Ok(Response::new(v1::RegisterResponse {

@@ -6,13 +6,14 @@ use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tracing::Instrument;
 
 use super::rest_types::{
-    ContainerJson, CreateContainerBody, CreateNetworkBody, NetworkJson, NodeJson, ScaleBody,
+    ContainerJson, CreateContainerBody, CreateNetworkBody, LinkBody, NetworkJson, NodeJson,
+    ScaleBody,
 };
 use super::{error_body, parse_body};
 use crate::service::{Service, ServiceError, STATUS_DELETING, STATUS_DEPLOYING, STATUS_SCALING};
@@ -22,6 +23,11 @@ pub fn router(service: Service) -> Router {
     Router::new()
         .route("/v1/networks", post(create_network).get(list_networks))
         .route("/v1/networks/{id}", get(get_network).delete(delete_network))
+        .route(
+            "/v1/networks/{id}/links",
+            post(link_networks).delete(unlink_networks_body),
+        )
+        .route("/v1/networks/{id}/links/{peer}", delete(unlink_networks))
         .route(
             "/v1/containers",
             post(create_container).get(list_containers),
@@ -88,7 +94,7 @@ async fn not_found() -> ApiError {
 
 async fn create_network(State(svc): State<Service>, body: Bytes) -> ApiResult {
     let b: CreateNetworkBody = parse_body(&body)?;
-    let net = svc.create_network(&b.name, &b.cidr).await?;
+    let net = svc.create_network(&b.name, &b.cidr, b.encrypted).await?;
     Ok((StatusCode::CREATED, Json(NetworkJson::from(net))).into_response())
 }
 
@@ -109,6 +115,35 @@ async fn get_network(State(svc): State<Service>, Path(id): Path<String>) -> ApiR
 async fn delete_network(State(svc): State<Service>, Path(id): Path<String>) -> ApiResult {
     svc.delete_network(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn link_networks(
+    State(svc): State<Service>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let b: LinkBody = parse_body(&body)?;
+    let net = svc.link_networks(&id, &b.network_id).await?;
+    Ok(Json(NetworkJson::from(net)).into_response())
+}
+
+/// `DELETE /v1/networks/{id}/links` with `{"network_id"}`, the mirror of the POST.
+async fn unlink_networks_body(
+    State(svc): State<Service>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let b: LinkBody = parse_body(&body)?;
+    let net = svc.unlink_networks(&id, &b.network_id).await?;
+    Ok(Json(NetworkJson::from(net)).into_response())
+}
+
+async fn unlink_networks(
+    State(svc): State<Service>,
+    Path((id, peer)): Path<(String, String)>,
+) -> ApiResult {
+    let net = svc.unlink_networks(&id, &peer).await?;
+    Ok(Json(NetworkJson::from(net)).into_response())
 }
 
 async fn create_container(State(svc): State<Service>, body: Bytes) -> ApiResult {

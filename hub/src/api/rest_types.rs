@@ -18,6 +18,17 @@ pub struct CreateNetworkBody {
     pub name: String,
     /// Network address, e.g. "10.10.0.0/16".
     pub cidr: String,
+    /// Node-to-node traffic through WireGuard.
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+/// `POST /v1/networks/{id}/links`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkBody {
+    /// The network to link with (id or name).
+    pub network_id: String,
 }
 
 /// `POST /v1/containers`
@@ -85,6 +96,15 @@ pub struct NetworkJson {
     pub gateway: String,
     /// RFC 3339.
     pub created_at: String,
+    /// Node-to-node traffic through WireGuard.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// VXLAN id of the overlay.
+    #[serde(default)]
+    pub vni: u32,
+    /// Networks whose instances may reach this one's.
+    #[serde(default)]
+    pub linked_network_ids: Vec<String>,
 }
 
 impl From<v1::Network> for NetworkJson {
@@ -95,6 +115,9 @@ impl From<v1::Network> for NetworkJson {
             cidr: n.cidr,
             gateway: n.gateway,
             created_at: n.created_at,
+            encrypted: n.encrypted,
+            vni: n.vni,
+            linked_network_ids: n.linked_network_ids,
         }
     }
 }
@@ -151,6 +174,12 @@ pub struct ContainerJson {
     pub cpu_millis: u64,
     /// memory per replica in bytes.
     pub memory_bytes: u64,
+    /// Virtual IP load-balancing over the running replicas.
+    #[serde(default)]
+    pub service_ip: String,
+    /// `<name>.<network>.berth`, resolving to `service_ip`.
+    #[serde(default)]
+    pub dns_name: String,
 }
 
 impl From<v1::Container> for ContainerJson {
@@ -183,6 +212,8 @@ impl From<v1::Container> for ContainerJson {
             env: c.env.into_iter().collect(),
             cpu_millis: c.cpu_millis,
             memory_bytes: c.memory_bytes,
+            service_ip: c.service_ip,
+            dns_name: c.dns_name,
         }
     }
 }
@@ -208,6 +239,12 @@ pub struct NodeJson {
     pub status: String,
     /// Instances placed on it.
     pub instances: u32,
+    /// WireGuard address.
+    #[serde(default)]
+    pub tunnel_ip: String,
+    /// WireGuard public key (base64).
+    #[serde(default)]
+    pub wireguard_public_key: String,
 }
 
 impl From<v1::Node> for NodeJson {
@@ -222,6 +259,8 @@ impl From<v1::Node> for NodeJson {
             memory_available: n.memory_available,
             status: n.status,
             instances: n.instances,
+            tunnel_ip: n.tunnel_ip,
+            wireguard_public_key: n.wireguard_public_key,
         }
     }
 }

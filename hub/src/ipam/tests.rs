@@ -158,3 +158,26 @@ fn allocate_in_networks_too_small_for_instances() {
     assert_eq!(allocate(&net("10.0.0.0/32"), &none, 0), None);
     assert_eq!(allocate(&net("255.255.255.255/32"), &none, 0), None);
 }
+
+#[test]
+fn host_allocation_uses_every_host_address_and_reports_full() {
+    let net: Ipv4Net = "10.96.0.0/30".parse().unwrap();
+    let mut used = HashSet::new();
+    let a = allocate_host(&net, &used, 0).unwrap();
+    assert_eq!(a, Ipv4Addr::new(10, 96, 0, 1));
+    used.insert(a);
+    let b = allocate_host(&net, &used, 0).unwrap();
+    assert_eq!(b, Ipv4Addr::new(10, 96, 0, 2));
+    used.insert(b);
+    assert_eq!(allocate_host(&net, &used, 7), None);
+}
+
+#[test]
+fn vni_allocation_takes_the_smallest_free() {
+    let mut used: HashSet<u32> = [FIRST_VNI, FIRST_VNI + 1, FIRST_VNI + 3]
+        .into_iter()
+        .collect();
+    assert_eq!(allocate_vni(&used), Some(FIRST_VNI + 2));
+    used.insert(FIRST_VNI + 2);
+    assert_eq!(allocate_vni(&used), Some(FIRST_VNI + 4));
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, LeaderKey, ResignOptions, WatchOptions};
 
+use crate::service::NetConfig;
 use crate::store::{keys, Store, StoreError};
 
 pub use pass::{PassReport, Reconciler};
@@ -27,8 +28,19 @@ pub const LEADER_LEASE_TTL_SECS: i64 = 5;
 /// Runs the scheduler loop until `shutdown` completes: campaigns for leadership, then reconciles while
 /// leader; re-campaigns when the leadership lease is lost (etcd unreachable).
 pub async fn run(store: Store, candidate: String, shutdown: impl Future<Output = ()> + Send) {
+    run_with_config(store, candidate, NetConfig::default(), shutdown).await;
+}
+
+/// [`run`] with the cluster's address ranges (those the hub's flags set).
+pub async fn run_with_config(
+    store: Store,
+    candidate: String,
+    net: NetConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) {
     tokio::pin!(shutdown);
-    let mut reconciler = Reconciler::new(store.clone(), crate::service::lifecycle::RELEASE_GRACE);
+    let mut reconciler = Reconciler::new(store.clone(), crate::service::lifecycle::RELEASE_GRACE)
+        .with_net_config(net);
     loop {
         tokio::select! {
             () = &mut shutdown => return,

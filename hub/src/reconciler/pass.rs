@@ -9,8 +9,10 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use prost::Message;
 
 use crate::ipam;
+use crate::netview;
 use crate::scheduler::{self, Decision, NodeCapacity, Placed, Request};
 use crate::service::lifecycle::{finalize_container_record, release_instance};
+use crate::service::NetConfig;
 use crate::service::{new_id, now_rfc3339};
 use crate::store::records::{ContainerRecord, InstanceRecord};
 use crate::store::{keys, to_json, Snapshot, Store, StoreError, StoredInstance, Versioned};
@@ -44,6 +46,8 @@ pub struct PassReport {
     pub placed: usize,
     /// Instances left pending.
     pub unschedulable: usize,
+    /// Node network views written or removed.
+    pub views: usize,
 }
 
 impl PassReport {
@@ -59,6 +63,7 @@ pub struct Reconciler {
     store: Store,
     grace: Duration,
     unhealthy_since: HashMap<String, Instant>,
+    net: NetConfig,
 }
 
 impl Reconciler {
@@ -68,7 +73,14 @@ impl Reconciler {
             store,
             grace,
             unhealthy_since: HashMap::new(),
+            net: NetConfig::default(),
         }
+    }
+
+    /// Uses the cluster's address ranges (the tunnel prefix goes into the nodes' views).
+    pub fn with_net_config(mut self, net: NetConfig) -> Self {
+        self.net = net;
+        self
     }
 
     /// One pass: instance lifecycle, then scheduling.
@@ -82,8 +94,44 @@ impl Reconciler {
         } else {
             snap
         };
+        let placed_before = report.placed;
         self.place(&snap, &mut report).await?;
+        let snap = if report.placed > placed_before {
+            self.store.snapshot().await?
+        } else {
+            snap
+        };
+        self.publish_views(&snap, &mut report).await?;
         Ok(report)
+    }
+
+    /// Writes each node's network view where it changed, and removes the views of nodes gone.
+    async fn publish_views(
+        &self,
+        snap: &Snapshot,
+        report: &mut PassReport,
+    ) -> Result<(), StoreError> {
+        let views = netview::compute(snap, self.net.tunnel_cidr.prefix_len());
+        let mut ops = Vec::new();
+        for (node_id, view) in &views {
+            let bytes = view.encode_to_vec();
+            if snap.netviews.get(node_id) != Some(&bytes) {
+                ops.push(TxnOp::put(keys::netview(node_id), bytes, None));
+            }
+        }
+        for node_id in snap.netviews.keys() {
+            if !views.contains_key(node_id) {
+                ops.push(TxnOp::delete(keys::netview(node_id), None));
+            }
+        }
+        for chunk in ops.chunks(BATCH) {
+            self.store.txn(Txn::new().and_then(chunk.to_vec())).await?;
+            report.views += chunk.len();
+        }
+        if !ops.is_empty() {
+            tracing::debug!(views = ops.len(), "network views published");
+        }
+        Ok(())
     }
 
     fn track_health(&mut self, snap: &Snapshot) {

@@ -11,7 +11,10 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::lifecycle::{finalize_container, release_instance};
 use super::view::status_from_proto;
-use super::{now_rfc3339, validate, RegisterNode, Service, ServiceError, NODE_LEASE_TTL_SECS};
+use super::{
+    now_rfc3339, validate, RegisterNode, Service, ServiceError, CONFLICT_RETRIES,
+    NODE_LEASE_TTL_SECS,
+};
 use crate::store::records::{InstanceRecord, NodeRecord, StatusRecord};
 use crate::store::{keys, to_json, Store, StoreError, Versioned};
 use berth_proto::v1;
@@ -32,32 +35,95 @@ impl Service {
         if req.memory_bytes == 0 {
             return Err(ServiceError::invalid("memory_bytes", "must be more than 0"));
         }
+        if !req.wireguard_public_key.is_empty() {
+            validate::wireguard_key("wireguard_public_key", &req.wireguard_public_key)?;
+        }
         let mut client = self.store.client();
         let lease = client
             .lease_grant(NODE_LEASE_TTL_SECS, None)
             .await
             .map_err(StoreError::from)?;
-        let record = NodeRecord {
-            node_id: req.node_id.clone(),
-            hostname: req.hostname,
-            ip: req.advertise_ip,
-            cpu_millis: req.cpu_millis,
-            memory_bytes: req.memory_bytes,
-            lease_id: lease.id(),
-            registered_at: now_rfc3339(),
-        };
-        let txn = Txn::new().and_then([
-            TxnOp::put(keys::node(&record.node_id), to_json(&record), None),
-            TxnOp::put(
-                keys::alive(&record.node_id),
-                "",
-                Some(PutOptions::new().with_lease(lease.id())),
-            ),
-        ]);
-        self.store.txn(txn).await?;
-        tracing::info!(node_id = %record.node_id, ip = %record.ip, cpu_millis = record.cpu_millis,
-            memory_bytes = record.memory_bytes, lease_id = record.lease_id, "node registered");
-        Ok(())
+        for _ in 0..CONFLICT_RETRIES {
+            let previous = self
+                .store
+                .get_json::<NodeRecord>(&keys::node(&req.node_id))
+                .await?;
+            let kept_tunnel = previous
+                .as_ref()
+                .map(|p| p.value.tunnel_ip.clone())
+                .filter(|ip| !ip.is_empty());
+            let tunnel_ip = match &kept_tunnel {
+                Some(ip) => ip.clone(),
+                None => self.pick_tunnel_ip(&req.node_id).await?.to_string(),
+            };
+            let record = NodeRecord {
+                node_id: req.node_id.clone(),
+                hostname: req.hostname.clone(),
+                ip: req.advertise_ip.clone(),
+                cpu_millis: req.cpu_millis,
+                memory_bytes: req.memory_bytes,
+                lease_id: lease.id(),
+                registered_at: now_rfc3339(),
+                tunnel_ip: tunnel_ip.clone(),
+                wireguard_public_key: req.wireguard_public_key.clone(),
+            };
+            let mut compares = vec![];
+            let mut ops = vec![
+                TxnOp::put(keys::node(&record.node_id), to_json(&record), None),
+                TxnOp::put(
+                    keys::alive(&record.node_id),
+                    "",
+                    Some(PutOptions::new().with_lease(lease.id())),
+                ),
+            ];
+            if kept_tunnel.is_none() {
+                compares.push(Compare::create_revision(
+                    keys::tunnel(&tunnel_ip),
+                    CompareOp::Equal,
+                    0,
+                ));
+                ops.push(TxnOp::put(
+                    keys::tunnel(&tunnel_ip),
+                    record.node_id.clone(),
+                    None,
+                ));
+            }
+            if !self
+                .store
+                .txn(Txn::new().when(compares).and_then(ops))
+                .await?
+                .succeeded()
+            {
+                // Another node claimed that tunnel address first: pick again.
+                continue;
+            }
+            tracing::info!(node_id = %record.node_id, ip = %record.ip, cpu_millis = record.cpu_millis,
+                memory_bytes = record.memory_bytes, lease_id = record.lease_id, tunnel_ip = %record.tunnel_ip,
+                "node registered");
+            return Ok(());
+        }
+        Err(ServiceError::Conflict(
+            "tunnel addresses changed concurrently, try again".into(),
+        ))
+    }
+
+    /// A tunnel address not claimed yet (the caller's transaction claims it).
+    async fn pick_tunnel_ip(&self, node_id: &str) -> Result<std::net::Ipv4Addr, ServiceError> {
+        let (claims, _) = self.store.get_prefix(keys::TUNNELS).await?;
+        let used: std::collections::HashSet<std::net::Ipv4Addr> = claims
+            .iter()
+            .filter_map(|kv| {
+                String::from_utf8_lossy(kv.key())
+                    .strip_prefix(keys::TUNNELS)
+                    .and_then(|ip| ip.parse().ok())
+            })
+            .collect();
+        let hint = node_id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let range = self.net_config().tunnel_cidr;
+        crate::ipam::allocate_host(&range, &used, hint)
+            .ok_or_else(|| ServiceError::Unavailable(format!("the tunnel range {range} is full")))
     }
 
     /// Keeps a node's lease alive. `false` when the hub does not know the node (or its lease expired):
@@ -219,10 +285,20 @@ async fn read_desired(store: &Store, node_id: &str) -> Result<v1::DesiredState, 
             key.rsplit('/').next().map(str::to_owned)
         })
         .collect();
+    let network_view = match store.get_raw(&keys::netview(node_id)).await? {
+        Some(kv) => Some(
+            v1::NetworkView::decode(kv.value()).map_err(|e| StoreError::Decode {
+                key: keys::netview(node_id),
+                message: e.to_string(),
+            })?,
+        ),
+        None => None,
+    };
     Ok(v1::DesiredState {
         assignments,
         revision,
         stopping,
+        network_view,
     })
 }
 
@@ -244,11 +320,18 @@ async fn stream_assignments(
             .with_prefix()
             .with_start_revision(revision + 1);
         let mut watch = client.watch(prefix.clone(), Some(options.clone())).await?;
-        let mut stopping_watch = client.watch(stopping_prefix.clone(), Some(options)).await?;
+        let mut stopping_watch = client
+            .watch(stopping_prefix.clone(), Some(options.clone()))
+            .await?;
+        let view_options = WatchOptions::new().with_start_revision(revision + 1);
+        let mut view_watch = client
+            .watch(keys::netview(node_id), Some(view_options))
+            .await?;
         loop {
             let msg = tokio::select! {
                 msg = watch.message() => msg?,
                 msg = stopping_watch.message() => msg?,
+                msg = view_watch.message() => msg?,
                 () = tx.closed() => return Ok(()),
             };
             let Some(msg) = msg else { continue 'resync };

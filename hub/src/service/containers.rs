@@ -1,13 +1,17 @@
 //! Containers: create, get, list, scale, delete. The service only writes the container record (desired
 //! replicas, deleting flag); the reconciler turns it into instance records, places and releases them.
 
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 use super::view::container_to_proto;
 use super::{
     new_id, now_rfc3339, validate, CreateContainer, Service, ServiceError, CONFLICT_RETRIES,
 };
-use crate::store::records::{ContainerRecord, InstanceRecord, StatusRecord};
+use crate::ipam;
+use crate::store::records::{ContainerRecord, InstanceRecord, NetworkRecord, StatusRecord};
 use crate::store::{keys, to_json, StoredInstance, Versioned};
 use berth_proto::v1;
 
@@ -35,71 +39,109 @@ impl Service {
                     )
                 })?
         };
-        let record = ContainerRecord {
-            container_id: new_id("ctr"),
-            name: req.name.clone(),
-            image: req.image.clone(),
-            network_id: network.value.network_id.clone(),
-            cpu_millis,
-            memory_bytes,
-            replicas,
-            command: req.command,
-            env: req.env,
-            created_at: now_rfc3339(),
-            deleting: false,
-            next_ordinal: 0,
-        };
-        let id = record.container_id.clone();
-        let mut compares = vec![Compare::mod_revision(
-            keys::network(&record.network_id),
-            CompareOp::Equal,
-            network.mod_revision,
-        )];
-        let mut ops = vec![
-            TxnOp::put(keys::container(&id), to_json(&record), None),
-            TxnOp::put(keys::netuse(&record.network_id, &id), "", None),
-        ];
-        if !record.name.is_empty() {
-            compares.push(Compare::create_revision(
-                keys::container_name(&record.name),
-                CompareOp::Equal,
-                0,
-            ));
-            ops.push(TxnOp::put(
-                keys::container_name(&record.name),
-                id.clone(),
-                None,
-            ));
-        }
-        if self
-            .store
-            .txn(Txn::new().when(compares).and_then(ops))
-            .await?
-            .succeeded()
-        {
-            tracing::info!(container_id = %id, image = %record.image, replicas, network_id = %record.network_id,
-                "container created");
-            return Ok(id);
-        }
-        if !record.name.is_empty()
-            && self
+        let container_id = new_id("ctr");
+        for _ in 0..CONFLICT_RETRIES {
+            let service_ip = self.pick_service_ip(&container_id).await?;
+            let record = ContainerRecord {
+                container_id: container_id.clone(),
+                name: req.name.clone(),
+                image: req.image.clone(),
+                network_id: network.value.network_id.clone(),
+                cpu_millis,
+                memory_bytes,
+                replicas,
+                command: req.command.clone(),
+                env: req.env.clone(),
+                created_at: now_rfc3339(),
+                deleting: false,
+                next_ordinal: 0,
+                service_ip: service_ip.to_string(),
+            };
+            let id = record.container_id.clone();
+            let vip_key = keys::vip(&record.service_ip);
+            let mut compares = vec![
+                Compare::mod_revision(
+                    keys::network(&record.network_id),
+                    CompareOp::Equal,
+                    network.mod_revision,
+                ),
+                Compare::create_revision(vip_key.clone(), CompareOp::Equal, 0),
+            ];
+            let mut ops = vec![
+                TxnOp::put(keys::container(&id), to_json(&record), None),
+                TxnOp::put(keys::netuse(&record.network_id, &id), "", None),
+                TxnOp::put(vip_key.clone(), id.clone(), None),
+            ];
+            if !record.name.is_empty() {
+                compares.push(Compare::create_revision(
+                    keys::container_name(&record.name),
+                    CompareOp::Equal,
+                    0,
+                ));
+                ops.push(TxnOp::put(
+                    keys::container_name(&record.name),
+                    id.clone(),
+                    None,
+                ));
+            }
+            if self
                 .store
-                .get_raw(&keys::container_name(&record.name))
+                .txn(Txn::new().when(compares).and_then(ops))
                 .await?
-                .is_some()
-        {
-            return Err(ServiceError::Conflict(format!(
-                "container name {:?} already exists",
-                record.name
-            )));
+                .succeeded()
+            {
+                tracing::info!(container_id = %id, image = %record.image, replicas, network_id = %record.network_id,
+                    service_ip = %record.service_ip, "container created");
+                return Ok(id);
+            }
+            if !record.name.is_empty()
+                && self
+                    .store
+                    .get_raw(&keys::container_name(&record.name))
+                    .await?
+                    .is_some()
+            {
+                return Err(ServiceError::Conflict(format!(
+                    "container name {:?} already exists",
+                    record.name
+                )));
+            }
+            if self.store.get_raw(&vip_key).await?.is_none() {
+                // Not the service IP: the network changed under us.
+                return Err(ServiceError::invalid(
+                    "network_id",
+                    format!(
+                        "network {} was deleted or changed meanwhile",
+                        record.network_id
+                    ),
+                ));
+            }
+            // Another container claimed that service IP first: pick again.
         }
-        Err(ServiceError::invalid(
-            "network_id",
-            format!(
-                "network {} was deleted or changed meanwhile",
-                record.network_id
-            ),
+        Err(ServiceError::Conflict(
+            "service IPs changed concurrently, try again".into(),
         ))
+    }
+
+    /// A service IP not claimed yet (the claim itself is made by the caller's transaction).
+    async fn pick_service_ip(&self, container_id: &str) -> Result<Ipv4Addr, ServiceError> {
+        let (claims, _) = self.store.get_prefix(keys::VIPS).await?;
+        let used: HashSet<Ipv4Addr> = claims
+            .iter()
+            .filter_map(|kv| {
+                String::from_utf8_lossy(kv.key())
+                    .strip_prefix(keys::VIPS)
+                    .and_then(|ip| ip.parse().ok())
+            })
+            .collect();
+        // Start from a point derived from the id so concurrent creates rarely race for one address.
+        let hint = container_id
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let range = self.net_config().service_cidr;
+        ipam::allocate_host(&range, &used, hint).ok_or_else(|| {
+            ServiceError::Unavailable(format!("the service IP range {range} is full"))
+        })
     }
 
     /// Finds a container by id or name.
@@ -167,7 +209,13 @@ impl Service {
             inst.status = statuses.remove(&inst.record.value.instance_id);
         }
         let refs: Vec<&StoredInstance> = instances.iter().collect();
-        Ok(container_to_proto(&found.value, &refs))
+        let network_name = self
+            .store
+            .get_json::<NetworkRecord>(&keys::network(&found.value.network_id))
+            .await?
+            .map(|n| n.value.name)
+            .unwrap_or_default();
+        Ok(container_to_proto(&found.value, &network_name, &refs))
     }
 
     /// Every container, oldest first.
@@ -176,7 +224,18 @@ impl Service {
         let mut out: Vec<v1::Container> = snap
             .containers
             .values()
-            .map(|c| container_to_proto(&c.value, &snap.instances_of(&c.value.container_id)))
+            .map(|c| {
+                let network_name = snap
+                    .networks
+                    .get(&c.value.network_id)
+                    .map(|n| n.value.name.as_str())
+                    .unwrap_or_default();
+                container_to_proto(
+                    &c.value,
+                    network_name,
+                    &snap.instances_of(&c.value.container_id),
+                )
+            })
             .collect();
         out.sort_by(|a, b| {
             a.created_at

@@ -81,6 +81,9 @@ pub async fn finalize_container_record(
     if !c.name.is_empty() {
         ops.push(TxnOp::delete(keys::container_name(&c.name), None));
     }
+    if !c.service_ip.is_empty() {
+        ops.push(TxnOp::delete(keys::vip(&c.service_ip), None));
+    }
     let txn = Txn::new()
         .when([
             Compare::mod_revision(

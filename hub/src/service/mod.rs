@@ -14,6 +14,7 @@ pub mod view;
 
 use std::collections::BTreeMap;
 
+use ipnet::Ipv4Net;
 use rand::RngCore;
 
 use crate::store::Store;
@@ -64,18 +65,55 @@ pub struct RegisterNode {
     pub cpu_millis: u64,
     /// Capacity offered.
     pub memory_bytes: u64,
+    /// Base64 WireGuard public key (may be empty: the node then takes no part in encrypted networks).
+    pub wireguard_public_key: String,
+}
+
+/// Address ranges of the cluster's data plane. Every hub replica must be started with the same ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Where service (virtual) IPs come from. They never appear on a wire: the nodes' eBPF rewrites them.
+    pub service_cidr: Ipv4Net,
+    /// Where the nodes' WireGuard addresses come from.
+    pub tunnel_cidr: Ipv4Net,
+}
+
+/// Default of `--service-cidr`.
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/16";
+/// Default of `--tunnel-cidr`.
+pub const DEFAULT_TUNNEL_CIDR: &str = "10.201.0.0/16";
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        // Both constants are valid /16s (a unit test checks they parse).
+        NetConfig {
+            service_cidr: DEFAULT_SERVICE_CIDR.parse().unwrap_or_default(),
+            tunnel_cidr: DEFAULT_TUNNEL_CIDR.parse().unwrap_or_default(),
+        }
+    }
 }
 
 /// The hub's operations over etcd. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Service {
     store: Store,
+    net: NetConfig,
 }
 
 impl Service {
-    /// A service over `store`.
+    /// A service over `store` with the default address ranges.
     pub fn new(store: Store) -> Self {
-        Service { store }
+        Self::with_config(store, NetConfig::default())
+    }
+
+    /// A service over `store` with the given address ranges.
+    pub fn with_config(store: Store, net: NetConfig) -> Self {
+        Service { store, net }
+    }
+
+    /// The address ranges this hub hands out from.
+    pub fn net_config(&self) -> NetConfig {
+        self.net
     }
 
     /// The underlying store.
@@ -115,6 +153,13 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_ne!(new_id("ctr"), id);
+    }
+
+    #[test]
+    fn default_ranges_parse() {
+        let net = NetConfig::default();
+        assert_eq!(net.service_cidr.to_string(), DEFAULT_SERVICE_CIDR);
+        assert_eq!(net.tunnel_cidr.to_string(), DEFAULT_TUNNEL_CIDR);
     }
 
     #[test]

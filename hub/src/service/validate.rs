@@ -138,6 +138,22 @@ pub fn env(value: &BTreeMap<String, String>) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// A WireGuard public key: base64 of exactly 32 bytes.
+pub fn wireguard_key(field: &str, value: &str) -> Result<(), ServiceError> {
+    use base64::Engine as _;
+    match base64::engine::general_purpose::STANDARD.decode(value) {
+        Ok(bytes) if bytes.len() == 32 => Ok(()),
+        Ok(bytes) => Err(ServiceError::invalid(
+            field,
+            format!("a WireGuard key is 32 bytes, this one is {}", bytes.len()),
+        )),
+        Err(e) => Err(ServiceError::invalid(
+            field,
+            format!("not a base64 WireGuard key: {e}"),
+        )),
+    }
+}
+
 /// Checks an id or name given in a path or reference field.
 pub fn reference(field: &str, value: &str) -> Result<(), ServiceError> {
     if value.is_empty() {

@@ -80,7 +80,12 @@ pub fn container_status(deleting: bool, replicas: u32, instance_statuses: &[&str
 
 /// The wire form of a container. Lists the desired (non-stopping) instances by ordinal; while the
 /// container is being deleted, every remaining instance.
-pub fn container_to_proto(c: &ContainerRecord, instances: &[&StoredInstance]) -> v1::Container {
+/// `network_name` names the container's network (for its DNS name; empty if it is gone).
+pub fn container_to_proto(
+    c: &ContainerRecord,
+    network_name: &str,
+    instances: &[&StoredInstance],
+) -> v1::Container {
     let mut shown: Vec<&StoredInstance> = instances
         .iter()
         .copied()
@@ -126,8 +131,31 @@ pub fn container_to_proto(c: &ContainerRecord, instances: &[&StoredInstance]) ->
         env: c.env.clone().into_iter().collect(),
         cpu_millis: c.cpu_millis,
         memory_bytes: c.memory_bytes,
+        service_ip: c.service_ip.clone(),
+        dns_name: if network_name.is_empty() {
+            String::new()
+        } else {
+            dns_name(dns_label(c), network_name)
+        },
     }
 }
+
+/// The label a container answers to in DNS: its name, or its id when it has none.
+pub fn dns_label(c: &ContainerRecord) -> &str {
+    if c.name.is_empty() {
+        &c.container_id
+    } else {
+        &c.name
+    }
+}
+
+/// `<label>.<network>.berth`, the name every node's DNS resolves to the service IP.
+pub fn dns_name(label: &str, network_name: &str) -> String {
+    format!("{label}.{network_name}.{DNS_ZONE}")
+}
+
+/// The DNS zone berth's nodes are authoritative for.
+pub const DNS_ZONE: &str = "berth";
 
 /// The wire form of a node; `placed` are the instances placed on it (their requests use its capacity).
 pub fn node_to_proto(
@@ -147,6 +175,8 @@ pub fn node_to_proto(
         memory_available: n.memory_bytes.saturating_sub(mem_used),
         status: if healthy { "HEALTHY" } else { "UNHEALTHY" }.to_owned(),
         instances: u32::try_from(placed.len()).unwrap_or(u32::MAX),
+        tunnel_ip: n.tunnel_ip.clone(),
+        wireguard_public_key: n.wireguard_public_key.clone(),
     }
 }
 

@@ -18,6 +18,7 @@ fn container(replicas: u32, deleting: bool) -> ContainerRecord {
         created_at: "2026-01-01T00:00:00Z".into(),
         deleting,
         next_ordinal: 0,
+        service_ip: "10.96.0.9".into(),
     }
 }
 
@@ -88,7 +89,7 @@ fn container_view_uses_first_running_and_hides_stopping() {
     let a = instance(0, "n1", "10.0.0.2", Some("CREATING"), false);
     let b = instance(1, "n2", "10.0.0.3", Some("RUNNING"), false);
     let gone = instance(2, "n1", "10.0.0.4", Some("RUNNING"), true);
-    let p = container_to_proto(&c, &[&gone, &b, &a]);
+    let p = container_to_proto(&c, "net", &[&gone, &b, &a]);
     assert_eq!(p.instances.len(), 2);
     assert_eq!(p.instances[0].instance_id, a.record.value.instance_id);
     assert_eq!(p.node_id, "n2");
@@ -97,7 +98,7 @@ fn container_view_uses_first_running_and_hides_stopping() {
     assert_eq!(p.cpu, format_cpu(500));
     assert_eq!(p.cpu_millis, 500);
 
-    let deleting = container_to_proto(&container(2, true), &[&gone]);
+    let deleting = container_to_proto(&container(2, true), "net", &[&gone]);
     assert_eq!(deleting.status, "DELETING");
     assert_eq!(deleting.instances.len(), 1);
 }
@@ -106,7 +107,7 @@ fn container_view_uses_first_running_and_hides_stopping() {
 fn unplaced_instances_are_pending_with_reason() {
     let c = container(1, false);
     let i = instance(0, "", "", None, false);
-    let p = container_to_proto(&c, &[&i]);
+    let p = container_to_proto(&c, "net", &[&i]);
     assert_eq!(p.instances[0].status, v1::InstanceStatus::Pending as i32);
     assert_eq!(p.instances[0].reason, "no node has 0.5 cpu free");
     assert_eq!(p.node_id, "");
@@ -132,6 +133,8 @@ fn node_capacity_left() {
         memory_bytes: 1 << 30,
         lease_id: 1,
         registered_at: String::new(),
+        tunnel_ip: String::new(),
+        wireguard_public_key: String::new(),
     };
     let c = container(1, false);
     let i = instance(0, "n1", "10.0.0.2", None, false);
@@ -151,4 +154,15 @@ fn phases_include_schedule_time() {
     assert_eq!(p["schedule"], 250.0);
     assert_eq!(p["pull"], 12.5);
     assert!(phases_ms(&instance(0, "", "", None, false)).is_empty());
+}
+
+#[test]
+fn dns_names_use_the_name_or_the_id() {
+    let mut c = container(1, false);
+    let p = container_to_proto(&c, "prod", &[]);
+    assert_eq!(p.dns_name, "web.prod.berth");
+    assert_eq!(p.service_ip, "10.96.0.9");
+    c.name.clear();
+    assert_eq!(dns_label(&c), "ctr-000000000001");
+    assert_eq!(container_to_proto(&c, "", &[]).dns_name, "");
 }

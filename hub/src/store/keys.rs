@@ -14,6 +14,10 @@
 //! /berth/alive/{node_id}                        "" bound to the node's lease: present = HEALTHY
 //! /berth/assign/{node_id}/{instance_id}         berth.v1.Assignment (protobuf)
 //! /berth/stopping/{node_id}/{instance_id}       ""                (stopped, removal not yet reported)
+//! /berth/vni/{vni}                              network_id        (a VXLAN id claim)
+//! /berth/vips/{ip}                              container_id      (a service IP claim)
+//! /berth/tunnels/{ip}                           node_id           (a WireGuard address claim)
+//! /berth/netview/{node_id}                      berth.v1.NetworkView (protobuf), written by the leader
 //! /berth/election/scheduler                     etcd election: the hub replica that schedules
 //! ```
 
@@ -138,4 +142,33 @@ pub fn assign_prefix(node_id: &str) -> String {
 /// `/berth/assign/{node_id}/{instance_id}`
 pub fn assign(node_id: &str, instance_id: &str) -> String {
     format!("{ASSIGN}{node_id}/{instance_id}")
+}
+
+/// Prefix of VXLAN id claims.
+pub const VNI: &str = "/berth/vni/";
+/// Prefix of service IP claims.
+pub const VIPS: &str = "/berth/vips/";
+/// Prefix of WireGuard address claims.
+pub const TUNNELS: &str = "/berth/tunnels/";
+/// Prefix of the nodes' network views.
+pub const NETVIEW: &str = "/berth/netview/";
+
+/// `/berth/vni/{vni}`
+pub fn vni(vni: u32) -> String {
+    format!("{VNI}{vni}")
+}
+
+/// `/berth/vips/{ip}`
+pub fn vip(ip: &str) -> String {
+    format!("{VIPS}{ip}")
+}
+
+/// `/berth/tunnels/{ip}`
+pub fn tunnel(ip: &str) -> String {
+    format!("{TUNNELS}{ip}")
+}
+
+/// `/berth/netview/{node_id}`
+pub fn netview(node_id: &str) -> String {
+    format!("{NETVIEW}{node_id}")
 }

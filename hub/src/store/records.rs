@@ -18,6 +18,15 @@ pub struct NetworkRecord {
     pub gateway: String,
     /// RFC 3339.
     pub created_at: String,
+    /// Node-to-node traffic goes through WireGuard.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// VXLAN network identifier, claimed under `/berth/vni/{vni}`.
+    #[serde(default)]
+    pub vni: u32,
+    /// Ids of the networks linked to this one (kept symmetric: both records list each other).
+    #[serde(default)]
+    pub links: Vec<String>,
 }
 
 /// `/berth/containers/{id}`
@@ -52,6 +61,9 @@ pub struct ContainerRecord {
     /// Ordinal the next new instance gets (ordinals are never reused).
     #[serde(default)]
     pub next_ordinal: u32,
+    /// Virtual IP of the container's service, claimed under `/berth/vips/{ip}`.
+    #[serde(default)]
+    pub service_ip: String,
 }
 
 /// `/berth/instances/{container_id}/{instance_id}`
@@ -118,4 +130,10 @@ pub struct NodeRecord {
     pub lease_id: i64,
     /// RFC 3339.
     pub registered_at: String,
+    /// WireGuard address, claimed under `/berth/tunnels/{ip}`; kept across re-registrations.
+    #[serde(default)]
+    pub tunnel_ip: String,
+    /// Base64 WireGuard public key the agent published.
+    #[serde(default)]
+    pub wireguard_public_key: String,
 }

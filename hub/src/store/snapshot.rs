@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub ipam: HashMap<String, BTreeMap<String, String>>,
     /// (node id, instance id) of every assignment key.
     pub assignments: BTreeSet<(String, String)>,
+    /// By node id: the encoded network view last published.
+    pub netviews: BTreeMap<String, Vec<u8>>,
 }
 
 impl Snapshot {
@@ -79,6 +81,8 @@ impl Snapshot {
                         .or_default()
                         .insert(ip.to_owned(), decode_string(kv)?);
                 }
+            } else if let Some(node) = key.strip_prefix(keys::NETVIEW) {
+                snap.netviews.insert(node.to_owned(), kv.value().to_vec());
             } else if let Some(rest) = key.strip_prefix(keys::ASSIGN) {
                 if let Some((node, iid)) = rest.split_once('/') {
                     snap.assignments.insert((node.to_owned(), iid.to_owned()));

@@ -169,6 +169,7 @@ impl Hub {
             advertise_ip: "127.0.0.1".into(),
             cpu_millis,
             memory_bytes,
+            wireguard_public_key: String::new(),
         };
         self.grpc.register(tonic::Request::new(req)).await.unwrap();
     }
