@@ -25,6 +25,8 @@ pub struct Network {
     pub cidr: String,
     pub gateway: String,
     pub created_at: String,
+    pub encrypted: bool,
+    pub linked_network_ids: Vec<String>,
 }
 
 /// One replica of a container.
@@ -61,6 +63,10 @@ pub struct Container {
     pub command: Vec<String>,
     #[serde(deserialize_with = "null_as_default")]
     pub env: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub service_ip: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub dns_name: String,
 }
 
 /// A node, as `GET /v1/nodes` lists it.

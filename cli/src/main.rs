@@ -75,6 +75,23 @@ enum NetworkCommand {
         /// IPv4 network, like 10.10.0.0/16.
         #[arg(long)]
         cidr: String,
+        /// Encrypt node-to-node traffic of the network (WireGuard).
+        #[arg(long)]
+        encrypted: bool,
+    },
+    /// Let the instances of two networks reach each other.
+    Link {
+        /// Network id or name.
+        network: String,
+        /// The other network's id or name.
+        peer: String,
+    },
+    /// Isolate two linked networks again.
+    Unlink {
+        /// Network id or name.
+        network: String,
+        /// The other network's id or name.
+        peer: String,
     },
     /// List networks.
     Ls,
@@ -135,8 +152,12 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     let hub = Hub::new(&cli.hub)?;
     match cli.command {
-        Command::Network(NetworkCommand::Create { name, cidr }) => {
-            let body = json!({ "name": name, "cidr": cidr });
+        Command::Network(NetworkCommand::Create {
+            name,
+            cidr,
+            encrypted,
+        }) => {
+            let body = json!({ "name": name, "cidr": cidr, "encrypted": encrypted });
             let created = hub
                 .call(Method::POST, &["v1", "networks"], Some(&body))
                 .await?;
@@ -150,11 +171,51 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_iter()
                 .map(|n| {
                     let age = output::age_since(&n.created_at, now);
-                    vec![n.network_id, n.name, n.cidr, n.gateway, age]
+                    let encrypted = if n.encrypted { "yes" } else { "no" };
+                    let links = if n.linked_network_ids.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        n.linked_network_ids.join(",")
+                    };
+                    vec![
+                        n.network_id,
+                        n.name,
+                        n.cidr,
+                        n.gateway,
+                        encrypted.to_owned(),
+                        links,
+                        age,
+                    ]
                 })
                 .collect();
-            let header = ["NETWORK ID", "NAME", "CIDR", "GATEWAY", "AGE"];
+            let header = [
+                "NETWORK ID",
+                "NAME",
+                "CIDR",
+                "GATEWAY",
+                "ENCRYPTED",
+                "LINKS",
+                "AGE",
+            ];
             emit(&output::table(&header, &rows))?;
+        }
+        Command::Network(NetworkCommand::Link { network, peer }) => {
+            let id = hub.network_id(&network).await?;
+            let body = json!({ "network_id": peer });
+            hub.call(Method::POST, &["v1", "networks", &id, "links"], Some(&body))
+                .await?;
+            emit(&format!("{id}\n"))?;
+        }
+        Command::Network(NetworkCommand::Unlink { network, peer }) => {
+            let id = hub.network_id(&network).await?;
+            let body = json!({ "network_id": peer });
+            hub.call(
+                Method::DELETE,
+                &["v1", "networks", &id, "links"],
+                Some(&body),
+            )
+            .await?;
+            emit(&format!("{id}\n"))?;
         }
         Command::Network(NetworkCommand::Rm { id }) => {
             let id = hub.network_id(&id).await?;

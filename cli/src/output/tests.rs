@@ -34,6 +34,8 @@ fn web() -> Container {
         ],
         command: vec!["httpd".to_owned(), "-f".to_owned()],
         env: [("A".to_owned(), "1".to_owned())].into(),
+        service_ip: String::new(),
+        dns_name: String::new(),
     }
 }
 
@@ -96,6 +98,7 @@ fn ps_table() {
     other.replicas = 2;
     other.status = "RUNNING".to_owned();
     other.created_at = "2026-11-26T11:59:30Z".to_owned();
+    other.service_ip = "10.96.0.7".to_owned();
     other.instances = vec![
         instance("ctr-2-0", "node-a", "10.10.0.9", "RUNNING"),
         instance("ctr-2-1", "node-a", "10.10.0.8", "RUNNING"),
@@ -103,9 +106,9 @@ fn ps_table() {
     let t = containers_table(&[web(), other], now);
     assert_eq!(
         t,
-        "CONTAINER ID   NAME   IMAGE                   STATUS      READY   IPS                   NODES           AGE\n\
-         ctr-7f3a       web    reg:5000/demo/httpd:1   DEPLOYING   2/3     10.10.0.2,10.10.0.3   node-a,node-b   2h\n\
-         ctr-2          -      reg:5000/demo/httpd:1   RUNNING     2/2     10.10.0.9,10.10.0.8   node-a          30s\n"
+        "CONTAINER ID   NAME   IMAGE                   STATUS      READY   SERVICE IP   IPS                   NODES           AGE\n\
+         ctr-7f3a       web    reg:5000/demo/httpd:1   DEPLOYING   2/3     -            10.10.0.2,10.10.0.3   node-a,node-b   2h\n\
+         ctr-2          -      reg:5000/demo/httpd:1   RUNNING     2/2     10.96.0.7    10.10.0.9,10.10.0.8   node-a          30s\n"
     );
 }
 
@@ -180,6 +183,8 @@ Image:        reg:5000/demo/httpd:1
 Status:       DEPLOYING
 Ready:        2/3
 Network:      net-1
+Service IP:   -
+DNS name:     -
 CPU:          0.5
 Memory:       64MB
 Command:      httpd -f
