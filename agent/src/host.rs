@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use berth_proto::v1::InstanceStatus;
 use tokio::sync::Mutex;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use crate::dataplane::{network_mtu, NodeDataPlane};
 use crate::image::{ImageConfig, ImageStore};
-use crate::network::NetworkManager;
+use crate::network::{host_veth_name, NetworkManager, NetworkPlan};
 use crate::reconcile::{Host, InstanceSpec, Liveness, Recovered, Started};
 use crate::runtime::{ContainerConfig, Runtime, Status};
 
@@ -30,11 +31,15 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 pub struct NodeHost {
     images: Arc<ImageStore>,
     runtime: Arc<Runtime>,
-    network: NetworkManager,
+    network: Arc<NetworkManager>,
+    dataplane: Arc<NodeDataPlane>,
     instances_dir: PathBuf,
-    /// Serialises bridge creation/removal with veth plumbing, so removing the last instance of a
-    /// network never deletes the bridge under an instance being attached to it.
-    plumbing: Mutex<()>,
+    /// Serialises bridge creation/removal with veth plumbing (shared with the data plane, which
+    /// removes bridges), so a bridge is never deleted under an instance being attached to it.
+    plumbing: Arc<Mutex<()>>,
+    /// Where containers join the cgroup2 hierarchy themselves (hybrid hosts only; on unified
+    /// hosts libcgroups already puts them there).
+    cgroup2: Option<PathBuf>,
 }
 
 impl NodeHost {
@@ -42,17 +47,23 @@ impl NodeHost {
     pub fn new(
         images: ImageStore,
         runtime: Runtime,
-        network: NetworkManager,
+        network: Arc<NetworkManager>,
+        dataplane: Arc<NodeDataPlane>,
+        plumbing: Arc<Mutex<()>>,
         data_dir: &Path,
     ) -> std::io::Result<Self> {
         let instances_dir = data_dir.join("instances");
         std::fs::create_dir_all(&instances_dir)?;
+        let cgroup2 = crate::runtime::cgroup::cgroup2_mount()?;
+        let cgroup2 = (!crate::runtime::cgroup::is_unified(&cgroup2)).then_some(cgroup2);
         Ok(Self {
             images: Arc::new(images),
             runtime: Arc::new(runtime),
             network,
+            dataplane,
             instances_dir,
-            plumbing: Mutex::new(()),
+            plumbing,
+            cgroup2,
         })
     }
 
@@ -114,6 +125,7 @@ impl NodeHost {
             hostname: hostname_for(spec),
             cpu_millis: spec.cpu_millis,
             memory_bytes: spec.memory_bytes,
+            resolv_conf: Some(write_resolv_conf(&dir, spec)?),
         };
         let t = Instant::now();
         let log = dir.join("container.log");
@@ -123,18 +135,33 @@ impl NodeHost {
         phases.insert("create".into(), ms(t));
 
         let t = Instant::now();
-        {
+        if let Some(cgroup2) = &self.cgroup2 {
+            // Service routing (cgroup/connect4) sees only sockets of processes in the node's cgroup2
+            // subtree; children forked after start inherit the group.
+            crate::runtime::cgroup::join_cgroup2(cgroup2, self.runtime.cgroup_parent(), &id, pid)
+                .map_err(|e| format!("cgroup2: {e}"))?;
+        }
+        let attached = {
             let net = &spec.network;
+            let plan = NetworkPlan {
+                network_id: net.network_id.clone(),
+                gateway: net.gateway,
+                prefix_len: net.cidr.prefix_len(),
+                mtu: network_mtu(net.encrypted),
+            };
             let _guard = self.plumbing.lock().await;
             self.network
-                .ensure_bridge(&net.network_id, net.gateway, net.cidr.prefix_len())
+                .ensure_bridge(&plan)
                 .await
                 .map_err(|e| format!("network: {e}"))?;
             self.network
-                .attach(&id, &net.network_id, pid, spec.ip, net.cidr.prefix_len())
+                .attach(&id, &plan, pid, spec.ip)
                 .await
-                .map_err(|e| format!("network: {e}"))?;
-        }
+                .map_err(|e| format!("network: {e}"))?
+        };
+        self.dataplane
+            .attach_instance(&attached.veth, spec.network.vni)
+            .map_err(|e| format!("network policy: {e}"))?;
         phases.insert("network".into(), ms(t));
 
         let t = Instant::now();
@@ -157,19 +184,14 @@ impl NodeHost {
         {
             errors.push(e);
         }
+        if let Err(e) = self.dataplane.detach_instance(&host_veth_name(&id)) {
+            errors.push(format!("network policy: {e}"));
+        }
         {
+            // The bridge stays: the data plane removes it once the network leaves this node's view.
             let _guard = self.plumbing.lock().await;
             if let Err(e) = self.network.detach(&id).await {
                 errors.push(format!("detach: {e}"));
-            }
-            match self
-                .network
-                .remove_bridge_if_unused(&spec.network.network_id)
-                .await
-            {
-                Ok(true) => debug!(network_id = %spec.network.network_id, "bridge removed"),
-                Ok(false) => {}
-                Err(e) => errors.push(format!("bridge: {e}")),
             }
         }
         let dir = self.instance_dir(&id);
@@ -197,6 +219,14 @@ impl NodeHost {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The container's `/etc/resolv.conf`: the node's DNS on the network's gateway.
+fn write_resolv_conf(dir: &Path, spec: &InstanceSpec) -> Result<PathBuf, String> {
+    let path = dir.join("resolv.conf");
+    let text = crate::dns::resolv_conf(spec.network.gateway, &spec.network.name);
+    std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
+    Ok(path)
 }
 
 fn write_record(dir: &Path, spec: &InstanceSpec) -> Result<(), String> {
@@ -282,6 +312,14 @@ impl Host for NodeHost {
             };
             let liveness = self.liveness(&spec.instance_id);
             info!(instance_id = %spec.instance_id, ?liveness, "found instance from an earlier run");
+            // Its tc filters still run the previous agent's program: swap in this one's (in place,
+            // counters kept), so policy and counting never stop.
+            if liveness == Liveness::Running {
+                let veth = host_veth_name(&spec.instance_id);
+                if let Err(e) = self.dataplane.attach_instance(&veth, spec.network.vni) {
+                    warn!(instance_id = %spec.instance_id, %veth, error = %e, "cannot re-attach network policy");
+                }
+            }
             found.push(Recovered { spec, liveness });
         }
         found
@@ -428,6 +466,8 @@ mod tests {
                 name: "n".into(),
                 cidr: "10.1.0.0/24".parse().expect("cidr"),
                 gateway: "10.1.0.1".parse().expect("ip"),
+                vni: 4096,
+                encrypted: false,
             },
             ip: "10.1.0.2".parse().expect("ip"),
         }

@@ -30,6 +30,8 @@ pub struct NodeInfo {
     pub cpu_millis: u64,
     /// Offered memory in bytes.
     pub memory_bytes: u64,
+    /// Base64 WireGuard public key (the private key stays in the data dir).
+    pub wireguard_public_key: String,
 }
 
 /// Errors of the hub link.
@@ -104,6 +106,7 @@ async fn register(client: &mut AgentServiceClient<Channel>, node: &NodeInfo) -> 
             advertise_ip: node.advertise_ip.clone(),
             cpu_millis: node.cpu_millis,
             memory_bytes: node.memory_bytes,
+            wireguard_public_key: node.wireguard_public_key.clone(),
         };
         match client.register(req).await {
             Ok(resp) => {

@@ -5,6 +5,9 @@
 //! `image` (OCI pulls, layer cache, overlay rootfs), `runtime` (youki's libcontainer), `network`
 //! (bridges and veths over netlink), `reconcile` (desired vs actual), `hub` (the gRPC link).
 
+pub mod dataplane;
+pub mod dns;
+pub mod ebpf;
 pub mod host;
 pub mod hub;
 pub mod image;

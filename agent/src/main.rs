@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use berth_agent::dataplane::{DataPlaneConfig, NodeDataPlane};
 use berth_agent::host::NodeHost;
 use berth_agent::image::ImageStore;
 use berth_agent::network::NetworkManager;
@@ -53,6 +54,34 @@ struct Args {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// UDP port of the node's WireGuard device (encrypted networks); the same on every node.
+    #[arg(long, default_value_t = berth_agent::network::wireguard::DEFAULT_LISTEN_PORT)]
+    wireguard_port: u16,
+    /// Port of the DNS server on each network's gateway address.
+    #[arg(long, default_value_t = berth_agent::dns::DNS_PORT)]
+    dns_port: u16,
+    /// Resolver (IP or IP:PORT) for names outside `.berth`. Repeatable; default: the nameservers of
+    /// the host's /etc/resolv.conf.
+    #[arg(long = "dns-upstream")]
+    dns_upstreams: Vec<String>,
+}
+
+fn dns_upstreams(args: &Args) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    if args.dns_upstreams.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        return Ok(berth_agent::dns::upstreams_from_resolv_conf(&text));
+    }
+    args.dns_upstreams
+        .iter()
+        .map(|u| {
+            u.parse::<std::net::SocketAddr>()
+                .or_else(|_| {
+                    u.parse::<IpAddr>()
+                        .map(|ip| (ip, berth_agent::dns::DNS_PORT).into())
+                })
+                .with_context(|| format!("--dns-upstream {u:?}: expected IP or IP:PORT"))
+        })
+        .collect()
 }
 
 enum Failure {
@@ -177,11 +206,48 @@ async fn run(args: Args) -> Result<(), Failure> {
         .context("runtime")
         .map_err(Failure::Setup)?
         .with_create_helper(helper);
-    let network = NetworkManager::new()
-        .await
-        .context("netlink")
+    let upstreams = dns_upstreams(&args).map_err(Failure::Config)?;
+    let IpAddr::V4(advertise_v4) = args.advertise_ip else {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "--advertise-ip {}: berth's overlays need an IPv4 underlay",
+            args.advertise_ip
+        )));
+    };
+    let network = Arc::new(
+        NetworkManager::new()
+            .await
+            .context("netlink")
+            .map_err(Failure::Setup)?,
+    );
+    let plumbing = Arc::new(tokio::sync::Mutex::new(()));
+    // Pins and the cgroup2 group are named after the node: agents sharing a machine never collide.
+    let cgroup_dir = berth_agent::ebpf::node_cgroup_dir(&args.node_id)
+        .context("cgroup2 hierarchy")
         .map_err(Failure::Setup)?;
-    let host = NodeHost::new(images, runtime, network, data)
+    let ebpf = berth_agent::ebpf::DataPlane::load(
+        &args.node_id,
+        &cgroup_dir,
+        &berth_agent::ebpf::node_pin_dir(&args.node_id),
+    )
+    .context("loading the eBPF data plane")
+    .map_err(Failure::Setup)?;
+    let key = berth_agent::network::wireguard::NodeKey::load_or_create(&data.join("wireguard.key"))
+        .context("WireGuard key")
+        .map_err(Failure::Setup)?;
+    let dataplane = Arc::new(NodeDataPlane::new(
+        DataPlaneConfig {
+            node_id: args.node_id.clone(),
+            advertise_ip: advertise_v4,
+            wireguard_port: args.wireguard_port,
+            dns_port: args.dns_port,
+        },
+        network.clone(),
+        plumbing.clone(),
+        ebpf,
+        key,
+        berth_agent::dns::DnsServer::new(upstreams),
+    ));
+    let host = NodeHost::new(images, runtime, network, dataplane.clone(), plumbing, data)
         .context("instance dir")
         .map_err(Failure::Setup)?;
 
@@ -191,6 +257,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         advertise_ip: args.advertise_ip.to_string(),
         cpu_millis,
         memory_bytes,
+        wireguard_public_key: dataplane.public_key(),
     };
     info!(node_id = %node.node_id, cpu_millis, memory_bytes, hub = %args.hub, "agent starting");
 
@@ -208,6 +275,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         .map_err(Failure::Setup)?;
 
     let reconciler = Reconciler::new(Arc::new(host), reports_tx);
+    tokio::spawn(dataplane.clone().run(desired_rx.clone()));
     tokio::spawn(reconciler.run(desired_rx, children_rx));
     tokio::spawn(hub::run_membership(client.clone(), node.clone()));
     tokio::spawn(hub::run_watch(
@@ -236,6 +304,10 @@ async fn run(args: Args) -> Result<(), Failure> {
         _ = sigterm.recv() => info!("SIGTERM: stopping the agent, containers keep running"),
         _ = sigint.recv() => info!("SIGINT: stopping the agent, containers keep running"),
     }
+    let instances_left = std::fs::read_dir(data.join("instances"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    dataplane.shutdown(instances_left).await;
     Ok(())
 }
 

@@ -39,6 +39,12 @@ pub struct NetworkSpec {
     pub cidr: Ipv4Net,
     /// Gateway address every node's bridge carries.
     pub gateway: Ipv4Addr,
+    /// VXLAN id of the network's overlay (also its id in the eBPF maps).
+    #[serde(default)]
+    pub vni: u32,
+    /// The overlay runs inside WireGuard.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// One instance as the agent runs it: the validated form of a hub `Assignment`.
@@ -143,6 +149,8 @@ impl TryFrom<Assignment> for InstanceSpec {
                 name: net.name,
                 cidr,
                 gateway,
+                vni: net.vni,
+                encrypted: net.encrypted,
             },
             ip,
         })

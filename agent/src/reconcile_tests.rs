@@ -83,6 +83,8 @@ fn assignment(id: &str) -> Assignment {
         cpu_millis: 500,
         memory_bytes: 64 << 20,
         network: Some(NetworkAttachment {
+            vni: 4096,
+            encrypted: false,
             network_id: "net-1".into(),
             name: "payments".into(),
             cidr: "10.10.0.0/16".into(),
@@ -95,6 +97,7 @@ fn assignment(id: &str) -> Assignment {
 
 fn desired(ids: &[&str]) -> DesiredState {
     DesiredState {
+        network_view: None,
         assignments: ids.iter().map(|id| assignment(id)).collect(),
         revision: 1,
         stopping: Vec::new(),
@@ -298,6 +301,7 @@ async fn invalid_assignment_is_reported_failed_and_not_started() {
     let mut bad = assignment("ins-bad");
     bad.ip = "10.99.0.5".into(); // outside the network
     h.desired_tx.send_replace(Some(DesiredState {
+        network_view: None,
         assignments: vec![bad],
         revision: 1,
         stopping: Vec::new(),

@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_agent::network::{bridge_mac, bridge_name, host_veth_name, NetworkError, NetworkManager};
+use berth_agent::network::{
+    bridge_mac, bridge_name, host_veth_name, instance_mac, NetworkError, NetworkManager,
+    NetworkPlan, DEFAULT_MTU, VXLAN_MTU,
+};
 use nix::sched::CloneFlags;
 
 /// The one precondition of every test here.
@@ -42,6 +45,15 @@ fn random_subnet() -> [u8; 3] {
 
 fn ip_in(subnet: [u8; 3], host: u8) -> Ipv4Addr {
     Ipv4Addr::new(subnet[0], subnet[1], subnet[2], host)
+}
+
+fn plan(network_id: &str, gateway: Ipv4Addr, prefix_len: u8, mtu: u32) -> NetworkPlan {
+    NetworkPlan {
+        network_id: network_id.to_owned(),
+        gateway,
+        prefix_len,
+        mtu,
+    }
 }
 
 fn run(program: &str, args: &[&str]) -> Output {
@@ -189,7 +201,7 @@ fn assert_pings(host: &HostNs, ip: Ipv4Addr) {
 }
 
 #[test]
-fn attached_instance_answers_on_its_ip_and_gets_no_default_route() {
+fn attached_instance_answers_on_its_ip_and_routes_through_the_gateway() {
     require_root();
     let host = HostNs::new();
     let container = Container::spawn();
@@ -199,22 +211,23 @@ fn attached_instance_answers_on_its_ip_and_gets_no_default_route() {
     let pid = container.pid();
     let mac_text = bridge_mac(&net).map(|b| format!("{b:02x}")).join(":");
 
-    let (bridge, net_id, ins_id) = in_host(&host, move || async move {
+    let (bridge, net_id, ins_id, attached) = in_host(&host, move || async move {
         let manager = NetworkManager::new().await.expect("manager");
+        let net_plan = plan(&net, gateway, 24, VXLAN_MTU);
         let bridge = manager
-            .ensure_bridge(&net, gateway, 24)
+            .ensure_bridge(&net_plan)
             .await
             .expect("ensure_bridge");
         assert_eq!(bridge, bridge_name(&net));
         let again = manager
-            .ensure_bridge(&net, gateway, 24)
+            .ensure_bridge(&net_plan)
             .await
             .expect("ensure_bridge again");
         assert_eq!(again, bridge);
 
         let before = this_thread_netns();
-        manager
-            .attach(&ins, &net, pid, ip, 24)
+        let attached = manager
+            .attach(&ins, &net_plan, pid, ip)
             .await
             .expect("attach");
         assert_eq!(
@@ -222,16 +235,24 @@ fn attached_instance_answers_on_its_ip_and_gets_no_default_route() {
             before,
             "attach moved the calling thread"
         );
-        (bridge, net, ins)
+        (bridge, net, ins, attached)
     });
 
     let veth = host_veth_name(&ins_id);
+    assert_eq!(attached.veth, veth);
     assert_pings(&host, ip);
 
     let link = stdout_of(&host.exec(&["ip", "-o", "link", "show", "dev", &veth]));
     assert!(
-        link.contains(&format!("master {bridge}")) && link.contains("state UP"),
+        link.contains(&format!("master {bridge}"))
+            && link.contains("state UP")
+            && link.contains("mtu 1450"),
         "{link}"
+    );
+    assert!(
+        link.starts_with(&format!("{}: {veth}@", attached.ifindex)),
+        "ifindex {} expected: {link}",
+        attached.ifindex
     );
     // A bridge takes its lowest port's address unless one was set: ours must stay put.
     let bridge_link = stdout_of(&host.exec(&["ip", "-o", "link", "show", "dev", &bridge]));
@@ -244,21 +265,36 @@ fn attached_instance_answers_on_its_ip_and_gets_no_default_route() {
         gw.contains(&format!("inet {gateway}/24")),
         "bridge address: {gw}"
     );
+    assert!(
+        bridge_link.contains("mtu 1450"),
+        "bridge mtu: {bridge_link}"
+    );
 
     let addr = stdout_of(&container.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]));
     assert!(
         addr.contains(&format!("inet {ip}/24")),
         "eth0 address: {addr}"
     );
+    let eth0 = stdout_of(&container.exec(&["ip", "-o", "link", "show", "dev", "eth0"]));
+    let mac_of_ip = instance_mac(ip).map(|b| format!("{b:02x}")).join(":");
+    assert!(
+        eth0.contains(&format!("link/ether {mac_of_ip} ")) && eth0.contains("mtu 1450"),
+        "eth0: {eth0}"
+    );
+    assert_eq!(attached.mac, instance_mac(ip));
     let routes = stdout_of(&container.exec(&["ip", "-4", "route", "show"]));
     let routes: Vec<&str> = routes.lines().collect();
     assert_eq!(
         routes.len(),
-        1,
-        "only the connected route expected: {routes:?}"
+        2,
+        "the default and the connected route expected: {routes:?}"
     );
     assert!(
-        routes[0].starts_with(&format!("{}/24 dev eth0", ip_in(subnet, 0))),
+        routes[0].starts_with(&format!("default via {gateway} dev eth0")),
+        "{routes:?}"
+    );
+    assert!(
+        routes[1].starts_with(&format!("{}/24 dev eth0", ip_in(subnet, 0))),
         "{routes:?}"
     );
     let lo = stdout_of(&container.exec(&["ip", "-o", "link", "show", "dev", "lo"]));
@@ -310,16 +346,17 @@ fn two_instances_on_one_bridge_reach_each_other() {
 
     in_host(&host, move || async move {
         let manager = NetworkManager::new().await.expect("manager");
+        let net_plan = plan(&net, ip_in(subnet, 1), 24, DEFAULT_MTU);
         manager
-            .ensure_bridge(&net, ip_in(subnet, 1), 24)
+            .ensure_bridge(&net_plan)
             .await
             .expect("ensure_bridge");
         // Concurrently, as the reconciler does for replicas starting together.
         let ins_a = random_id("ins");
         let ins_b = random_id("ins");
         let (ra, rb) = tokio::join!(
-            manager.attach(&ins_a, &net, pid_a, ip_a, 24),
-            manager.attach(&ins_b, &net, pid_b, ip_b, 24),
+            manager.attach(&ins_a, &net_plan, pid_a, ip_a),
+            manager.attach(&ins_b, &net_plan, pid_b, ip_b),
         );
         ra.expect("attach a");
         rb.expect("attach b");
@@ -358,32 +395,33 @@ fn attach_can_be_retried_and_leaves_nothing_when_it_fails() {
 
     let (dead_err, crowded_err) = in_host(&host, move || async move {
         let manager = NetworkManager::new().await.expect("manager");
-        let missing = manager.attach(&ins2, &net, pid, ip, 24).await;
+        let net_plan = plan(&net, ip_in(subnet, 1), 24, DEFAULT_MTU);
+        let missing = manager.attach(&ins2, &net_plan, pid, ip).await;
         assert!(
             matches!(missing, Err(NetworkError::BridgeMissing { .. })),
             "{missing:?}"
         );
 
         manager
-            .ensure_bridge(&net, ip_in(subnet, 1), 24)
+            .ensure_bridge(&net_plan)
             .await
             .expect("ensure_bridge");
         manager
-            .attach(&ins2, &net, pid, ip, 24)
+            .attach(&ins2, &net_plan, pid, ip)
             .await
             .expect("attach");
         // A retry (e.g. after the agent restarted mid-attach) replaces the pair.
         manager
-            .attach(&ins2, &net, pid, ip, 24)
+            .attach(&ins2, &net_plan, pid, ip)
             .await
             .expect("attach again");
 
         let dead_err = manager
-            .attach(&ins_dead2, &net, dead_pid, ip_in(subnet, 6), 24)
+            .attach(&ins_dead2, &net_plan, dead_pid, ip_in(subnet, 6))
             .await
             .expect_err("attach to a dead process");
         let crowded_err = manager
-            .attach(&ins_crowded2, &net, crowded_pid, ip_in(subnet, 7), 24)
+            .attach(&ins_crowded2, &net_plan, crowded_pid, ip_in(subnet, 7))
             .await
             .expect_err("attach where eth0 exists");
         (dead_err.to_string(), crowded_err.to_string())

@@ -91,6 +91,7 @@ impl Fixture {
             hostname: "berth-test".into(),
             cpu_millis: 500,
             memory_bytes: 64 * 1024 * 1024,
+            resolv_conf: None,
         }
     }
 

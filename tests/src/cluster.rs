@@ -471,6 +471,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops the agent of host `i` cleanly (SIGTERM, SIGKILL after the grace).
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(mut d) = self.agents[i].take() {
+            d.stop(STOP_GRACE);
+        }
+        let name = format!("agent-{}", self.state.node_ids[i]);
+        self.forget(&name);
+    }
+
     /// Kills the agent of host `i` with SIGKILL, as a crash would.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut d) = self.agents[i].take() {

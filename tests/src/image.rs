@@ -18,11 +18,47 @@ pub const DEMO_TAG: &str = "1";
 pub const DEMO_ENTRYPOINT: [&str; 6] = ["/bin/httpd", "-f", "-p", "80", "-h", "/www"];
 
 /// Busybox applets linked into the image.
-const APPLETS: [&str; 12] = [
+const APPLETS: [&str; 25] = [
     "sh", "httpd", "sleep", "cat", "echo", "wget", "ls", "ps", "hostname", "env", "true", "ip",
+    "nc", "nslookup", "sed", "tail", "head", "awk", "printf", "mkdir", "chmod", "seq", "ping",
+    "grep", "tr",
 ];
 /// Bump when the recipe changes, so stale cached layouts are not reused.
-const RECIPE: &str = "r1";
+const RECIPE: &str = "r3";
+
+/// CGI scripts of the demo image, for tests that need a client *inside* a container (where berth's
+/// service routing and DNS apply): `GET /cgi-bin/fetch?TARGET` answers the body that `http://TARGET/`
+/// served (TARGET an address or a name, resolved by the container's DNS), or `ERROR …`;
+/// `GET /cgi-bin/resolve?NAME` answers the address the container's resolver gives for NAME.
+pub const CGI_SCRIPTS: [(&str, &str); 2] = [
+    (
+        "www/cgi-bin/fetch",
+        r#"#!/bin/sh
+echo "Content-Type: text/plain"
+echo
+t="$QUERY_STRING"
+case "$t" in ''|*[!a-zA-Z0-9.-]*) echo "ERROR bad target"; exit 0;; esac
+case "$t" in
+  *[a-z]*) ip=$(nslookup "$t" 2>/dev/null | awk '/^Name:/ { n = 1 } n && /^Address/ { a = $NF } END { print a }') ;;
+  *) ip="$t" ;;
+esac
+[ -n "$ip" ] || { echo "ERROR cannot resolve $t"; exit 0; }
+out=$(printf 'GET /index.html HTTP/1.0\r\n\r\n' | nc -w 2 "$ip" 80 2>&1) || true
+body=$(printf '%s\n' "$out" | tr -d '\r' | sed '1,/^$/d')
+[ -n "$body" ] && printf '%s\n' "$body" || echo "ERROR no answer from $ip"
+"#,
+    ),
+    (
+        "www/cgi-bin/resolve",
+        r#"#!/bin/sh
+echo "Content-Type: text/plain"
+echo
+t="$QUERY_STRING"
+case "$t" in ''|*[!a-zA-Z0-9.-]*) echo "ERROR bad name"; exit 0;; esac
+nslookup "$t" 2>/dev/null | awk '/^Name:/ { n = 1 } n && /^Address/ { a = $NF } END { if (a == "") print "NXDOMAIN"; else print a }'
+"#,
+    ),
+];
 
 /// The cached OCI layout holding the demo image under tag [`DEMO_TAG`]; built on first use.
 pub fn demo_layout() -> anyhow::Result<PathBuf> {
@@ -63,8 +99,13 @@ pub fn build_image(layout: &Path, tag: &str, variant: Option<&str>) -> anyhow::R
         .args(["unpack", "--image", &image])
         .arg(&bundle))?;
     let root = bundle.join("rootfs");
-    for d in ["bin", "www", "etc", "tmp"] {
+    for d in ["bin", "www/cgi-bin", "etc", "tmp"] {
         std::fs::create_dir_all(root.join(d))?;
+    }
+    for (path, script) in CGI_SCRIPTS {
+        let file = root.join(path);
+        std::fs::write(&file, script)?;
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))
         .context("copying /bin/busybox (apt package busybox-static)")?;

@@ -20,6 +20,8 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "debugging reachability"),
     ("util-linux", "nsenter, umount"),
     ("curl", "HTTP to instances from a host"),
+    ("iperf3", "bench net: TCP throughput"),
+    ("wrk", "bench net: HTTP request rate"),
     ("ca-certificates", "TLS for the package registries"),
 ];
 
@@ -43,7 +45,9 @@ pub fn run() -> anyhow::Result<()> {
         )?;
         println!("install: installed {}", missing.join(" "));
     }
-    toolchain()
+    toolchain()?;
+    crate::ebpf::install_toolchain()?;
+    crate::ebpf::install_bpf_linker()
 }
 
 fn require_root() -> anyhow::Result<()> {

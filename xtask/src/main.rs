@@ -1,7 +1,9 @@
-//! berth's developer commands: `cargo xtask install | up | down | test | bench deploy`.
+//! berth's developer commands: `cargo xtask install | up | down | test | build-ebpf | bench deploy | bench net`.
 
 mod bench;
+mod bench_net;
 mod cluster;
+mod ebpf;
 mod image;
 mod install;
 mod test;
@@ -34,6 +36,9 @@ enum Cmd {
     },
     /// Install, check formatting and lints, build, and run every test (what CI runs).
     Test,
+    /// Build the eBPF programs (`ebpf/`) into `target/bpfel-unknown-none/release/berth-ebpf`,
+    /// installing the nightly and bpf-linker first if missing; the agent embeds that object.
+    BuildEbpf,
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -45,6 +50,8 @@ enum Cmd {
 enum BenchCmd {
     /// Deploy latency (POST → every replica RUNNING), cached image and cold pulls.
     Deploy(bench::DeployArgs),
+    /// TCP throughput and HTTP rate over hosts, VXLAN and WireGuard paths; service VIP vs replica IP.
+    Net(bench_net::NetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,9 +60,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up { state_dir } => cluster::up(&state_dir),
         Cmd::Down { state_dir } => cluster::down(&state_dir),
         Cmd::Test => test::run(),
+        Cmd::BuildEbpf => ebpf::build(),
         Cmd::Bench {
             bench: BenchCmd::Deploy(args),
         } => bench::deploy(&args),
+        Cmd::Bench {
+            bench: BenchCmd::Net(args),
+        } => bench_net::net(&args),
     }
 }
 

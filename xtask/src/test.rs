@@ -6,6 +6,9 @@ use std::process::Command;
 /// Install, fmt, clippy, build, then every test of the workspace (unit, integration, end-to-end).
 pub fn run() -> anyhow::Result<()> {
     crate::install::run()?;
+    // The agent embeds the eBPF object: build it before anything compiles the agent.
+    println!("==> cargo xtask build-ebpf");
+    crate::ebpf::build()?;
     step(
         "cargo fmt --check",
         crate::cargo().args(["fmt", "--all", "--check"]),

@@ -7,7 +7,11 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{configure_peer, Link, LinkKind, Netlink, NetlinkError, NetworkError, PeerPlan};
+use super::netlink::mac_text;
+use super::{
+    configure_peer, BridgePortFlags, FdbEntry, Link, LinkKind, Neighbour, Netlink, NetlinkError,
+    NetworkError, PeerPlan, VethPlan, VxlanParams,
+};
 
 /// A network namespace of the fake: the agent's own, or a container's by init pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +36,12 @@ struct FakeLink {
     /// The other end of a veth pair.
     peer: Option<u32>,
     addresses: Vec<(Ipv4Addr, u8)>,
+    mac: Option<[u8; 6]>,
+    default_gateway: Option<Ipv4Addr>,
+    /// In kernel order; a MAC may appear with several destinations (as `bridge fdb append`
+    /// makes), which only [`FakeNetlink::push_fdb`] produces.
+    fdb: Vec<FdbEntry>,
+    neighbours: Vec<Neighbour>,
 }
 
 #[derive(Debug)]
@@ -49,6 +59,7 @@ struct State {
     dead: HashSet<i32>,
     calls: Vec<String>,
     failures: Vec<Failure>,
+    forwarding: bool,
 }
 
 /// The fake; clones share one state (as a host handle and the handles "inside" containers do).
@@ -117,6 +128,59 @@ impl FakeNetlink {
         state.push(ns, name, kind, 1500)
     }
 
+    /// Adds an FDB entry to link `name` of `ns` as is (no replace), as something else might.
+    pub fn push_fdb(&self, ns: Ns, name: &str, entry: FdbEntry) {
+        if let Some(link) = self.state().by_name(ns, name) {
+            link.fdb.push(entry);
+        }
+    }
+
+    /// Adds a neighbour entry to link `name` of `ns` as is, as something else might.
+    pub fn push_neighbour(&self, ns: Ns, name: &str, neighbour: Neighbour) {
+        if let Some(link) = self.state().by_name(ns, name) {
+            link.neighbours.push(neighbour);
+        }
+    }
+
+    /// FDB entries of link `name` in `ns`, sorted.
+    pub fn fdb(&self, ns: Ns, name: &str) -> Vec<FdbEntry> {
+        let mut entries = self
+            .state()
+            .by_name(ns, name)
+            .map(|l| l.fdb.clone())
+            .unwrap_or_default();
+        entries.sort();
+        entries
+    }
+
+    /// Neighbour entries of link `name` in `ns`, sorted.
+    pub fn neighbours(&self, ns: Ns, name: &str) -> Vec<Neighbour> {
+        let mut entries = self
+            .state()
+            .by_name(ns, name)
+            .map(|l| l.neighbours.clone())
+            .unwrap_or_default();
+        entries.sort();
+        entries
+    }
+
+    /// Hardware address given to link `name` of `ns` at creation, if any.
+    pub fn mac(&self, ns: Ns, name: &str) -> Option<[u8; 6]> {
+        self.state().by_name(ns, name).and_then(|l| l.mac)
+    }
+
+    /// The default route's gateway on link `name` of `ns`.
+    pub fn default_gateway(&self, ns: Ns, name: &str) -> Option<Ipv4Addr> {
+        self.state()
+            .by_name(ns, name)
+            .and_then(|l| l.default_gateway)
+    }
+
+    /// Whether IPv4 forwarding was turned on.
+    pub fn forwarding(&self) -> bool {
+        self.state().forwarding
+    }
+
     /// Every call so far, as `"<ns> <op> <args>"`.
     pub fn calls(&self) -> Vec<String> {
         self.state().calls.clone()
@@ -183,11 +247,22 @@ impl State {
                 mtu,
                 up: false,
                 master: None,
+                bridge_port: None,
             },
             peer: None,
             addresses: Vec::new(),
+            mac: None,
+            default_gateway: None,
+            fdb: Vec::new(),
+            neighbours: Vec::new(),
         });
         index
+    }
+
+    fn by_name(&mut self, ns: Ns, name: &str) -> Option<&mut FakeLink> {
+        self.links
+            .iter_mut()
+            .find(|l| l.ns == ns && l.link.name == name)
     }
 
     fn find(&mut self, ns: Ns, index: u32) -> Option<&mut FakeLink> {
@@ -212,8 +287,17 @@ impl State {
         for link in &mut self.links {
             if link.link.master == Some(index) {
                 link.link.master = None;
+                link.link.bridge_port = None;
+                link.fdb.retain(|e| e.dst.is_some());
             }
         }
+    }
+}
+
+fn fdb_args(index: u32, entry: FdbEntry) -> String {
+    match entry.dst {
+        Some(dst) => format!("#{index} {} dst {dst}", mac_text(&entry.mac)),
+        None => format!("#{index} {} master", mac_text(&entry.mac)),
     }
 }
 
@@ -255,19 +339,23 @@ impl Netlink for FakeNetlink {
         Ok(())
     }
 
-    async fn link_add_veth(
-        &self,
-        name: &str,
-        mtu: u32,
-        peer: &str,
-        peer_pid: i32,
-    ) -> Result<(), NetlinkError> {
-        let args = format!("{name} mtu {mtu} peer {peer} pid {peer_pid}");
+    async fn link_add_veth(&self, plan: &VethPlan) -> Result<(), NetlinkError> {
+        let VethPlan {
+            name,
+            mtu,
+            peer,
+            peer_pid,
+            peer_mac,
+        } = plan;
+        let args = format!(
+            "{name} mtu {mtu} peer {peer} pid {peer_pid} mac {}",
+            mac_text(peer_mac)
+        );
         let mut state = self.enter("link_add_veth", args.clone())?;
-        if state.dead.contains(&peer_pid) {
+        if state.dead.contains(peer_pid) {
             return Err(NetlinkError::from_errno("link_add_veth", args, libc::ESRCH));
         }
-        let peer_ns = Ns::Pid(peer_pid);
+        let peer_ns = Ns::Pid(*peer_pid);
         state.ensure_ns(peer_ns);
         if state.exists(self.ns, name) || state.exists(peer_ns, peer) {
             return Err(NetlinkError::from_errno(
@@ -276,14 +364,79 @@ impl Netlink for FakeNetlink {
                 libc::EEXIST,
             ));
         }
-        let here = state.push(self.ns, name, LinkKind::Veth, mtu);
-        let there = state.push(peer_ns, peer, LinkKind::Veth, mtu);
+        let here = state.push(self.ns, name, LinkKind::Veth, *mtu);
+        let there = state.push(peer_ns, peer, LinkKind::Veth, *mtu);
         if let Some(l) = state.find(self.ns, here) {
             l.peer = Some(there);
         }
         if let Some(l) = state.find(peer_ns, there) {
             l.peer = Some(here);
+            l.mac = Some(*peer_mac);
         }
+        Ok(())
+    }
+
+    async fn link_add_vxlan(
+        &self,
+        name: &str,
+        params: VxlanParams,
+        mtu: u32,
+    ) -> Result<(), NetlinkError> {
+        let local = params.local.map(|ip| ip.to_string()).unwrap_or_default();
+        let args = format!(
+            "{name} vni {} local {local} port {} learning {} proxy {} mtu {mtu}",
+            params.vni, params.port, params.learning, params.proxy
+        );
+        let mut state = self.enter("link_add_vxlan", args.clone())?;
+        let ns = self.ns;
+        let clash = state.links.iter().any(|l| {
+            l.ns == ns
+                && (l.link.name == name
+                    || matches!(l.link.kind, LinkKind::Vxlan(p)
+                        if p.vni == params.vni && p.local == params.local && p.port == params.port))
+        });
+        if clash {
+            return Err(NetlinkError::from_errno(
+                "link_add_vxlan",
+                args,
+                libc::EEXIST,
+            ));
+        }
+        state.push(ns, name, LinkKind::Vxlan(params), mtu);
+        Ok(())
+    }
+
+    async fn link_set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let args = format!("#{index} mtu {mtu}");
+        let mut state = self.enter("link_set_mtu", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("link_set_mtu", args))?;
+        link.link.mtu = mtu;
+        Ok(())
+    }
+
+    async fn link_set_bridge_port(
+        &self,
+        index: u32,
+        flags: BridgePortFlags,
+    ) -> Result<(), NetlinkError> {
+        let args = format!(
+            "#{index} learning {} neigh_suppress {}",
+            flags.learning, flags.neigh_suppress
+        );
+        let mut state = self.enter("link_set_bridge_port", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("link_set_bridge_port", args.clone()))?;
+        if link.link.master.is_none() {
+            return Err(NetlinkError::from_errno(
+                "link_set_bridge_port",
+                args,
+                libc::EOPNOTSUPP,
+            ));
+        }
+        link.link.bridge_port = Some(flags);
         Ok(())
     }
 
@@ -301,7 +454,14 @@ impl Netlink for FakeNetlink {
         let link = state
             .find(ns, index)
             .ok_or_else(|| no_such_device("link_set_master", args))?;
-        link.link.master = Some(master);
+        if link.link.master != Some(master) {
+            link.link.master = Some(master);
+            // A new port starts with the kernel's defaults.
+            link.link.bridge_port = Some(BridgePortFlags {
+                learning: true,
+                neigh_suppress: false,
+            });
+        }
         Ok(())
     }
 
@@ -362,6 +522,129 @@ impl Netlink for FakeNetlink {
                 libc::EADDRNOTAVAIL,
             ));
         }
+        Ok(())
+    }
+
+    async fn route_replace_default(
+        &self,
+        index: u32,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let args = format!("#{index} via {gateway}");
+        let mut state = self.enter("route_replace_default", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("route_replace_default", args.clone()))?;
+        // Like the kernel: the gateway must be on a connected subnet of an up link.
+        let connected = link.addresses.iter().any(|&(ip, prefix)| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(gateway) & mask
+        });
+        if !link.link.up || !connected {
+            return Err(NetlinkError::from_errno(
+                "route_replace_default",
+                args,
+                libc::ENETUNREACH,
+            ));
+        }
+        link.default_gateway = Some(gateway);
+        Ok(())
+    }
+
+    async fn fdb_list(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        let args = format!("#{index}");
+        let mut state = self.enter("fdb_list", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("fdb_list", args))?;
+        Ok(link.fdb.clone())
+    }
+
+    async fn fdb_replace(&self, index: u32, entry: FdbEntry) -> Result<(), NetlinkError> {
+        let args = fdb_args(index, entry);
+        let mut state = self.enter("fdb_replace", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("fdb_replace", args.clone()))?;
+        let allowed = match entry.dst {
+            Some(_) => matches!(link.link.kind, LinkKind::Vxlan(_)),
+            None => link.link.master.is_some(),
+        };
+        if !allowed {
+            return Err(NetlinkError::from_errno(
+                "fdb_replace",
+                args,
+                libc::EOPNOTSUPP,
+            ));
+        }
+        // Replace: the first entry of this kind for the MAC takes the new destination.
+        match link
+            .fdb
+            .iter_mut()
+            .find(|e| e.mac == entry.mac && e.dst.is_some() == entry.dst.is_some())
+        {
+            Some(existing) => *existing = entry,
+            None => link.fdb.push(entry),
+        }
+        Ok(())
+    }
+
+    async fn fdb_del(&self, index: u32, entry: FdbEntry) -> Result<(), NetlinkError> {
+        let args = fdb_args(index, entry);
+        let mut state = self.enter("fdb_del", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("fdb_del", args.clone()))?;
+        let before = link.fdb.len();
+        link.fdb
+            .retain(|e| !(e.mac == entry.mac && e.dst.is_some() == entry.dst.is_some()));
+        if link.fdb.len() == before {
+            return Err(NetlinkError::from_errno("fdb_del", args, libc::ENOENT));
+        }
+        Ok(())
+    }
+
+    async fn neigh_list(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+        let args = format!("#{index}");
+        let mut state = self.enter("neigh_list", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("neigh_list", args))?;
+        Ok(link.neighbours.clone())
+    }
+
+    async fn neigh_replace(&self, index: u32, neighbour: Neighbour) -> Result<(), NetlinkError> {
+        let args = format!(
+            "#{index} {} lladdr {}",
+            neighbour.ip,
+            mac_text(&neighbour.mac)
+        );
+        let mut state = self.enter("neigh_replace", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("neigh_replace", args))?;
+        link.neighbours.retain(|n| n.ip != neighbour.ip);
+        link.neighbours.push(neighbour);
+        Ok(())
+    }
+
+    async fn neigh_del(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        let args = format!("#{index} {ip}");
+        let mut state = self.enter("neigh_del", args.clone())?;
+        let link = state
+            .find(self.ns, index)
+            .ok_or_else(|| no_such_device("neigh_del", args.clone()))?;
+        let before = link.neighbours.len();
+        link.neighbours.retain(|n| n.ip != ip);
+        if link.neighbours.len() == before {
+            return Err(NetlinkError::from_errno("neigh_del", args, libc::ENOENT));
+        }
+        Ok(())
+    }
+
+    async fn enable_ipv4_forwarding(&self) -> Result<(), NetlinkError> {
+        let mut state = self.enter("enable_ipv4_forwarding", String::new())?;
+        state.forwarding = true;
         Ok(())
     }
 

@@ -7,7 +7,12 @@
 //! instances. [`NetworkManager::attach`] plugs an instance in: a veth pair whose host end `bv…`
 //! is a port of the bridge and whose other end is `eth0` in the container's own network
 //! namespace (made by the runtime; addressed here by the container's init pid), with the
-//! instance's address and no default route: the connected subnet route is all it gets.
+//! instance's address, a MAC derived from it ([`instance_mac`]) and a default route via the
+//! gateway, so linked networks are reached by routing through the node (isolation is enforced by
+//! eBPF on the host veth, not by missing routes).
+//!
+//! Across nodes, `overlay` adds a VXLAN device `bx…` to the bridge and keeps its FDB and
+//! neighbour entries equal to the network's remote instances.
 //!
 //! Every kernel call goes through the [`Netlink`] trait: [`RtNetlink`] speaks rtnetlink, a fake
 //! in the unit tests records calls and injects failures.
@@ -16,20 +21,58 @@ use std::io;
 use std::net::Ipv4Addr;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::RwLock;
+use tokio::sync::{Mutex, RwLock};
 use tracing::{debug, info, instrument, warn};
 
 mod netlink;
+mod overlay;
+pub mod wireguard;
 
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
 mod tests;
 
-pub use netlink::{Link, LinkKind, Netlink, NetlinkError, PeerPlan, RtNetlink};
+pub use netlink::{
+    BridgePortFlags, FdbEntry, Link, LinkKind, Neighbour, Netlink, NetlinkError, PeerPlan,
+    RtNetlink, VethPlan, VxlanParams,
+};
+pub use overlay::{vxlan_name, Remote, SyncChanges, VXLAN_PORT};
 
 /// Name of the instance's interface inside its container.
 pub const CONTAINER_IFNAME: &str = "eth0";
+
+/// MTU of a network without overlay.
+pub const DEFAULT_MTU: u32 = 1500;
+/// MTU of a network over VXLAN on a 1500-byte underlay (50 bytes of VXLAN/UDP/IP/Ethernet).
+pub const VXLAN_MTU: u32 = 1450;
+/// MTU of a network over VXLAN inside WireGuard (1420 minus the VXLAN 50).
+pub const VXLAN_OVER_WIREGUARD_MTU: u32 = 1370;
+
+/// One berth network as this node plumbs it: what its bridge, VXLAN device and veths share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPlan {
+    /// Hub id of the network.
+    pub network_id: String,
+    /// Gateway address, the same on every node's bridge.
+    pub gateway: Ipv4Addr,
+    /// Prefix length of the network's CIDR.
+    pub prefix_len: u8,
+    /// MTU of the bridge, the VXLAN device and every veth of the network
+    /// ([`DEFAULT_MTU`], [`VXLAN_MTU`] or [`VXLAN_OVER_WIREGUARD_MTU`]).
+    pub mtu: u32,
+}
+
+/// What [`NetworkManager::attach`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// Name of the host-side veth.
+    pub veth: String,
+    /// Its interface index in the host namespace (where the tc program attaches).
+    pub ifindex: u32,
+    /// Hardware address of the container's `eth0`.
+    pub mac: [u8; 6],
+}
 
 /// Errors of container networking.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +123,43 @@ pub enum NetworkError {
         /// The rejected value.
         prefix_len: u8,
     },
+    /// A VNI VXLAN cannot carry (24 bits, 0 reserved here).
+    #[error("invalid vni {vni}: must be 1..=16777215")]
+    InvalidVni {
+        /// The rejected value.
+        vni: u32,
+    },
+    /// An MTU no berth network can have.
+    #[error("invalid mtu {mtu}: must be 1280..=65535")]
+    InvalidMtu {
+        /// The rejected value.
+        mtu: u32,
+    },
+    /// `sync_remotes` before the network's VXLAN device exists ([`NetworkManager::ensure_vxlan`]).
+    #[error("vxlan {name} of network {network_id} does not exist")]
+    VxlanMissing {
+        /// The berth network.
+        network_id: String,
+        /// Its VXLAN device's name on this node.
+        name: String,
+    },
+    /// A link with the VXLAN device's name exists but is something else: not ours to touch.
+    #[error("link {name} exists but is not a vxlan device")]
+    NotAVxlan {
+        /// The link's name.
+        name: String,
+    },
+    /// Some FDB or neighbour updates of a sync failed; the others were applied. Calling
+    /// `sync_remotes` again retries them.
+    #[error("syncing remotes of network {network_id}: {failed} update(s) failed, first: {first}")]
+    Sync {
+        /// The berth network.
+        network_id: String,
+        /// How many updates failed.
+        failed: usize,
+        /// The first failure.
+        first: Box<NetlinkError>,
+    },
     /// Attach failed, and so did removing what it had made.
     #[error("attaching instance {instance_id}: {error}; removing its veth {veth} afterwards failed too: {cleanup}")]
     AttachRollback {
@@ -103,6 +183,9 @@ pub struct NetworkManager<N: Netlink = RtNetlink> {
     // Shared by ensure_bridge/attach, exclusive for remove_bridge_if_unused: "no port" must stay
     // true between the check and the delete.
     bridges: RwLock<()>,
+    // Serialises the overlay's read-diff-write cycles: two syncs of one network interleaving
+    // could leave the older set in place.
+    overlay: Mutex<()>,
 }
 
 impl NetworkManager<RtNetlink> {
@@ -119,6 +202,7 @@ impl<N: Netlink> NetworkManager<N> {
         Self {
             netlink,
             bridges: RwLock::new(()),
+            overlay: Mutex::new(()),
         }
     }
 
@@ -127,19 +211,17 @@ impl<N: Netlink> NetworkManager<N> {
         &self.netlink
     }
 
-    /// Makes sure the bridge of `network_id` exists, carries `gateway/prefix_len` and is up;
-    /// returns its name. Idempotent, and safe to call concurrently for the same network.
+    /// Makes sure the bridge of `net` exists, carries `gateway/prefix_len`, has the network's
+    /// MTU and is up; returns its name. Idempotent, and safe to call concurrently for the same
+    /// network.
     ///
     /// Every node's bridge of one network carries the same gateway address (the hub hands it
     /// out): the node reaches its local instances through it.
-    #[instrument(skip(self), err)]
-    pub async fn ensure_bridge(
-        &self,
-        network_id: &str,
-        gateway: Ipv4Addr,
-        prefix_len: u8,
-    ) -> Result<String, NetworkError> {
-        check_prefix(prefix_len)?;
+    #[instrument(skip_all, fields(network_id = %net.network_id), err)]
+    pub async fn ensure_bridge(&self, net: &NetworkPlan) -> Result<String, NetworkError> {
+        check_plan(net)?;
+        let (network_id, gateway, prefix_len) =
+            (net.network_id.as_str(), net.gateway, net.prefix_len);
         let _shared = self.bridges.read().await;
         let name = bridge_name(network_id);
         let bridge = match self.netlink.link_get(&name).await? {
@@ -185,6 +267,11 @@ impl<N: Netlink> NetworkManager<N> {
                 Err(e) => return Err(e.into()),
             }
         }
+        if bridge.mtu != net.mtu {
+            // The kernel keeps an MTU set by hand even when ports come and go.
+            self.netlink.link_set_mtu(bridge.index, net.mtu).await?;
+            debug!(bridge = %name, mtu = net.mtu, "bridge mtu set");
+        }
         if !bridge.up {
             self.netlink.link_set_up(bridge.index).await?;
         }
@@ -193,21 +280,22 @@ impl<N: Netlink> NetworkManager<N> {
 
     /// Plugs an instance into its network's bridge (which must exist: [`Self::ensure_bridge`]).
     ///
-    /// Creates a veth pair: the host end [`host_veth_name`] becomes a port of the bridge, up, with
-    /// the bridge's MTU; the other end is created directly in the network namespace of `pid` as
-    /// `eth0`, gets `ip/prefix_len` and is brought up, along with `lo`. No default route: the
-    /// container reaches its subnet only. A stale host veth of the same name (an earlier attempt)
-    /// is deleted first, so this can be retried; on error, the veth it made is removed again.
-    #[instrument(skip(self), err)]
+    /// Creates a veth pair with the network's MTU: the host end [`host_veth_name`] becomes a
+    /// port of the bridge, up; the other end is created directly in the network namespace of
+    /// `pid` as `eth0` with the hardware address [`instance_mac`]`(ip)`, gets `ip/prefix_len`, a
+    /// default route via the gateway, and is brought up, along with `lo`. A stale host veth of
+    /// the same name (an earlier attempt) is deleted first, so this can be retried; on error,
+    /// the veth it made is removed again.
+    #[instrument(skip(self, net), fields(network_id = %net.network_id), err)]
     pub async fn attach(
         &self,
         instance_id: &str,
-        network_id: &str,
+        net: &NetworkPlan,
         pid: i32,
         ip: Ipv4Addr,
-        prefix_len: u8,
-    ) -> Result<(), NetworkError> {
-        check_prefix(prefix_len)?;
+    ) -> Result<Attached, NetworkError> {
+        check_plan(net)?;
+        let (network_id, prefix_len) = (net.network_id.as_str(), net.prefix_len);
         let _shared = self.bridges.read().await;
         let bridge_name = bridge_name(network_id);
         let bridge = self.netlink.link_get(&bridge_name).await?.ok_or_else(|| {
@@ -225,20 +313,29 @@ impl<N: Netlink> NetworkManager<N> {
             warn!(%veth, "deleting stale host veth left by an earlier attempt");
             self.delete_link(stale.index).await?;
         }
+        let mac = instance_mac(ip);
         // Nothing to undo if this fails: a netlink request is all or nothing.
         self.netlink
-            .link_add_veth(&veth, bridge.mtu, CONTAINER_IFNAME, pid)
+            .link_add_veth(&VethPlan {
+                name: veth.clone(),
+                mtu: net.mtu,
+                peer: CONTAINER_IFNAME.to_owned(),
+                peer_pid: pid,
+                peer_mac: mac,
+            })
             .await?;
         let plan = PeerPlan {
             ifname: CONTAINER_IFNAME.to_owned(),
             ip,
             prefix_len,
+            gateway: net.gateway,
         };
-        if let Err(error) = self.plug(&veth, bridge.index, pid, plan).await {
-            return Err(self.undo_veth(instance_id, &veth, error).await);
-        }
-        info!(%veth, bridge = %bridge_name, %ip, prefix_len, "instance attached");
-        Ok(())
+        let ifindex = match self.plug(&veth, bridge.index, pid, plan).await {
+            Ok(ifindex) => ifindex,
+            Err(error) => return Err(self.undo_veth(instance_id, &veth, error).await),
+        };
+        info!(%veth, ifindex, bridge = %bridge_name, %ip, prefix_len, mtu = net.mtu, "instance attached");
+        Ok(Attached { veth, ifindex, mac })
     }
 
     /// Removes the instance's host veth, and with it the pair. Ok if it is already gone.
@@ -252,28 +349,36 @@ impl<N: Netlink> NetworkManager<N> {
         Ok(())
     }
 
-    /// Deletes the network's bridge if no link is a port of it any more. Returns whether it
-    /// deleted it; `Ok(false)` when it does not exist or is still in use.
+    /// Deletes the network's bridge if no link but the network's own VXLAN device is a port of
+    /// it any more, and that VXLAN device with it (a node without local instances of a network
+    /// has no use for its overlay). Returns whether it deleted the bridge; `Ok(false)` when it
+    /// does not exist or is still in use.
     #[instrument(skip(self), err)]
     pub async fn remove_bridge_if_unused(&self, network_id: &str) -> Result<bool, NetworkError> {
         let _exclusive = self.bridges.write().await;
+        let _overlay = self.overlay.lock().await;
         let name = bridge_name(network_id);
+        let vxlan = vxlan_name(network_id);
         let Some(bridge) = self.netlink.link_get(&name).await? else {
             return Ok(false);
         };
         if bridge.kind != LinkKind::Bridge {
             return Err(NetworkError::NotABridge { name });
         }
-        let ports = self
+        let (overlay, ports): (Vec<Link>, Vec<Link>) = self
             .netlink
             .link_list()
             .await?
             .into_iter()
             .filter(|link| link.master == Some(bridge.index))
-            .count();
-        if ports > 0 {
-            debug!(bridge = %name, ports, "bridge still in use");
+            .partition(|link| link.name == vxlan && matches!(link.kind, LinkKind::Vxlan(_)));
+        if !ports.is_empty() {
+            debug!(bridge = %name, ports = ports.len(), "bridge still in use");
             return Ok(false);
+        }
+        for link in overlay {
+            self.delete_link(link.index).await?;
+            info!(vxlan = %link.name, network_id, "deleted vxlan of an unused bridge");
         }
         self.delete_link(bridge.index).await?;
         info!(bridge = %name, network_id, "deleted unused bridge");
@@ -281,13 +386,14 @@ impl<N: Netlink> NetworkManager<N> {
     }
 
     /// The steps of attach after the veth exists; any error here means the veth must go.
+    /// Returns the host end's index.
     async fn plug(
         &self,
         veth: &str,
         bridge_index: u32,
         pid: i32,
         plan: PeerPlan,
-    ) -> Result<(), NetworkError> {
+    ) -> Result<u32, NetworkError> {
         let host_end =
             self.netlink
                 .link_get(veth)
@@ -299,7 +405,8 @@ impl<N: Netlink> NetworkManager<N> {
             .link_set_master(host_end.index, bridge_index)
             .await?;
         self.netlink.link_set_up(host_end.index).await?;
-        self.netlink.configure_netns(pid, plan).await
+        self.netlink.configure_netns(pid, plan).await?;
+        Ok(host_end.index)
     }
 
     /// Removes the veth a failed attach made; returns the error to report.
@@ -332,7 +439,7 @@ impl<N: Netlink> NetworkManager<N> {
 }
 
 /// Sets up the container end of a veth from inside the container's namespace: `lo` up, the
-/// address on `plan.ifname`, then that link up. Adds no route beyond the connected subnet.
+/// address on `plan.ifname`, that link up, then the default route via `plan.gateway`.
 ///
 /// `netlink` must be bound to the container's namespace ([`Netlink::configure_netns`] does that).
 pub async fn configure_peer<N: Netlink>(netlink: &N, plan: &PeerPlan) -> Result<(), NetworkError> {
@@ -360,7 +467,19 @@ pub async fn configure_peer<N: Netlink>(netlink: &N, plan: &PeerPlan) -> Result<
         }
     }
     netlink.link_set_up(eth.index).await?;
+    // Needs the link up and the subnet route in place: the gateway must be reachable on it.
+    netlink
+        .route_replace_default(eth.index, plan.gateway)
+        .await?;
     Ok(())
+}
+
+/// Hardware address of an instance's `eth0`: `0a:58` and its IPv4 address (locally
+/// administered, unicast). Every node derives a remote instance's MAC from its IP, so the
+/// overlay's FDB and neighbour entries need nothing but the IP and the node.
+pub fn instance_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x0a, 0x58, a, b, c, d]
 }
 
 /// Name of the bridge of a berth network on every node: `bn-` and 12 hex digits (15 characters,
@@ -408,10 +527,20 @@ fn short_id(id: &str, prefix: &str) -> String {
     hex::encode(&digest[..6])
 }
 
-fn check_prefix(prefix_len: u8) -> Result<(), NetworkError> {
-    if (1..=32).contains(&prefix_len) {
+fn check_plan(net: &NetworkPlan) -> Result<(), NetworkError> {
+    if !(1..=32).contains(&net.prefix_len) {
+        return Err(NetworkError::InvalidPrefix {
+            prefix_len: net.prefix_len,
+        });
+    }
+    check_mtu(net.mtu)
+}
+
+fn check_mtu(mtu: u32) -> Result<(), NetworkError> {
+    // 1280: the IPv6 minimum, a floor no sane overlay goes under.
+    if (1280..=65535).contains(&mtu) {
         Ok(())
     } else {
-        Err(NetworkError::InvalidPrefix { prefix_len })
+        Err(NetworkError::InvalidMtu { mtu })
     }
 }

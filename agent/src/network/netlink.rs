@@ -10,12 +10,17 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, InfoVxlan, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::AddressFamily;
 use nix::sched::CloneFlags;
 use rtnetlink::{
-    AddressMessageBuilder, Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    AddressMessageBuilder, Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec,
+    LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
 use tokio::sync::oneshot;
 
@@ -36,6 +41,8 @@ pub struct Link {
     pub up: bool,
     /// Index of the bridge this link is a port of.
     pub master: Option<u32>,
+    /// The port settings berth cares about, when the link is a bridge port.
+    pub bridge_port: Option<BridgePortFlags>,
 }
 
 /// The link kinds `network` tells apart.
@@ -45,8 +52,50 @@ pub enum LinkKind {
     Bridge,
     /// One end of a veth pair.
     Veth,
+    /// A VXLAN device, with the settings berth compares.
+    Vxlan(VxlanParams),
     /// Anything else (loopback, physical, dummy...).
     Other,
+}
+
+/// The settings of a VXLAN device that decide whether an existing one can be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanParams {
+    /// The VXLAN network identifier.
+    pub vni: u32,
+    /// Source address of the encapsulated packets (the node's underlay address).
+    pub local: Option<Ipv4Addr>,
+    /// UDP destination port.
+    pub port: u16,
+    /// Whether the device learns remote MACs from received packets.
+    pub learning: bool,
+    /// Whether the device answers ARP requests from its own neighbour table.
+    pub proxy: bool,
+}
+
+/// Settings of a link as a bridge port (`IFLA_BRPORT_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BridgePortFlags {
+    /// The bridge learns source MACs of frames coming in on this port.
+    pub learning: bool,
+    /// The bridge answers ARP for this port's neighbours and keeps requests it answered away
+    /// from the port.
+    pub neigh_suppress: bool,
+}
+
+/// A veth pair to create: one end here, the other directly in a process's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethPlan {
+    /// Name of the end that stays here.
+    pub name: String,
+    /// MTU of both ends.
+    pub mtu: u32,
+    /// Name of the end in the process's namespace.
+    pub peer: String,
+    /// The process whose namespace receives the peer.
+    pub peer_pid: i32,
+    /// Hardware address of the peer.
+    pub peer_mac: [u8; 6],
 }
 
 /// How the container end of a veth pair is set up from inside the container's netns.
@@ -58,6 +107,28 @@ pub struct PeerPlan {
     pub ip: Ipv4Addr,
     /// Prefix length of the network.
     pub prefix_len: u8,
+    /// The network's gateway: the container's default route goes through it.
+    pub gateway: Ipv4Addr,
+}
+
+/// One forwarding database entry berth manages on a VXLAN device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FdbEntry {
+    /// The remote MAC.
+    pub mac: [u8; 6],
+    /// `None`: a static entry of the bridge the device is a port of (`NTF_MASTER`, frames to
+    /// `mac` go to this port). `Some(node)`: a permanent entry of the VXLAN device itself
+    /// (`NTF_SELF`, frames to `mac` are sent to the VTEP at `node`).
+    pub dst: Option<Ipv4Addr>,
+}
+
+/// A permanent IPv4 neighbour entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Neighbour {
+    /// The neighbour's address.
+    pub ip: Ipv4Addr,
+    /// Its hardware address.
+    pub mac: [u8; 6],
 }
 
 /// A failed netlink request: which operation, on what, and the kernel's errno when it gave one.
@@ -121,15 +192,32 @@ pub trait Netlink: Send + Sync + 'static {
         name: &str,
         mac: [u8; 6],
     ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
-    /// Creates a veth pair `name` here and `peer` directly in the network namespace of
-    /// `peer_pid`, both with `mtu`. The peer never shows up in this namespace, so its name
-    /// cannot collide with anything here.
+    /// Creates the veth pair of `plan`: `name` here and `peer` directly in the network
+    /// namespace of `peer_pid`, both with `mtu`. The peer never shows up in this namespace, so
+    /// its name cannot collide with anything here.
     fn link_add_veth(
         &self,
+        plan: &VethPlan,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Creates a VXLAN device (down, no master) with `params` and `mtu`, without a default
+    /// remote: it sends only to the destinations of its FDB entries.
+    fn link_add_vxlan(
+        &self,
         name: &str,
+        params: VxlanParams,
         mtu: u32,
-        peer: &str,
-        peer_pid: i32,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Sets the MTU of link `index`.
+    fn link_set_mtu(
+        &self,
+        index: u32,
+        mtu: u32,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Sets the bridge port settings of link `index` (which must be a bridge port).
+    fn link_set_bridge_port(
+        &self,
+        index: u32,
+        flags: BridgePortFlags,
     ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
     /// Makes link `index` a port of bridge `master`.
     fn link_set_master(
@@ -160,6 +248,51 @@ pub trait Netlink: Send + Sync + 'static {
         ip: Ipv4Addr,
         prefix_len: u8,
     ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Adds or replaces the default route: via `gateway` on link `index`.
+    fn route_replace_default(
+        &self,
+        index: u32,
+        gateway: Ipv4Addr,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// The FDB entries berth manages on link `index`: the device's own permanent entries with
+    /// their destination, and the bridge's static entries pointing at the port. Others (the
+    /// bridge's local entry for the port's own address, learned ones) are left out.
+    fn fdb_list(
+        &self,
+        index: u32,
+    ) -> impl Future<Output = Result<Vec<FdbEntry>, NetlinkError>> + Send;
+    /// Adds `entry` on link `index`, replacing one for the same MAC (and kind).
+    fn fdb_replace(
+        &self,
+        index: u32,
+        entry: FdbEntry,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Deletes the entry for `entry.mac` (of `entry`'s kind) on link `index`.
+    fn fdb_del(
+        &self,
+        index: u32,
+        entry: FdbEntry,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// The permanent IPv4 neighbour entries of link `index`.
+    fn neigh_list(
+        &self,
+        index: u32,
+    ) -> impl Future<Output = Result<Vec<Neighbour>, NetlinkError>> + Send;
+    /// Adds or replaces a permanent neighbour entry on link `index`.
+    fn neigh_replace(
+        &self,
+        index: u32,
+        neighbour: Neighbour,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Deletes the neighbour entry of `ip` on link `index`.
+    fn neigh_del(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+    ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
+    /// Turns on IPv4 forwarding (`net.ipv4.ip_forward`) in the calling thread's network
+    /// namespace.
+    fn enable_ipv4_forwarding(&self) -> impl Future<Output = Result<(), NetlinkError>> + Send;
     /// Runs [`configure_peer`] with `plan` on a netlink handle bound to the network namespace
     /// of process `pid`.
     fn configure_netns(
@@ -237,23 +370,21 @@ impl Netlink for RtNetlink {
             .map_err(|e| NetlinkError::from_rtnetlink("link_add_bridge", name, e))
     }
 
-    async fn link_add_veth(
-        &self,
-        name: &str,
-        mtu: u32,
-        peer: &str,
-        peer_pid: i32,
-    ) -> Result<(), NetlinkError> {
-        let target = format!("{name} (peer {peer} in pid {peer_pid})");
-        let pid = u32::try_from(peer_pid)
+    async fn link_add_veth(&self, plan: &VethPlan) -> Result<(), NetlinkError> {
+        let target = format!(
+            "{} (peer {} in pid {})",
+            plan.name, plan.peer, plan.peer_pid
+        );
+        let pid = u32::try_from(plan.peer_pid)
             .map_err(|_| NetlinkError::from_errno("link_add_veth", &target, libc::ESRCH))?;
-        let peer_message = LinkUnspec::new_with_name(peer)
-            .mtu(mtu)
+        let peer_message = LinkUnspec::new_with_name(&plan.peer)
+            .mtu(plan.mtu)
+            .address(plan.peer_mac.to_vec())
             .setns_by_pid(pid)
             .build();
         let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(name)
-            .mtu(mtu)
+            .name(plan.name.clone())
+            .mtu(plan.mtu)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_message)))
             .build();
         self.handle
@@ -262,6 +393,52 @@ impl Netlink for RtNetlink {
             .execute()
             .await
             .map_err(|e| NetlinkError::from_rtnetlink("link_add_veth", target, e))
+    }
+
+    async fn link_add_vxlan(
+        &self,
+        name: &str,
+        params: VxlanParams,
+        mtu: u32,
+    ) -> Result<(), NetlinkError> {
+        let mut builder = LinkVxlan::new(name, params.vni)
+            .port(params.port)
+            .learning(params.learning)
+            .proxy(params.proxy)
+            .mtu(mtu);
+        if let Some(local) = params.local {
+            builder = builder.local(local);
+        }
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("link_add_vxlan", name, e))
+    }
+
+    async fn link_set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let message = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.change("link_set_mtu", index, message).await
+    }
+
+    async fn link_set_bridge_port(
+        &self,
+        index: u32,
+        flags: BridgePortFlags,
+    ) -> Result<(), NetlinkError> {
+        let message = LinkBridgePort::new(index)
+            .learning(flags.learning)
+            .neigh_suppress(flags.neigh_suppress)
+            .build();
+        self.handle
+            .link()
+            .set_port(message)
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::from_rtnetlink("link_set_bridge_port", format!("link #{index}"), e)
+            })
     }
 
     async fn link_set_master(&self, index: u32, master: u32) -> Result<(), NetlinkError> {
@@ -330,6 +507,151 @@ impl Netlink for RtNetlink {
             })
     }
 
+    async fn route_replace_default(
+        &self,
+        index: u32,
+        gateway: Ipv4Addr,
+    ) -> Result<(), NetlinkError> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(index)
+            .gateway(gateway)
+            .build();
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::from_rtnetlink(
+                    "route_replace_default",
+                    format!("default via {gateway} on link #{index}"),
+                    e,
+                )
+            })
+    }
+
+    async fn fdb_list(&self, index: u32) -> Result<Vec<FdbEntry>, NetlinkError> {
+        // The kernel filters bridge dumps by port only with strict checking on: filter here.
+        let messages: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("fdb_list", format!("link #{index}"), e))?;
+        Ok(messages
+            .iter()
+            .filter(|m| m.header.ifindex == index)
+            .filter_map(fdb_of)
+            .collect())
+    }
+
+    async fn fdb_replace(&self, index: u32, entry: FdbEntry) -> Result<(), NetlinkError> {
+        let mut request = self
+            .handle
+            .neighbours()
+            .add_bridge(index, &entry.mac)
+            .replace();
+        let message = request.message_mut();
+        fill_fdb_header(message, entry);
+        if let Some(dst) = entry.dst {
+            message
+                .attributes
+                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        }
+        request
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("fdb_replace", fdb_target(index, entry), e))
+    }
+
+    async fn fdb_del(&self, index: u32, entry: FdbEntry) -> Result<(), NetlinkError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Bridge;
+        message.header.ifindex = index;
+        fill_fdb_header(&mut message, entry);
+        // No destination: the whole entry for the MAC goes, whatever VTEP it pointed at.
+        message
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(entry.mac.to_vec()));
+        self.handle
+            .neighbours()
+            .del(message)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("fdb_del", fdb_target(index, entry), e))
+    }
+
+    async fn neigh_list(&self, index: u32) -> Result<Vec<Neighbour>, NetlinkError> {
+        let messages: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::from_rtnetlink("neigh_list", format!("link #{index}"), e))?;
+        Ok(messages
+            .iter()
+            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+            .filter_map(neighbour_of)
+            .collect())
+    }
+
+    async fn neigh_replace(&self, index: u32, neighbour: Neighbour) -> Result<(), NetlinkError> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(neighbour.ip))
+            .link_layer_address(&neighbour.mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::from_rtnetlink(
+                    "neigh_replace",
+                    format!(
+                        "{} lladdr {} on link #{index}",
+                        neighbour.ip,
+                        mac_text(&neighbour.mac)
+                    ),
+                    e,
+                )
+            })
+    }
+
+    async fn neigh_del(&self, index: u32, ip: Ipv4Addr) -> Result<(), NetlinkError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Inet;
+        message.header.ifindex = index;
+        message
+            .attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        self.handle
+            .neighbours()
+            .del(message)
+            .execute()
+            .await
+            .map_err(|e| {
+                NetlinkError::from_rtnetlink("neigh_del", format!("{ip} on link #{index}"), e)
+            })
+    }
+
+    async fn enable_ipv4_forwarding(&self) -> Result<(), NetlinkError> {
+        // A one-byte write to procfs: done right here, on the calling thread, because
+        // /proc/sys/net follows the namespace of the thread that opens it.
+        std::fs::write(IP_FORWARD, b"1").map_err(|e| NetlinkError {
+            op: "enable_ipv4_forwarding",
+            target: IP_FORWARD.to_owned(),
+            errno: e.raw_os_error(),
+            message: e.to_string(),
+        })
+    }
+
     async fn configure_netns(&self, pid: i32, plan: PeerPlan) -> Result<(), NetworkError> {
         let path = format!("/proc/{pid}/ns/net");
         let netns = File::open(&path).map_err(|error| NetworkError::Netns { pid, error })?;
@@ -366,6 +688,82 @@ fn configure_in_thread(pid: i32, netns: File, plan: &PeerPlan) -> Result<(), Net
     })
 }
 
+/// Where the IPv4 forwarding switch of the caller's network namespace lives.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub(crate) fn mac_text(mac: &[u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+fn fdb_target(index: u32, entry: FdbEntry) -> String {
+    match entry.dst {
+        Some(dst) => format!("{} dst {dst} self on link #{index}", mac_text(&entry.mac)),
+        None => format!("{} master static on link #{index}", mac_text(&entry.mac)),
+    }
+}
+
+/// Flags and state of an FDB request for `entry`'s kind.
+fn fill_fdb_header(message: &mut NeighbourMessage, entry: FdbEntry) {
+    if entry.dst.is_some() {
+        // The VXLAN driver takes only permanent or reachable entries.
+        message.header.flags = NeighbourFlags::Own;
+        message.header.state = NeighbourState::Permanent;
+    } else {
+        // For the bridge, "permanent" means local (frames to it are delivered to the host):
+        // a remote MAC must be static, which the bridge calls NOARP.
+        message.header.flags = NeighbourFlags::Controller;
+        message.header.state = NeighbourState::Noarp;
+    }
+}
+
+fn mac_of(bytes: &[u8]) -> Option<[u8; 6]> {
+    bytes.try_into().ok()
+}
+
+/// An FDB entry berth manages, from a dump message already filtered by link.
+fn fdb_of(message: &NeighbourMessage) -> Option<FdbEntry> {
+    let mut mac = None;
+    let mut dst = None;
+    let mut controller = false;
+    for attribute in &message.attributes {
+        match attribute {
+            NeighbourAttribute::LinkLayerAddress(bytes) => mac = mac_of(bytes),
+            // Bridge-family messages carry the address undecoded.
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+            NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => {
+                dst = <[u8; 4]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(Ipv4Addr::from);
+            }
+            NeighbourAttribute::Controller(_) => controller = true,
+            _ => {}
+        }
+    }
+    let mac = mac?;
+    let state = message.header.state;
+    if controller || message.header.flags.contains(NeighbourFlags::Controller) {
+        (state == NeighbourState::Noarp).then_some(FdbEntry { mac, dst: None })
+    } else if message.header.flags.contains(NeighbourFlags::Own) {
+        (state == NeighbourState::Permanent && dst.is_some()).then_some(FdbEntry { mac, dst })
+    } else {
+        None
+    }
+}
+
+fn neighbour_of(message: &NeighbourMessage) -> Option<Neighbour> {
+    let mut ip = None;
+    let mut mac = None;
+    for attribute in &message.attributes {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)) => ip = Some(*addr),
+            NeighbourAttribute::LinkLayerAddress(bytes) => mac = mac_of(bytes),
+            _ => {}
+        }
+    }
+    Some(Neighbour { ip: ip?, mac: mac? })
+}
+
 fn errno_of(err: &rtnetlink::Error) -> Option<i32> {
     match err {
         rtnetlink::Error::NetlinkError(message) => message.code.map(|code| code.get().abs()),
@@ -381,6 +779,7 @@ fn link_from_message(message: &LinkMessage) -> Link {
         mtu: 0,
         up: message.header.flags.contains(LinkFlags::Up),
         master: None,
+        bridge_port: None,
     };
     for attribute in &message.attributes {
         match attribute {
@@ -392,6 +791,12 @@ fn link_from_message(message: &LinkMessage) -> Link {
                     match info {
                         LinkInfo::Kind(InfoKind::Bridge) => link.kind = LinkKind::Bridge,
                         LinkInfo::Kind(InfoKind::Veth) => link.kind = LinkKind::Veth,
+                        LinkInfo::Data(InfoData::Vxlan(infos)) => {
+                            link.kind = LinkKind::Vxlan(vxlan_params_of(infos));
+                        }
+                        LinkInfo::PortData(InfoPortData::BridgePort(infos)) => {
+                            link.bridge_port = Some(bridge_port_of(infos));
+                        }
                         _ => {}
                     }
                 }
@@ -400,6 +805,43 @@ fn link_from_message(message: &LinkMessage) -> Link {
         }
     }
     link
+}
+
+fn vxlan_params_of(infos: &[InfoVxlan]) -> VxlanParams {
+    // Kernel defaults, for attributes a dump leaves out.
+    let mut params = VxlanParams {
+        vni: 0,
+        local: None,
+        port: 0,
+        learning: true,
+        proxy: false,
+    };
+    for info in infos {
+        match info {
+            InfoVxlan::Id(vni) => params.vni = *vni,
+            InfoVxlan::Local(ip) => params.local = Some(*ip),
+            InfoVxlan::Port(port) => params.port = *port,
+            InfoVxlan::Learning(on) => params.learning = *on,
+            InfoVxlan::Proxy(on) => params.proxy = *on,
+            _ => {}
+        }
+    }
+    params
+}
+
+fn bridge_port_of(infos: &[InfoBridgePort]) -> BridgePortFlags {
+    let mut flags = BridgePortFlags {
+        learning: true,
+        neigh_suppress: false,
+    };
+    for info in infos {
+        match info {
+            InfoBridgePort::Learning(on) => flags.learning = *on,
+            InfoBridgePort::NeighSupress(on) => flags.neigh_suppress = *on,
+            _ => {}
+        }
+    }
+    flags
 }
 
 fn ipv4_of(message: &AddressMessage) -> Option<(Ipv4Addr, u8)> {

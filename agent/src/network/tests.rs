@@ -13,16 +13,26 @@ const PID: i32 = 4242;
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 const IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 7);
 
+fn plan() -> NetworkPlan {
+    plan_with(16, VXLAN_MTU)
+}
+
+fn plan_with(prefix_len: u8, mtu: u32) -> NetworkPlan {
+    NetworkPlan {
+        network_id: NET.to_owned(),
+        gateway: GATEWAY,
+        prefix_len,
+        mtu,
+    }
+}
+
 fn manager() -> NetworkManager<FakeNetlink> {
     NetworkManager::with_netlink(FakeNetlink::new())
 }
 
 async fn manager_with_bridge() -> NetworkManager<FakeNetlink> {
     let manager = manager();
-    manager
-        .ensure_bridge(NET, GATEWAY, 16)
-        .await
-        .expect("ensure_bridge");
+    manager.ensure_bridge(&plan()).await.expect("ensure_bridge");
     manager
 }
 
@@ -31,7 +41,15 @@ fn mutations(calls: &[String]) -> Vec<String> {
     calls
         .iter()
         .filter(|c| {
-            !c.contains(" link_get ") && !c.contains(" link_list") && !c.contains(" addr_list ")
+            ![
+                " link_get ",
+                " link_list",
+                " addr_list ",
+                " fdb_list ",
+                " neigh_list ",
+            ]
+            .iter()
+            .any(|read| c.contains(read))
         })
         .cloned()
         .collect()
@@ -61,11 +79,15 @@ fn the_real_manager_and_its_futures_are_send() {
     fn send<T: Send>(_: &T) {}
     send_sync::<NetworkManager>();
     // Never called: only has to type-check, so the reconciler can tokio::spawn these calls.
-    let _check = |m: &'static NetworkManager| {
-        send(&m.ensure_bridge(NET, GATEWAY, 16));
-        send(&m.attach(INS, NET, PID, IP, 16));
+    let _check = |m: &'static NetworkManager, net: &'static NetworkPlan| {
+        send(&m.ensure_bridge(net));
+        send(&m.attach(INS, net, PID, IP));
         send(&m.detach(INS));
         send(&m.remove_bridge_if_unused(NET));
+        send(&m.ensure_vxlan(NET, 7, IP, VXLAN_MTU));
+        send(&m.sync_remotes(NET, &[]));
+        send(&m.remove_vxlan(NET));
+        send(&m.ensure_forwarding());
     };
 }
 
@@ -107,15 +129,13 @@ fn bridge_macs_are_stable_local_unicast_and_per_network() {
 #[tokio::test]
 async fn ensure_bridge_creates_addresses_and_ups_then_is_a_no_op() {
     let manager = manager();
-    let name = manager
-        .ensure_bridge(NET, GATEWAY, 16)
-        .await
-        .expect("first");
+    let name = manager.ensure_bridge(&plan()).await.expect("first");
     assert_eq!(name, BRIDGE);
     let fake = manager.netlink();
     let bridge = fake.link(Ns::Host, BRIDGE).expect("bridge exists");
     assert_eq!(bridge.kind, LinkKind::Bridge);
     assert!(bridge.up);
+    assert_eq!(bridge.mtu, VXLAN_MTU);
     assert_eq!(fake.addresses(Ns::Host, BRIDGE), vec![(GATEWAY, 16)]);
     let mac = bridge_mac(NET).map(|b| format!("{b:02x}")).join(":");
     assert!(fake
@@ -123,10 +143,7 @@ async fn ensure_bridge_creates_addresses_and_ups_then_is_a_no_op() {
         .contains(&format!("host link_add_bridge {BRIDGE} mac {mac}")));
 
     let before = fake.calls().len();
-    manager
-        .ensure_bridge(NET, GATEWAY, 16)
-        .await
-        .expect("second");
+    manager.ensure_bridge(&plan()).await.expect("second");
     let again = mutations(&fake.calls()[before..]);
     assert!(
         again.is_empty(),
@@ -142,10 +159,7 @@ async fn ensure_bridge_fixes_a_bridge_found_down_and_a_stale_prefix() {
     fake.addr_add(index, GATEWAY, 24)
         .await
         .expect("seed address");
-    manager
-        .ensure_bridge(NET, GATEWAY, 16)
-        .await
-        .expect("ensure");
+    manager.ensure_bridge(&plan()).await.expect("ensure");
     assert_eq!(fake.addresses(Ns::Host, BRIDGE), vec![(GATEWAY, 16)]);
     assert!(fake.link(Ns::Host, BRIDGE).expect("bridge").up);
 }
@@ -155,7 +169,7 @@ async fn ensure_bridge_refuses_a_link_that_is_not_a_bridge() {
     let manager = manager();
     manager.netlink().add_link(Ns::Host, BRIDGE, LinkKind::Veth);
     let err = manager
-        .ensure_bridge(NET, GATEWAY, 16)
+        .ensure_bridge(&plan())
         .await
         .expect_err("not a bridge");
     assert!(
@@ -169,7 +183,7 @@ async fn ensure_bridge_reports_kernel_errors_with_the_operation() {
     let manager = manager();
     manager.netlink().fail("addr_add", libc::EPERM);
     let err = manager
-        .ensure_bridge(NET, GATEWAY, 16)
+        .ensure_bridge(&plan())
         .await
         .expect_err("addr_add fails");
     let message = err.to_string();
@@ -185,15 +199,27 @@ async fn invalid_prefixes_are_refused_before_touching_the_kernel() {
     let manager = manager();
     for prefix in [0, 33] {
         let err = manager
-            .ensure_bridge(NET, GATEWAY, prefix)
+            .ensure_bridge(&plan_with(prefix, DEFAULT_MTU))
             .await
             .expect_err("bad prefix");
         assert!(matches!(err, NetworkError::InvalidPrefix { prefix_len } if prefix_len == prefix));
         let err = manager
-            .attach(INS, NET, PID, IP, prefix)
+            .attach(INS, &plan_with(prefix, DEFAULT_MTU), PID, IP)
             .await
             .expect_err("bad prefix");
         assert!(matches!(err, NetworkError::InvalidPrefix { .. }));
+    }
+    for mtu in [0, 1279, 65536] {
+        let err = manager
+            .ensure_bridge(&plan_with(16, mtu))
+            .await
+            .expect_err("bad mtu");
+        assert!(matches!(err, NetworkError::InvalidMtu { mtu: m } if m == mtu));
+        let err = manager
+            .attach(INS, &plan_with(16, mtu), PID, IP)
+            .await
+            .expect_err("bad mtu");
+        assert!(matches!(err, NetworkError::InvalidMtu { .. }));
     }
     assert!(manager.netlink().calls().is_empty());
 }
@@ -201,14 +227,22 @@ async fn invalid_prefixes_are_refused_before_touching_the_kernel() {
 #[tokio::test]
 async fn attach_plugs_a_veth_into_the_bridge_and_configures_eth0() {
     let manager = manager_with_bridge().await;
-    manager.attach(INS, NET, PID, IP, 16).await.expect("attach");
+    let attached = manager.attach(INS, &plan(), PID, IP).await.expect("attach");
     let fake = manager.netlink();
 
     let bridge = fake.link(Ns::Host, BRIDGE).expect("bridge");
     let host_end = fake.link(Ns::Host, VETH).expect("host veth");
     assert_eq!(host_end.master, Some(bridge.index));
     assert!(host_end.up);
-    assert_eq!(host_end.mtu, bridge.mtu);
+    assert_eq!(host_end.mtu, VXLAN_MTU);
+    assert_eq!(
+        attached,
+        Attached {
+            veth: VETH.to_owned(),
+            ifindex: host_end.index,
+            mac: [0x0a, 0x58, 10, 10, 0, 7],
+        }
+    );
     assert!(
         fake.link(Ns::Host, CONTAINER_IFNAME).is_none(),
         "peer must never live in the host"
@@ -218,21 +252,59 @@ async fn attach_plugs_a_veth_into_the_bridge_and_configures_eth0() {
         .link(Ns::Pid(PID), CONTAINER_IFNAME)
         .expect("eth0 in the container");
     assert!(eth0.up);
-    assert_eq!(eth0.mtu, bridge.mtu);
+    assert_eq!(eth0.mtu, VXLAN_MTU);
+    assert_eq!(
+        fake.mac(Ns::Pid(PID), CONTAINER_IFNAME),
+        Some(instance_mac(IP))
+    );
     assert_eq!(
         fake.addresses(Ns::Pid(PID), CONTAINER_IFNAME),
         vec![(IP, 16)]
     );
     assert!(fake.link(Ns::Pid(PID), "lo").expect("lo").up);
-    // The trait has no route operation at all: a default route cannot appear by accident.
-    assert!(fake.calls().iter().all(|c| !c.contains("route")));
+    assert_eq!(
+        fake.default_gateway(Ns::Pid(PID), CONTAINER_IFNAME),
+        Some(GATEWAY)
+    );
+    // The only route berth adds, and only inside the container.
+    let routes: Vec<String> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.contains("route"))
+        .collect();
+    assert_eq!(
+        routes,
+        vec![format!(
+            "pid{PID} route_replace_default #{} via {GATEWAY}",
+            eth0.index
+        )]
+    );
+}
+
+#[test]
+fn instance_macs_embed_the_ip_and_are_local_unicast() {
+    let mac = instance_mac(Ipv4Addr::new(10, 77, 0, 9));
+    assert_eq!(mac, [0x0a, 0x58, 10, 77, 0, 9]);
+    assert_eq!(mac[0] & 0b11, 0b10, "locally administered, unicast");
+    assert_ne!(mac, instance_mac(Ipv4Addr::new(10, 77, 0, 10)));
+}
+
+#[tokio::test]
+async fn ensure_bridge_follows_a_changed_mtu() {
+    let manager = manager_with_bridge().await;
+    manager
+        .ensure_bridge(&plan_with(16, VXLAN_OVER_WIREGUARD_MTU))
+        .await
+        .expect("new mtu");
+    let bridge = manager.netlink().link(Ns::Host, BRIDGE).expect("bridge");
+    assert_eq!(bridge.mtu, VXLAN_OVER_WIREGUARD_MTU);
 }
 
 #[tokio::test]
 async fn attach_without_bridge_fails_and_makes_nothing() {
     let manager = manager();
     let err = manager
-        .attach(INS, NET, PID, IP, 16)
+        .attach(INS, &plan(), PID, IP)
         .await
         .expect_err("no bridge");
     assert!(
@@ -247,7 +319,7 @@ async fn attach_to_a_vanished_process_leaves_no_veth() {
     let manager = manager_with_bridge().await;
     manager.netlink().kill(PID);
     let err = manager
-        .attach(INS, NET, PID, IP, 16)
+        .attach(INS, &plan(), PID, IP)
         .await
         .expect_err("dead pid");
     assert!(
@@ -259,13 +331,14 @@ async fn attach_to_a_vanished_process_leaves_no_veth() {
 
 #[tokio::test]
 async fn attach_removes_its_veth_when_any_later_step_fails() {
-    let cases: [(Option<Ns>, &'static str); 6] = [
+    let cases: [(Option<Ns>, &'static str); 7] = [
         (Some(Ns::Host), "link_set_master"),
         (Some(Ns::Host), "link_set_up"),
         (None, "configure_netns"),
         (Some(Ns::Pid(PID)), "link_get"),
         (Some(Ns::Pid(PID)), "addr_add"),
         (Some(Ns::Pid(PID)), "link_set_up"),
+        (Some(Ns::Pid(PID)), "route_replace_default"),
     ];
     for (ns, op) in cases {
         let manager = manager_with_bridge().await;
@@ -274,14 +347,14 @@ async fn attach_removes_its_veth_when_any_later_step_fails() {
             Some(ns) => fake.fail_in(ns, op, libc::EBUSY),
             None => fake.fail(op, libc::EBUSY),
         }
-        let err = manager.attach(INS, NET, PID, IP, 16).await.expect_err(op);
+        let err = manager.attach(INS, &plan(), PID, IP).await.expect_err(op);
         assert!(
             matches!(err, NetworkError::Netlink(ref e) if e.is(libc::EBUSY) && e.op == op),
             "{op}: {err}"
         );
         assert_no_veth(fake);
         // And a retry then works.
-        manager.attach(INS, NET, PID, IP, 16).await.expect("retry");
+        manager.attach(INS, &plan(), PID, IP).await.expect("retry");
         assert!(
             fake.link(Ns::Host, VETH).is_some(),
             "{op}: retry made no veth"
@@ -296,7 +369,7 @@ async fn attach_reports_both_errors_when_the_cleanup_fails_too() {
     fake.fail_in(Ns::Pid(PID), "addr_add", libc::EBUSY);
     fake.fail("link_del", libc::EPERM);
     let err = manager
-        .attach(INS, NET, PID, IP, 16)
+        .attach(INS, &plan(), PID, IP)
         .await
         .expect_err("both fail");
     match &err {
@@ -324,7 +397,7 @@ async fn attach_deletes_a_stale_veth_of_the_same_instance_first() {
     let manager = manager_with_bridge().await;
     let fake = manager.netlink();
     let stale = fake.add_link(Ns::Host, VETH, LinkKind::Veth);
-    manager.attach(INS, NET, PID, IP, 16).await.expect("attach");
+    manager.attach(INS, &plan(), PID, IP).await.expect("attach");
     let host_end = fake.link(Ns::Host, VETH).expect("new veth");
     assert_ne!(host_end.index, stale);
     assert!(fake.calls().contains(&format!("host link_del #{stale}")));
@@ -333,7 +406,7 @@ async fn attach_deletes_a_stale_veth_of_the_same_instance_first() {
 #[tokio::test]
 async fn detach_removes_the_pair_and_is_idempotent() {
     let manager = manager_with_bridge().await;
-    manager.attach(INS, NET, PID, IP, 16).await.expect("attach");
+    manager.attach(INS, &plan(), PID, IP).await.expect("attach");
     manager.detach(INS).await.expect("detach");
     assert_no_veth(manager.netlink());
     manager.detach(INS).await.expect("second detach");
@@ -342,7 +415,7 @@ async fn detach_removes_the_pair_and_is_idempotent() {
 #[tokio::test]
 async fn detach_tolerates_a_veth_vanishing_under_it() {
     let manager = manager_with_bridge().await;
-    manager.attach(INS, NET, PID, IP, 16).await.expect("attach");
+    manager.attach(INS, &plan(), PID, IP).await.expect("attach");
     manager.netlink().fail("link_del", libc::ENODEV);
     manager.detach(INS).await.expect("ENODEV counts as gone");
 }
@@ -350,7 +423,7 @@ async fn detach_tolerates_a_veth_vanishing_under_it() {
 #[tokio::test]
 async fn remove_bridge_only_when_no_port_is_left() {
     let manager = manager_with_bridge().await;
-    manager.attach(INS, NET, PID, IP, 16).await.expect("attach");
+    manager.attach(INS, &plan(), PID, IP).await.expect("attach");
     assert!(!manager.remove_bridge_if_unused(NET).await.expect("in use"));
     assert!(manager.netlink().link(Ns::Host, BRIDGE).is_some());
 

@@ -46,6 +46,48 @@ fn parse_mount_points(mountinfo: &str) -> Vec<PathBuf> {
     out
 }
 
+/// Mount point of the cgroup2 hierarchy (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified`
+/// on hybrid ones), where cgroup-attached eBPF programs live.
+pub fn cgroup2_mount() -> io::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    parse_cgroup2_mount(&info).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no cgroup2 hierarchy is mounted (needed for service routing)",
+        )
+    })
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        (post.split_whitespace().next()? == "cgroup2")
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// Whether libcgroups manages containers in the cgroup2 hierarchy itself (a unified host). On hybrid
+/// hosts it uses the v1 hierarchies only, and berth adds each container to cgroup2 on its own.
+pub fn is_unified(cgroup2: &Path) -> bool {
+    cgroup2 == Path::new("/sys/fs/cgroup")
+}
+
+/// Puts `pid` into the cgroup2 group `/<parent>/<id>` (created if missing) so the eBPF programs
+/// attached to `/<parent>` see its sockets. Only needed on hybrid hosts; children forked later
+/// inherit it.
+pub fn join_cgroup2(cgroup2: &Path, parent: &str, id: &str, pid: i32) -> Result<(), RuntimeError> {
+    let dir = cgroup2.join(parent).join(id);
+    let err = |op: &'static str, e: io::Error| RuntimeError::Io {
+        op,
+        path: dir.clone(),
+        source: e,
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| err("create cgroup2 group", e))?;
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+        .map_err(|e| err("join cgroup2 group", e))
+}
+
 /// Existing directories of the cgroup `/<parent>/<id>` across all hierarchies.
 pub fn container_dirs(parent: &str, id: &str) -> Vec<PathBuf> {
     existing_under(&Path::new(parent).join(id))
@@ -112,9 +154,15 @@ pub(crate) fn remove_container(parent: &str, id: &str) -> Result<(), RuntimeErro
     Ok(())
 }
 
-/// Removes `/<parent>` in every hierarchy where it has no child cgroup and no process left.
+/// Removes `/<parent>` in every hierarchy where it has no child cgroup and no process left, except
+/// in the cgroup2 hierarchy: there the parent carries the node's eBPF programs (service routing)
+/// and belongs to the data plane, which removes it when it unloads.
 pub(crate) fn remove_parent_if_empty(parent: &str) {
+    let cgroup2 = cgroup2_mount().ok();
     for dir in parent_dirs(parent) {
+        if cgroup2.as_deref().is_some_and(|m| dir.parent() == Some(m)) {
+            continue;
+        }
         match std::fs::remove_dir(&dir) {
             Ok(()) => tracing::debug!(path = %dir.display(), "removed empty cgroup parent"),
             // Busy or not empty: another container of this node still lives there.
@@ -131,6 +179,29 @@ fn is_busy(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EBUSY) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST)
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+mod cgroup2_tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_on_hybrid_and_unified_hosts() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                      40 31 0:35 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        let found = parse_cgroup2_mount(hybrid).unwrap();
+        assert_eq!(found, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert!(!is_unified(&found));
+        let unified = "31 23 0:28 / /sys/fs/cgroup rw,relatime shared:4 - cgroup2 cgroup2 rw\n";
+        let found = parse_cgroup2_mount(unified).unwrap();
+        assert!(is_unified(&found));
+        assert_eq!(
+            parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
+    }
 }
 
 #[cfg(test)]

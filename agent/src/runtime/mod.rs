@@ -41,6 +41,9 @@ pub struct ContainerConfig {
     pub cpu_millis: u64,
     /// Memory limit in bytes; 0 means no limit.
     pub memory_bytes: u64,
+    /// A host file bind-mounted read-only at `/etc/resolv.conf` (the node's DNS for berth names).
+    #[serde(default)]
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// A container's state as youki records it, refreshed against the live process.

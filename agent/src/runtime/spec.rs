@@ -194,7 +194,7 @@ pub fn build_spec(cfg: &ContainerConfig, cgroup_parent: &str) -> Result<Spec, Ru
                 .map_err(spec_err)?,
         )
         .process(process)
-        .mounts(default_mounts().map_err(spec_err)?)
+        .mounts(mounts(cfg).map_err(spec_err)?)
         .linux(linux)
         .build()
         .map_err(spec_err)?;
@@ -280,6 +280,22 @@ fn mount(
         .source(source)
         .options(options.iter().map(|o| (*o).to_owned()).collect::<Vec<_>>())
         .build()
+}
+
+/// runc's default mounts, then the instance's own.
+fn mounts(cfg: &ContainerConfig) -> Result<Vec<Mount>, oci_spec::OciSpecError> {
+    let mut mounts = default_mounts()?;
+    if let Some(resolv) = &cfg.resolv_conf {
+        mounts.push(
+            MountBuilder::default()
+                .destination("/etc/resolv.conf")
+                .typ("bind")
+                .source(resolv.clone())
+                .options(vec!["rbind".to_owned(), "ro".to_owned()])
+                .build()?,
+        );
+    }
+    Ok(mounts)
 }
 
 /// runc's default mounts.

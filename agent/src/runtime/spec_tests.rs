@@ -19,6 +19,7 @@ fn cfg() -> ContainerConfig {
         hostname: "web-1".into(),
         cpu_millis: 500,
         memory_bytes: 64 * 1024 * 1024,
+        resolv_conf: None,
     }
 }
 
@@ -222,4 +223,33 @@ fn invalid_configs_are_rejected() {
             Err(RuntimeError::InvalidCgroupParent { .. })
         ));
     }
+}
+
+#[test]
+fn resolv_conf_is_bind_mounted_read_only() {
+    let spec = build_spec(&cfg(), "berth-n1").unwrap();
+    assert!(!spec
+        .mounts()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|m| m.destination() == std::path::Path::new("/etc/resolv.conf")));
+    let mut with = cfg();
+    with.resolv_conf = Some(PathBuf::from("/var/lib/berth/instances/x/resolv.conf"));
+    let spec = build_spec(&with, "berth-n1").unwrap();
+    let m = spec
+        .mounts()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.destination() == std::path::Path::new("/etc/resolv.conf"))
+        .expect("a resolv.conf mount");
+    assert_eq!(m.typ().as_deref(), Some("bind"));
+    assert_eq!(
+        m.source().as_deref(),
+        Some(std::path::Path::new(
+            "/var/lib/berth/instances/x/resolv.conf"
+        ))
+    );
+    assert!(m.options().as_ref().unwrap().contains(&"ro".to_owned()));
 }

@@ -486,6 +486,8 @@ impl Reconciler {
                 name: network.value.name.clone(),
                 cidr: network.value.cidr.clone(),
                 gateway: network.value.gateway.clone(),
+                vni: network.value.vni,
+                encrypted: network.value.encrypted,
             }),
             ip: ip.to_string(),
         };
