@@ -85,14 +85,14 @@ pub fn net(args: &NetArgs) -> anyhow::Result<()> {
     println!("bench: hosts {n1} -> {n2}");
     rows.push(bench.hosts(n1, n2)?);
     println!("{}", rows[0].line());
-    for (encrypted, name, cidr) in [
-        (false, "benchvxlan", "10.93.0.0/24"),
-        (true, "benchwg", "10.94.0.0/24"),
+    let plain = bench.network("benchvxlan", "10.93.0.0/24", false)?;
+    let encrypted = bench.network("benchwg", "10.94.0.0/24", true)?;
+    for (net, label, name) in [
+        (&plain, "VXLAN", "web-vxlan"),
+        (&encrypted, "WireGuard", "web-wg"),
     ] {
-        let label = if encrypted { "WireGuard" } else { "VXLAN" };
         println!("bench: instances {n1} -> {n2} over {label}");
-        let net = bench.network(name, cidr, encrypted)?;
-        let web = bench.deploy(&net, &format!("{name}-web"), 3)?;
+        let web = bench.deploy(net, name, 3)?;
         let (client, server) = (pick(&web, n1)?, pick(&web, n2)?);
         let path = format!("instances {}, {label}", arrow(&nodes, n1, n2));
         let row = bench.instances(&path, client, server)?;
@@ -100,7 +100,7 @@ pub fn net(args: &NetArgs) -> anyhow::Result<()> {
         rows.push(row);
     }
     println!("bench: connect rate, service VIP vs replica IP");
-    let vip = bench.vip_vs_direct("benchvxlan")?;
+    let vip = bench.vip_vs_direct(&plain)?;
 
     println!("{}", table(&rows, args));
     println!("{}", vip.report(&nodes));
@@ -268,6 +268,27 @@ impl Place {
         cmd
     }
 
+    /// Lets connects from this netns reuse ports still in TIME_WAIT (`tcp_tw_reuse=1`, a load
+    /// generator's usual setting). Without it the connect rate measures the ephemeral-port search:
+    /// over the overlays the client often closes first, so its netns piles up TIME_WAIT sockets to
+    /// the one server address, and a second 5 s run fell from ~6000 to ~600 req/s here.
+    fn tune_client(&self) -> anyhow::Result<()> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns))
+            .args(["--", "sh", "-c", "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse"])
+            .output()
+            .context("running nsenter")?;
+        if !out.status.success() {
+            bail!(
+                "setting tcp_tw_reuse in {} ({}): {}",
+                self.what,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<Output> {
         self.command(program, args)
             .output()
@@ -379,39 +400,27 @@ impl Bench<'_> {
             "host-httpd",
         )?;
         httpd.wait_listening(&server, HOST_HTTP_PORT)?;
-        let nodes = self.cluster.node_ids();
-        self.measure(
-            &format!("hosts {} (bridge)", arrow(nodes, n1, n2)),
+        let path = format!("hosts {} (bridge)", arrow(self.cluster.node_ids(), n1, n2));
+        let row = self.measure(
+            &path,
             &client,
             &server,
             &server_ip,
             &format!("http://{listen}/"),
-            &mut httpd,
-        )
+        )?;
+        httpd.ensure_running()?;
+        Ok(row)
     }
 
-    /// Instance `client` to instance `server`, over the network they share.
+    /// Instance `client` to instance `server` (the demo image's httpd), over the network they share.
     fn instances(&self, path: &str, client: &Instance, server: &Instance) -> anyhow::Result<Row> {
         let (c, s) = (Place::instance(client), Place::instance(server));
         let url = format!("http://{}/", server.ip);
-        wait_http(&c, &url)
-            .with_context(|| format!("{path}: {} cannot reach {}", client.id, server.id))?;
-        // The demo image's httpd is the server; `Server` only guards the iperf3 one here.
-        let mut iperf = Server::start(
-            &s,
-            "iperf3",
-            &["-s", "-p", &IPERF_PORT.to_string()],
-            self.logs,
-            &format!("iperf3-{}", server.id),
-        )?;
-        iperf.wait_listening(&s, IPERF_PORT)?;
-        let tcp = self.iperf3(&c, &server.ip, &mut iperf)?;
-        let http = wrk(&c, &url, self.args)?;
-        Ok(row(path, tcp, http))
+        self.measure(path, &c, &s, &server.ip, &url)
+            .with_context(|| format!("{path}: from {} to {}", client.id, server.id))
     }
 
-    /// iperf3 and wrk from `client` to `server`, with `server_ip` running an HTTP server at `url`
-    /// (`httpd`) and no iperf3 server yet.
+    /// iperf3 and wrk from `client` to `server` (reached at `server_ip`, serving HTTP at `url`).
     fn measure(
         &self,
         path: &str,
@@ -419,20 +428,19 @@ impl Bench<'_> {
         server: &Place,
         server_ip: &str,
         url: &str,
-        httpd: &mut Server,
     ) -> anyhow::Result<Row> {
+        client.tune_client()?;
         wait_http(client, url).with_context(|| format!("{path}: no HTTP answer"))?;
         let mut iperf = Server::start(
             server,
             "iperf3",
             &["-s", "-p", &IPERF_PORT.to_string()],
             self.logs,
-            "host-iperf3",
+            &format!("iperf3-{server_ip}"),
         )?;
         iperf.wait_listening(server, IPERF_PORT)?;
         let tcp = self.iperf3(client, server_ip, &mut iperf)?;
         let http = wrk(client, url, self.args)?;
-        httpd.ensure_running()?;
         Ok(row(path, tcp, http))
     }
 
@@ -486,7 +494,7 @@ impl Bench<'_> {
         }
     }
 
-    /// Deploys the demo image; returns the container's JSON and its instances, spread over nodes.
+    /// Deploys `replicas` replicas of the demo image (the scheduler spreads them over the nodes).
     fn deploy(&self, network: &str, name: &str, replicas: usize) -> anyhow::Result<Deployed> {
         let api = self.cluster.api();
         // cpu "2" is the whole machine: the replicas' httpd must not be throttled by its quota, nor a
@@ -504,20 +512,22 @@ impl Bench<'_> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Deployed {
+            id,
             container: c,
             instances,
         })
     }
 
-    /// A 1-replica service on the network named `network`, reached from an instance of another node:
+    /// A 1-replica service on `network`, reached from an instance of another node:
     /// by its VIP and by its IP, alternating, from the same process placement.
     fn vip_vs_direct(&self, network: &str) -> anyhow::Result<VipFigures> {
         let svc = self.deploy(network, "benchsvc", 1)?;
-        let replica = svc.instances[0].clone();
-        let svc_id = svc.container["container_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let replica = svc
+            .instances
+            .first()
+            .cloned()
+            .with_context(|| format!("no instance in {}", svc.container))?;
+        let svc_id = svc.id.clone();
         let vip = wait_for(
             &format!("a service_ip on {svc_id}"),
             Duration::from_secs(10),
@@ -543,6 +553,7 @@ impl Bench<'_> {
                 )
             })?;
         let place = Place::instance_cgroup(&client)?;
+        place.tune_client()?;
         let direct_url = format!("http://{}/", replica.ip);
         let vip_url = format!("http://{vip}/");
         wait_http(&place, &direct_url)
@@ -560,10 +571,16 @@ impl Bench<'_> {
             direct: Vec::new(),
             via_vip: Vec::new(),
         };
-        for _ in 0..self.args.vip_rounds {
-            let d = wrk(&place, &direct_url, self.args)?;
+        // Alternating which side goes first, so a drift (the machine's other load) hits both.
+        for round in 0..self.args.vip_rounds {
+            let (d, v) = if round % 2 == 0 {
+                let d = wrk(&place, &direct_url, self.args)?;
+                (d, wrk(&place, &vip_url, self.args)?)
+            } else {
+                let v = wrk(&place, &vip_url, self.args)?;
+                (wrk(&place, &direct_url, self.args)?, v)
+            };
             figures.direct.push(d.requests_per_second);
-            let v = wrk(&place, &vip_url, self.args)?;
             figures.via_vip.push(v.requests_per_second);
         }
         Ok(figures)
@@ -572,6 +589,7 @@ impl Bench<'_> {
 
 /// A deployed container: its JSON and its instances.
 struct Deployed {
+    id: String,
     container: Value,
     instances: Vec<Instance>,
 }

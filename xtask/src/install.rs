@@ -20,6 +20,8 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "debugging reachability"),
     ("util-linux", "nsenter, umount"),
     ("curl", "HTTP to instances from a host"),
+    ("tcpdump", "networking tests: capture on the underlay"),
+    ("bpftool", "eBPF tests: lists cgroup attachments"),
     ("iperf3", "bench net: TCP throughput"),
     ("wrk", "bench net: HTTP request rate"),
     ("ca-certificates", "TLS for the package registries"),

@@ -318,13 +318,21 @@ impl NodeDataPlane {
             tunnel.prefix_len,
         );
         config.listen_port = self.cfg.wireguard_port;
-        // `ensure` is idempotent: it also repairs a device changed behind our back.
-        if device.is_none() {
-            let dev = WireguardDevice::ensure(&config, &self.key)
+        match device.as_ref() {
+            None => {
+                let dev = WireguardDevice::ensure(&config, &self.key)
+                    .await
+                    .map_err(|e| format!("WireGuard device: {e}"))?;
+                info!(name = %dev.name(), backend = %dev.backend(), address = %tunnel.address,
+                    "WireGuard device up");
+                *device = Some(dev);
+            }
+            // Re-applied every time: a changed tunnel address or port reaches the running device,
+            // and an address removed behind our back comes back.
+            Some(dev) => dev
+                .reconfigure(&config)
                 .await
-                .map_err(|e| format!("WireGuard device: {e}"))?;
-            info!(name = %dev.name(), backend = ?dev.backend(), address = %tunnel.address, "WireGuard device up");
-            *device = Some(dev);
+                .map_err(|e| format!("WireGuard device: {e}"))?,
         }
         let peers: Vec<wireguard::Peer> = tunnel
             .peers

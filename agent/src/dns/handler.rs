@@ -62,9 +62,10 @@ pub(crate) fn handle(packet: &[u8], records: &Records, can_forward: bool) -> Out
         if can_forward {
             return Outcome::Forward(Box::new(query));
         }
-        // Recursion is not offered without an upstream: REFUSED says so, where NXDOMAIN would
-        // be a false claim that the name does not exist.
-        return reply(&response(&query, ResponseCode::Refused, false));
+        // A node without an upstream resolver knows only berth's names: to its containers every
+        // other name does not exist (NXDOMAIN, not authoritative), so clients fail fast instead of
+        // retrying another server as they would on REFUSED.
+        return reply(&response(&query, ResponseCode::NXDomain, false));
     }
     reply(&authoritative(&query, question, lookup, can_forward))
 }

@@ -11,8 +11,8 @@
 //!   in the authority section so resolvers cache the miss for [`TTL`] seconds only.
 //! - any other name → relayed unchanged to the node's upstream resolvers (read from the host's
 //!   `/etc/resolv.conf` with [`upstreams_from_resolv_conf`]), tried in order within
-//!   [`DEFAULT_FORWARD_TIMEOUT`] overall; SERVFAIL when none answers in time; REFUSED when the
-//!   node has no upstream (recursion not offered, rather than a false NXDOMAIN).
+//!   [`DEFAULT_FORWARD_TIMEOUT`] overall; SERVFAIL when none answers in time; NXDOMAIN (not
+//!   authoritative) when the node has no upstream.
 //! - malformed queries → FORMERR with the query's id when a header is there, else dropped;
 //!   other opcodes → NOTIMP. Responses are never answered.
 //!

@@ -96,7 +96,7 @@ impl Drop for AbortOnDrop {
 
 impl DnsServer {
     /// A server with no listener and no records, relaying other names to `upstreams` (tried in
-    /// order; empty: such queries are REFUSED).
+    /// order; empty: such names do not exist, NXDOMAIN).
     pub fn new(upstreams: Vec<SocketAddr>) -> Self {
         Self {
             shared: Arc::new(Shared {

@@ -150,6 +150,14 @@ pub enum WireguardError {
         /// What it is.
         kind: String,
     },
+    /// `reconfigure` was given the config of another device.
+    #[error("config for {name} applied to wireguard device {device}")]
+    OtherDevice {
+        /// The name in the config.
+        name: String,
+        /// The device's name.
+        device: String,
+    },
     /// A TUN device of that name exists and stays: another live userspace device (a second
     /// agent in this namespace, or another `WireguardDevice` of this process) or a leftover
     /// persistent TUN device.
@@ -568,7 +576,7 @@ impl WireguardDevice {
             engine,
             applied: Mutex::new(HashMap::new()),
         };
-        match device.configure(&rtnl, config, key).await {
+        match device.configure(&rtnl, config, Some(key)).await {
             Ok(()) => {
                 info!(backend = %device.backend, public_key = %key.public_key(), "wireguard device ready");
                 Ok(device)
@@ -583,6 +591,24 @@ impl WireguardDevice {
                 Err(error)
             }
         }
+    }
+
+    /// Re-applies `config` (listen port, MTU, tunnel address, up) to this running device, e.g.
+    /// when the hub moved the node's tunnel address: [`Self::ensure`] creates or adopts the
+    /// device, this keeps it in line afterwards (a second `ensure` for a userspace device this
+    /// process runs fails with [`WireguardError::LinkBusy`]). Idempotent; peers are untouched.
+    /// Call from the device's network namespace.
+    #[instrument(skip_all, fields(name = %self.name, tunnel_ip = %config.tunnel_ip), err)]
+    pub async fn reconfigure(&self, config: &WireguardConfig) -> Result<(), WireguardError> {
+        config.validate()?;
+        if config.name != self.name {
+            return Err(WireguardError::OtherDevice {
+                name: config.name.clone(),
+                device: self.name.clone(),
+            });
+        }
+        let rtnl = Rtnl::connect()?;
+        self.configure(&rtnl, config, None).await
     }
 
     /// The interface name.
@@ -677,14 +703,17 @@ impl WireguardDevice {
         Ok(())
     }
 
-    /// Sets key and port, then the link's MTU, address and state.
+    /// Sets key (when given) and port, then the link's MTU, address and state.
     async fn configure(
         &self,
         rtnl: &Rtnl,
         config: &WireguardConfig,
-        key: &NodeKey,
+        key: Option<&NodeKey>,
     ) -> Result<(), WireguardError> {
-        self.engine.set_identity(&key.private, config.listen_port)?;
+        match key {
+            Some(key) => self.engine.set_identity(&key.private, config.listen_port)?,
+            None => self.engine.set_listen_port(config.listen_port)?,
+        }
         let Some((index, _)) = rtnl.link(&self.name).await? else {
             return Err(WireguardError::LinkMissing {
                 name: self.name.clone(),
@@ -754,6 +783,25 @@ impl Engine {
                 .map_err(|error| kernel_error("set key and port", iface, error)),
             Self::Userspace { uapi, .. } => {
                 uapi.set("set key and port", &uapi_identity(private, listen_port))
+            }
+        }
+    }
+
+    fn set_listen_port(&self, listen_port: u16) -> Result<(), WireguardError> {
+        match self {
+            Self::Kernel(iface) => DeviceUpdate::new()
+                .set_listen_port(listen_port)
+                .apply(iface, Backend::Kernel)
+                .map_err(|error| kernel_error("set port", iface, error)),
+            Self::Userspace { uapi, .. } => {
+                // boringtun rebinds on every listen_port line (and keeps the old socket open):
+                // only when the port really changes.
+                let pairs = uapi.exchange("get", "get=1\n\n")?;
+                let current = pairs.iter().find(|(k, _)| k == "listen_port");
+                if current.is_some_and(|(_, v)| *v == listen_port.to_string()) {
+                    return Ok(());
+                }
+                uapi.set("set port", &format!("listen_port={listen_port}\n"))
             }
         }
     }
