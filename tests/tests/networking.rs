@@ -266,6 +266,36 @@ fn overlay_service_routing_dns_links_and_scale_down() {
         seen.keys().all(|k| kept_ids.contains(k.as_str())),
         "after scale-down the VIP still reached {seen:?}"
     );
+    let kept_ids: BTreeSet<String> = kept_ids.into_iter().map(str::to_owned).collect();
+
+    // The agent of node 1 dies: its pinned programs keep routing the VIP and the overlay keeps
+    // carrying traffic; its successor swaps its programs in without a second attachment.
+    cluster.kill_agent(0);
+    for _ in 0..5 {
+        let answer = fetch(&cluster, &node1, &probe, &vip);
+        assert!(
+            kept_ids.contains(&answer),
+            "VIP without an agent answered {answer:?}"
+        );
+    }
+    cluster.start_agent(0).expect("restarting the agent");
+    cluster
+        .wait_nodes_healthy(RUN_TIMEOUT)
+        .expect("node 1 back");
+    for _ in 0..5 {
+        let answer = fetch(&cluster, &node1, &probe, &vip);
+        assert!(
+            kept_ids.contains(&answer),
+            "VIP after the restart answered {answer:?}"
+        );
+    }
+    let attached = cgroup_attachments(&node1);
+    assert_eq!(
+        attached.len(),
+        3,
+        "one attachment per cgroup hook: {attached:?}"
+    );
+    let api = cluster.api();
 
     // Everything removed: no overlay link, bridge, veth or WireGuard device, no BPF pin left on the
     // hosts once the agents stopped.
@@ -435,6 +465,26 @@ impl Drop for Capture {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The programs attached to the node's cgroup2 group (`bpftool cgroup show`), one line each.
+fn cgroup_attachments(node: &str) -> Vec<String> {
+    let mount = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(|m| format!("{m}/berth-{node}"))
+        .find(|d| std::path::Path::new(d).is_dir())
+        .expect("the node's cgroup2 group");
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show", &mount])
+        .output()
+        .expect("bpftool (apt package bpftool)");
+    assert!(out.status.success(), "bpftool cgroup show {mount} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1) // header
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// After every container is gone: no berth link (bridge, VXLAN, veth, WireGuard) in any host netns;
