@@ -75,6 +75,7 @@ impl ClusterState {
     /// Removes containers left by the agents, mounts, hosts, links and the run directory.
     fn release_resources(&self) -> Vec<String> {
         let mut errors = crate::cleanup::remove_containers(&self.node_ids, &self.run_dir);
+        errors.extend(crate::cleanup::remove_bpf_pins(&self.node_ids));
         errors.extend(crate::cleanup::unmount_under(&self.run_dir));
         errors.extend(self.topology.destroy());
         if self.run_dir.exists() {

@@ -39,6 +39,9 @@ pub struct NetArgs {
     /// Rounds of the VIP/direct comparison (alternating; the median of each side counts).
     #[arg(long, default_value_t = 3)]
     vip_rounds: usize,
+    /// Replicas created and deleted to time how fast the other nodes' data planes follow.
+    #[arg(long, default_value_t = 10)]
+    follow_rounds: usize,
     /// Keep the cluster up after measuring until stdin reaches a newline or its end (to look around).
     #[arg(long)]
     hold: bool,
@@ -101,9 +104,12 @@ pub fn net(args: &NetArgs) -> anyhow::Result<()> {
     }
     println!("bench: connect rate, service VIP vs replica IP");
     let vip = bench.vip_vs_direct(&plain)?;
+    println!("bench: how fast other nodes follow a replica coming and going");
+    let follow = bench.propagation(&plain, args.follow_rounds)?;
 
     println!("{}", table(&rows, args));
     println!("{}", vip.report(&nodes));
+    println!("{}", follow.report());
     if vip.ratio() < VIP_GOAL {
         println!("  note: the VIP is below the goal of {VIP_GOAL}x the direct rate");
     }
@@ -169,11 +175,19 @@ impl VipFigures {
             median(&self.via_vip),
             rates(&self.via_vip)
         );
+        // Each round's own ratio shows how much of the difference is the machine's noise.
+        let paired: Vec<String> = self
+            .via_vip
+            .iter()
+            .zip(&self.direct)
+            .map(|(v, d)| format!("{:.2}", v / d))
+            .collect();
         let _ = write!(
             s,
-            "  {:<28} {:>10.3}         (goal >= {VIP_GOAL})",
+            "  {:<28} {:>10.3}         (goal >= {VIP_GOAL}; per round: {})",
             "VIP / direct",
-            self.ratio()
+            self.ratio(),
+            paired.join(" ")
         );
         s
     }
@@ -584,6 +598,137 @@ impl Bench<'_> {
             figures.via_vip.push(v.requests_per_second);
         }
         Ok(figures)
+    }
+}
+
+/// How fast the other nodes' data planes follow a replica (ms per round).
+struct Follow {
+    /// Replica placed in the API → its FDB entry on another node's VXLAN device.
+    comes: Vec<f64>,
+    /// Replica gone from the API → its FDB entry gone from another node's VXLAN device.
+    goes: Vec<f64>,
+}
+
+impl Follow {
+    fn report(&self) -> String {
+        let line = |what: &str, v: &[f64]| {
+            let mut sorted = v.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            format!(
+                "  {what}: n={} p50 {:.0} ms, max {:.0} ms",
+                v.len(),
+                median(v),
+                sorted.last().copied().unwrap_or(0.0)
+            )
+        };
+        format!(
+            "data plane following a replica (polled every 5 ms; a curl or bridge run adds a few ms):\n{}\n{}",
+            line(
+                "comes: placed in the API -> FDB entry on another node",
+                &self.comes
+            ),
+            line(
+                "goes: gone from the API -> FDB entry gone on another node",
+                &self.goes
+            )
+        )
+    }
+}
+
+impl Bench<'_> {
+    /// Creates and deletes 1-replica containers, timing how long the other nodes take to follow:
+    /// the hub's view to the node, the agent's overlay entries, the path itself.
+    fn propagation(&self, network: &str, rounds: usize) -> anyhow::Result<Follow> {
+        let clients = self.deploy(network, "followclient", 3)?;
+        let api = self.cluster.api();
+        let mut follow = Follow {
+            comes: Vec::new(),
+            goes: Vec::new(),
+        };
+        for round in 0..rounds {
+            let id = api.create_container(&json!({
+                "image": self.cluster.demo_image(), "cpu": "0.1", "memory": "32MB",
+                "network_id": network, "name": format!("follow{round}"),
+            }))?;
+            // t0: the first poll that sees the replica placed (node and address known to the hub).
+            let (placed, at) = poll_fast(&format!("{id} placed"), READY_TIMEOUT, || {
+                let c = api.container(&id)?;
+                let inst = c.as_ref().map(placements).unwrap_or_default();
+                Ok(match inst.into_iter().next() {
+                    Some(i) if !i.1.is_empty() && !i.2.is_empty() => {
+                        Ok((i, std::time::Instant::now()))
+                    }
+                    _ => Err(format!("{c:?}")),
+                })
+            })?;
+            let (iid, node, ip) = placed;
+            let client = clients
+                .instances
+                .iter()
+                .find(|i| i.node != node)
+                .with_context(|| format!("no client away from {node}"))?;
+            let mac = ip
+                .parse::<std::net::Ipv4Addr>()
+                .map(|a| {
+                    let [a, b, c, d] = a.octets();
+                    format!("0a:58:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+                })
+                .with_context(|| format!("{iid} has ip {ip:?}"))?;
+            let host = Place::host(self.cluster, &client.node)?;
+            let fdb_has = || -> anyhow::Result<bool> {
+                let out = host.run("bridge", &["fdb", "show"])?;
+                Ok(String::from_utf8_lossy(&out.stdout).contains(&mac))
+            };
+            poll_fast(
+                &format!("{}'s FDB entry for {iid}", client.node),
+                READY_TIMEOUT,
+                || Ok(if fdb_has()? { Ok(()) } else { Err(mac.clone()) }),
+            )?;
+            follow.comes.push(at.elapsed().as_secs_f64() * 1000.0);
+            // And the path works once it runs: from an instance on that other node.
+            api.wait_running(&id, 1, READY_TIMEOUT)?;
+            let place = Place::instance(client);
+            let url = format!("http://{ip}/");
+            wait_http(&place, &url)?;
+            if !fdb_has()? {
+                bail!(
+                    "{}'s FDB has no entry for {iid} ({mac}) while it is reachable",
+                    client.node
+                );
+            }
+            api.delete_container(&id)?;
+            let gone_at = poll_fast(&format!("{id} gone"), READY_TIMEOUT, || {
+                Ok(match api.container(&id)? {
+                    None => Ok(std::time::Instant::now()),
+                    Some(c) => Err(c.to_string()),
+                })
+            })?;
+            poll_fast(
+                &format!("{}'s FDB entry for {iid} to go", client.node),
+                READY_TIMEOUT,
+                || Ok(if fdb_has()? { Err(mac.clone()) } else { Ok(()) }),
+            )?;
+            follow.goes.push(gone_at.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok(follow)
+    }
+}
+
+/// Like `wait_for`, polling every 5 ms (its 100 ms would be the resolution of what is timed).
+fn poll_fast<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> anyhow::Result<Result<T, String>>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match probe()? {
+            Ok(v) => return Ok(v),
+            Err(seen) if std::time::Instant::now() >= deadline => {
+                bail!("timed out after {timeout:?} waiting for {what} (last: {seen})")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 
