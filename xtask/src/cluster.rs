@@ -18,8 +18,7 @@ pub fn up(state_dir: &Path) -> anyhow::Result<()> {
         );
     }
     crate::install::run()?;
-    println!("up: building release binaries");
-    crate::ebpf::build()?;
+    println!("up: building the eBPF object and release binaries");
     crate::build_release()?;
     println!("up: starting etcd, registry, hub and two agents");
     let cluster = Cluster::builder()

@@ -94,7 +94,9 @@ fn cargo() -> std::process::Command {
 
 /// Builds the release binaries the dev cluster and the benchmarks run, with cargo's progress shown
 /// (the harness would build them too, but quietly).
+/// Builds the eBPF object (the agent embeds it), then the release binaries.
 fn build_release() -> anyhow::Result<()> {
+    ebpf::build()?;
     let mut cmd = cargo();
     cmd.args(["build", "--release"]);
     for p in berth_tests::paths::BIN_PACKAGES {

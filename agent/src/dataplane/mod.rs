@@ -256,6 +256,15 @@ impl NodeDataPlane {
             }
         }
 
+        // Left by an earlier agent process for networks that went while it was away.
+        {
+            let keep: Vec<String> = wanted.iter().cloned().collect();
+            let _plumbing = self.plumbing.lock().await;
+            if let Err(e) = self.network.remove_orphans(&keep).await {
+                errors.push(format!("removing orphan links: {e}"));
+            }
+        }
+
         let cidrs: Vec<(ipnet::Ipv4Net, u32)> =
             plan.networks.iter().map(|n| (n.cidr, n.vni)).collect();
         let services: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> = plan

@@ -385,6 +385,52 @@ impl<N: Netlink> NetworkManager<N> {
         Ok(true)
     }
 
+    /// Removes berth's bridges (`bn-…`) and VXLAN devices (`bx…`) of networks not in `keep` (network
+    /// ids), for networks that left this node while no agent was there to remove them; a bridge that
+    /// still has an instance's veth stays. Returns the names of the links removed.
+    #[instrument(skip(self), err)]
+    pub async fn remove_orphans(&self, keep: &[String]) -> Result<Vec<String>, NetworkError> {
+        let _exclusive = self.bridges.write().await;
+        let _overlay = self.overlay.lock().await;
+        let kept: std::collections::HashSet<String> = keep
+            .iter()
+            .flat_map(|id| [bridge_name(id), vxlan_name(id)])
+            .collect();
+        let links = self.netlink.link_list().await?;
+        let orphan = |l: &Link| {
+            !kept.contains(&l.name)
+                && ((l.name.starts_with("bn-") && l.kind == LinkKind::Bridge)
+                    || (l.name.starts_with("bx") && matches!(l.kind, LinkKind::Vxlan(_))))
+        };
+        let mut removed = Vec::new();
+        // VXLAN devices first: a bridge is unused once only its own VXLAN port is left.
+        for link in links
+            .iter()
+            .filter(|l| orphan(l) && l.kind != LinkKind::Bridge)
+        {
+            self.delete_link(link.index).await?;
+            removed.push(link.name.clone());
+        }
+        for bridge in links
+            .iter()
+            .filter(|l| orphan(l) && l.kind == LinkKind::Bridge)
+        {
+            let in_use = links
+                .iter()
+                .any(|l| l.master == Some(bridge.index) && !matches!(l.kind, LinkKind::Vxlan(_)));
+            if in_use {
+                debug!(bridge = %bridge.name, "orphan bridge still has an instance: kept");
+                continue;
+            }
+            self.delete_link(bridge.index).await?;
+            removed.push(bridge.name.clone());
+        }
+        if !removed.is_empty() {
+            info!(links = ?removed, "removed links of networks that left this node");
+        }
+        Ok(removed)
+    }
+
     /// The steps of attach after the veth exists; any error here means the veth must go.
     /// Returns the host end's index.
     async fn plug(

@@ -437,6 +437,41 @@ async fn remove_bridge_only_when_no_port_is_left() {
 }
 
 #[tokio::test]
+async fn orphans_go_unless_kept_or_still_holding_an_instance() {
+    let manager = manager_with_bridge().await;
+    manager.attach(INS, &plan(), PID, IP).await.expect("attach");
+    let other = "net-0000000000bb";
+    let other_plan = NetworkPlan {
+        network_id: other.into(),
+        ..plan()
+    };
+    manager.ensure_bridge(&other_plan).await.expect("bridge");
+    manager
+        .ensure_vxlan(other, 4097, Ipv4Addr::new(192, 0, 2, 1), 1450)
+        .await
+        .expect("vxlan");
+    manager
+        .netlink()
+        .add_link(Ns::Host, "eth0", LinkKind::Other);
+    // NET still has an instance: only the other network's links go; eth0 is not berth's.
+    let removed = manager.remove_orphans(&[]).await.expect("sweep");
+    assert_eq!(removed, vec![vxlan_name(other), bridge_name(other)]);
+    assert!(manager.netlink().link(Ns::Host, BRIDGE).is_some());
+    assert!(manager.netlink().link(Ns::Host, "eth0").is_some());
+    // Kept networks stay even when empty.
+    manager.detach(INS).await.expect("detach");
+    assert!(manager
+        .remove_orphans(&[NET.to_owned()])
+        .await
+        .expect("sweep")
+        .is_empty());
+    assert_eq!(
+        manager.remove_orphans(&[]).await.expect("sweep"),
+        vec![BRIDGE.to_owned()]
+    );
+}
+
+#[tokio::test]
 async fn remove_bridge_refuses_a_link_that_is_not_a_bridge() {
     let manager = manager();
     manager
