@@ -238,6 +238,25 @@ fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Removes the eBPF pins of these nodes (`/sys/fs/bpf/berth/<node>`: maps and cgroup links, which
+/// detaches the programs), left when an agent stopped while its containers still ran, and the shared
+/// `/sys/fs/bpf/berth` once empty. Returns what could not be removed.
+pub fn remove_bpf_pins(node_ids: &[String]) -> Vec<String> {
+    let root = Path::new("/sys/fs/bpf/berth");
+    let mut errors = Vec::new();
+    for node in node_ids {
+        let dir = root.join(node);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("removing {}: {e}", dir.display())),
+        }
+    }
+    // Another run's pins may still be there: only an empty directory goes.
+    let _ = std::fs::remove_dir(root);
+    errors
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,23 +288,4 @@ mod tests {
         assert_eq!(unescape_mount_path(r"/plain"), "/plain");
         assert_eq!(unescape_mount_path(r"/end\04"), r"/end\04");
     }
-}
-
-/// Removes the eBPF pins of these nodes (`/sys/fs/bpf/berth/<node>`: maps and cgroup links, which
-/// detaches the programs), left when an agent stopped while its containers still ran, and the shared
-/// `/sys/fs/bpf/berth` once empty. Returns what could not be removed.
-pub fn remove_bpf_pins(node_ids: &[String]) -> Vec<String> {
-    let root = Path::new("/sys/fs/bpf/berth");
-    let mut errors = Vec::new();
-    for node in node_ids {
-        let dir = root.join(node);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => errors.push(format!("removing {}: {e}", dir.display())),
-        }
-    }
-    // Another run's pins may still be there: only an empty directory goes.
-    let _ = std::fs::remove_dir(root);
-    errors
 }
