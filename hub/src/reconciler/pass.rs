@@ -48,12 +48,15 @@ pub struct PassReport {
     pub unschedulable: usize,
     /// Node network views written or removed.
     pub views: usize,
+    /// Instances moved off DOWN nodes (stopped there; replacements are created and placed).
+    pub evacuated: usize,
 }
 
 impl PassReport {
     /// Whether the pass wrote anything.
     pub fn changed(&self) -> bool {
-        self.created + self.stopped + self.released + self.finalized + self.placed > 0
+        self.created + self.stopped + self.released + self.finalized + self.placed + self.evacuated
+            > 0
     }
 }
 
@@ -62,6 +65,7 @@ impl PassReport {
 pub struct Reconciler {
     store: Store,
     grace: Duration,
+    down_after: Duration,
     unhealthy_since: HashMap<String, Instant>,
     net: NetConfig,
 }
@@ -72,9 +76,26 @@ impl Reconciler {
         Reconciler {
             store,
             grace,
+            down_after: crate::service::NODE_DOWN_AFTER,
             unhealthy_since: HashMap::new(),
             net: NetConfig::default(),
         }
+    }
+
+    /// Declares a node DOWN (and moves its instances) this long after its liveness lapsed.
+    pub fn with_down_after(mut self, down_after: Duration) -> Self {
+        self.down_after = down_after;
+        self
+    }
+
+    /// When the next pass is due for a deadline of its own (a node becoming DOWN, a release grace
+    /// ending), even if nothing changes in etcd meanwhile.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.unhealthy_since
+            .values()
+            .flat_map(|since| [*since + self.down_after, *since + self.grace])
+            .filter(|t| *t > Instant::now())
+            .min()
     }
 
     /// Uses the cluster's address ranges (the tunnel prefix goes into the nodes' views).
@@ -88,6 +109,12 @@ impl Reconciler {
         let mut report = PassReport::default();
         let snap = self.store.snapshot().await?;
         self.track_health(&snap);
+        self.evacuate(&snap, &mut report).await?;
+        let snap = if report.evacuated > 0 {
+            self.store.snapshot().await?
+        } else {
+            snap
+        };
         self.lifecycle(&snap, &mut report).await?;
         let snap = if report.changed() {
             self.store.snapshot().await?
@@ -150,6 +177,46 @@ impl Reconciler {
                 self.unhealthy_since.insert(node.to_owned(), now);
             }
         }
+    }
+
+    fn is_down(&self, node_id: &str) -> bool {
+        self.unhealthy_since
+            .get(node_id)
+            .is_some_and(|since| since.elapsed() >= self.down_after)
+    }
+
+    /// Moves the instances of DOWN nodes: each is stopped there (its assignment replaced by a stopping
+    /// marker, its address kept until the node reports it removed or the release grace ends) and the
+    /// replica count brings a replacement, placed on a healthy node. A node that comes back is told to
+    /// stop them, so no replica runs twice and no address is used twice.
+    async fn evacuate(&self, snap: &Snapshot, report: &mut PassReport) -> Result<(), StoreError> {
+        for node in self.unhealthy_since.keys() {
+            if self.is_down(node) && !snap.down.contains(node) {
+                tracing::warn!(node_id = %node, "node is DOWN: moving its instances");
+                self.store
+                    .txn(Txn::new().and_then([TxnOp::put(keys::down(node), "", None)]))
+                    .await?;
+            }
+        }
+        for container in snap.containers.values() {
+            let victims: Vec<&StoredInstance> = snap
+                .instances_of(&container.value.container_id)
+                .into_iter()
+                .filter(|i| {
+                    let r = &i.record.value;
+                    !r.stopping && !r.node_id.is_empty() && self.is_down(&r.node_id)
+                })
+                .collect();
+            if !victims.is_empty() {
+                let moved = self.stop(container, &victims).await?;
+                if moved > 0 {
+                    tracing::warn!(container_id = %container.value.container_id, moved,
+                        "instances of a DOWN node moved");
+                }
+                report.evacuated += moved;
+            }
+        }
+        Ok(())
     }
 
     fn dead_beyond_grace(&self, node_id: &str) -> bool {

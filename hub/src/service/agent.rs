@@ -75,6 +75,8 @@ impl Service {
                     "",
                     Some(PutOptions::new().with_lease(lease.id())),
                 ),
+                // Back from DOWN: what was moved away stays moved (the node is told to stop it).
+                TxnOp::delete(keys::down(&record.node_id), None),
             ];
             if kept_tunnel.is_none() {
                 compares.push(Compare::create_revision(

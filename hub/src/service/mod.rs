@@ -27,9 +27,13 @@ pub use view::{STATUS_DELETING, STATUS_DEPLOYING};
 pub const STATUS_SCALING: &str = "SCALING";
 
 /// Seconds between heartbeats the hub asks agents for.
-pub const HEARTBEAT_INTERVAL_SECS: u32 = 3;
-/// TTL of a node's liveness lease: a node is UNHEALTHY this long after its last heartbeat.
-pub const NODE_LEASE_TTL_SECS: i64 = 10;
+pub const HEARTBEAT_INTERVAL_SECS: u32 = 1;
+/// TTL of a node's liveness lease: a node is UNHEALTHY this long after its last heartbeat (three
+/// heartbeats may be lost before that).
+pub const NODE_LEASE_TTL_SECS: i64 = 3;
+/// How long a node stays UNHEALTHY before it is DOWN and its instances are rescheduled elsewhere:
+/// with the lease TTL, a dead node's replicas are placed again about 5 s after its last heartbeat.
+pub const NODE_DOWN_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Input of [`Service::create_container`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

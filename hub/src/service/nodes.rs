@@ -1,6 +1,6 @@
 //! Nodes as clients see them: registration, health, capacity left.
 
-use super::view::node_to_proto;
+use super::view::{node_to_proto, NodeHealth};
 use super::{validate, Service, ServiceError};
 use crate::store::Snapshot;
 use berth_proto::v1;
@@ -37,9 +37,12 @@ fn node_view(snap: &Snapshot, node_id: &str) -> Option<v1::Node> {
                 .map(|c| (&c.value, i))
         })
         .collect();
-    Some(node_to_proto(
-        &node.value,
-        snap.alive.contains(node_id),
-        &placed,
-    ))
+    let health = if snap.alive.contains(node_id) {
+        NodeHealth::Healthy
+    } else if snap.down.contains(node_id) {
+        NodeHealth::Down
+    } else {
+        NodeHealth::Unhealthy
+    };
+    Some(node_to_proto(&node.value, health, &placed))
 }

@@ -157,10 +157,32 @@ pub fn dns_name(label: &str, network_name: &str) -> String {
 /// The DNS zone berth's nodes are authoritative for.
 pub const DNS_ZONE: &str = "berth";
 
+/// A node's health as users see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeHealth {
+    /// Heartbeats arrive.
+    Healthy,
+    /// Its lease lapsed; its instances are still placed there.
+    Unhealthy,
+    /// Unhealthy long enough that its instances were moved to other nodes.
+    Down,
+}
+
+impl NodeHealth {
+    /// "HEALTHY", "UNHEALTHY" or "DOWN".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeHealth::Healthy => "HEALTHY",
+            NodeHealth::Unhealthy => "UNHEALTHY",
+            NodeHealth::Down => "DOWN",
+        }
+    }
+}
+
 /// The wire form of a node; `placed` are the instances placed on it (their requests use its capacity).
 pub fn node_to_proto(
     n: &NodeRecord,
-    healthy: bool,
+    health: NodeHealth,
     placed: &[(&ContainerRecord, &StoredInstance)],
 ) -> v1::Node {
     let cpu_used: u64 = placed.iter().map(|(c, _)| c.cpu_millis).sum();
@@ -173,7 +195,7 @@ pub fn node_to_proto(
         cpu_available: n.cpu_millis.saturating_sub(cpu_used) as f64 / 1000.0,
         memory_total: n.memory_bytes,
         memory_available: n.memory_bytes.saturating_sub(mem_used),
-        status: if healthy { "HEALTHY" } else { "UNHEALTHY" }.to_owned(),
+        status: health.as_str().to_owned(),
         instances: u32::try_from(placed.len()).unwrap_or(u32::MAX),
         tunnel_ip: n.tunnel_ip.clone(),
         wireguard_public_key: n.wireguard_public_key.clone(),

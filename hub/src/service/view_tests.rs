@@ -138,13 +138,17 @@ fn node_capacity_left() {
     };
     let c = container(1, false);
     let i = instance(0, "n1", "10.0.0.2", None, false);
-    let p = node_to_proto(&n, true, &[(&c, &i)]);
+    let p = node_to_proto(&n, NodeHealth::Healthy, &[(&c, &i)]);
     assert_eq!(p.cpu_total, 2.0);
     assert_eq!(p.cpu_available, 1.5);
     assert_eq!(p.memory_available, (1 << 30) - 64 * 1024 * 1024);
     assert_eq!(p.status, "HEALTHY");
     assert_eq!(p.instances, 1);
-    assert_eq!(node_to_proto(&n, false, &[]).status, "UNHEALTHY");
+    assert_eq!(
+        node_to_proto(&n, NodeHealth::Unhealthy, &[]).status,
+        "UNHEALTHY"
+    );
+    assert_eq!(node_to_proto(&n, NodeHealth::Down, &[]).status, "DOWN");
 }
 
 #[test]

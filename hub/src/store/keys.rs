@@ -18,6 +18,7 @@
 //! /berth/vips/{ip}                              container_id      (a service IP claim)
 //! /berth/tunnels/{ip}                           node_id           (a WireGuard address claim)
 //! /berth/netview/{node_id}                      berth.v1.NetworkView (protobuf), written by the leader
+//! /berth/down/{node_id}                         ""  the leader declared the node DOWN (its instances moved)
 //! /berth/election/scheduler                     etcd election: the hub replica that schedules
 //! ```
 
@@ -171,4 +172,12 @@ pub fn tunnel(ip: &str) -> String {
 /// `/berth/netview/{node_id}`
 pub fn netview(node_id: &str) -> String {
     format!("{NETVIEW}{node_id}")
+}
+
+/// Prefix of DOWN markers.
+pub const DOWN: &str = "/berth/down/";
+
+/// `/berth/down/{node_id}`
+pub fn down(node_id: &str) -> String {
+    format!("{DOWN}{node_id}")
 }

@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub assignments: BTreeSet<(String, String)>,
     /// By node id: the encoded network view last published.
     pub netviews: BTreeMap<String, Vec<u8>>,
+    /// Nodes the leader declared DOWN (and moved the instances of).
+    pub down: BTreeSet<String>,
 }
 
 impl Snapshot {
@@ -81,6 +83,8 @@ impl Snapshot {
                         .or_default()
                         .insert(ip.to_owned(), decode_string(kv)?);
                 }
+            } else if let Some(node) = key.strip_prefix(keys::DOWN) {
+                snap.down.insert(node.to_owned());
             } else if let Some(node) = key.strip_prefix(keys::NETVIEW) {
                 snap.netviews.insert(node.to_owned(), kv.value().to_vec());
             } else if let Some(rest) = key.strip_prefix(keys::ASSIGN) {
