@@ -366,3 +366,60 @@ async fn stopping_instances_of_a_dead_node_are_released_after_the_grace() {
         assert_eq!(hub.keys(prefix).await, Vec::<String>::new(), "{prefix}");
     }
 }
+
+#[tokio::test]
+async fn a_down_node_has_its_instances_moved_and_is_told_to_stop_them_when_back() {
+    use berth_hub::reconciler::Reconciler;
+    let hub = Hub::start(false).await;
+    hub.register("n1", 4000, 8 * GIB).await;
+    let (_, body) = hub
+        .post("/v1/containers", r#"{"image":"demo:1","replicas":2}"#)
+        .await;
+    let id = body["container_id"].as_str().unwrap().to_owned();
+    let mut rec = Reconciler::new(hub.store.clone(), std::time::Duration::from_secs(60))
+        .with_down_after(std::time::Duration::from_millis(200));
+    rec.pass().await.unwrap();
+    let on_n1 = hub.keys("/berth/assign/n1/").await;
+    assert_eq!(on_n1.len(), 2);
+    hub.register("n2", 4000, 8 * GIB).await;
+
+    // n1 dies: UNHEALTHY first, nothing moves yet.
+    let mut kv = hub.store.client().kv_client();
+    kv.delete("/berth/alive/n1", None).await.unwrap();
+    rec.pass().await.unwrap();
+    assert_eq!(hub.get("/v1/nodes/n1").await.1["status"], "UNHEALTHY");
+    assert_eq!(hub.keys("/berth/assign/n1/").await.len(), 2);
+    let deadline = rec.next_deadline().expect("a deadline for the DOWN transition");
+    assert!(deadline <= std::time::Instant::now() + std::time::Duration::from_millis(200));
+
+    // After down_after: DOWN, its instances stopping there, two replacements placed on n2, the
+    // old addresses still held (n1 has not confirmed anything).
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    rec.pass().await.unwrap();
+    assert_eq!(hub.get("/v1/nodes/n1").await.1["status"], "DOWN");
+    assert!(hub.keys("/berth/assign/n1/").await.is_empty());
+    assert_eq!(hub.keys("/berth/stopping/n1/").await.len(), 2);
+    assert_eq!(hub.keys("/berth/assign/n2/").await.len(), 2);
+    assert_eq!(hub.keys("/berth/ipam/").await.len(), 4);
+    let (_, c) = hub.get(&format!("/v1/containers/{id}")).await;
+    let nodes: Vec<&str> = c["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["node_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["n2", "n2"], "{c}");
+
+    // n1 comes back: no longer DOWN, its desired state has nothing to run and both old instances
+    // to stop; once it reports them removed their addresses are released.
+    hub.register("n1", 4000, 8 * GIB).await;
+    rec.pass().await.unwrap();
+    assert_eq!(hub.get("/v1/nodes/n1").await.1["status"], "HEALTHY");
+    let desired = hub.desired("n1").await;
+    assert!(desired.assignments.is_empty());
+    assert_eq!(desired.stopping.len(), 2);
+    let old: Vec<&str> = desired.stopping.iter().map(String::as_str).collect();
+    hub.report("n1", &[], &old).await;
+    assert_eq!(hub.keys("/berth/ipam/").await.len(), 2);
+    assert!(hub.keys("/berth/stopping/").await.is_empty());
+}

@@ -481,6 +481,40 @@ impl Cluster {
         self.forget(&name);
     }
 
+    /// Kills host `i` outright, as a machine dying would: its agent and every container process of its
+    /// node (SIGKILL), then its network namespace and link. Records and pins stay, as on a disk.
+    pub fn kill_node(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill_agent(i);
+        let node = self.state.node_ids[i].clone();
+        let token = [format!("berth-{node}")];
+        for _ in 0..50 {
+            let pids: Vec<u32> = crate::cleanup::matching_cgroups(&token)
+                .iter()
+                .flat_map(|cg| crate::cleanup::cgroup_pids(cg))
+                .collect();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                crate::process::send(pid, libc::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let errors = crate::netns::destroy_host(&self.state.topology.hosts[i]);
+        if !errors.is_empty() {
+            anyhow::bail!("destroying host {node}: {}", errors.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Brings host `i` back after [`Cluster::kill_node`]: a fresh network namespace with the same
+    /// address, and its agent started again on the same data directory.
+    pub fn revive_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let host = self.state.topology.hosts[i].clone();
+        self.state.topology.create_host(&host)?;
+        self.start_agent(i)
+    }
+
     /// Kills the agent of host `i` with SIGKILL, as a crash would.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut d) = self.agents[i].take() {

@@ -86,23 +86,29 @@ impl Topology {
         ])?;
         ip(&["link", "set", br, "up"])?;
         for h in &self.hosts {
-            ip(&["netns", "add", &h.netns])?;
-            ip(&[
-                "link", "add", &h.veth, "type", "veth", "peer", "name", "eth0", "netns", &h.netns,
-            ])?;
-            ip(&["link", "set", &h.veth, "master", br, "up"])?;
-            ip(&[
-                "-n",
-                &h.netns,
-                "addr",
-                "add",
-                &format!("{}/24", h.ip),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &h.netns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &h.netns, "link", "set", "lo", "up"])?;
+            self.create_host(h)?;
         }
+        Ok(())
+    }
+
+    /// Creates one host (its netns, veth and address) on the existing bridge.
+    pub fn create_host(&self, h: &HostNet) -> anyhow::Result<()> {
+        ip(&["netns", "add", &h.netns])?;
+        ip(&[
+            "link", "add", &h.veth, "type", "veth", "peer", "name", "eth0", "netns", &h.netns,
+        ])?;
+        ip(&["link", "set", &h.veth, "master", &self.bridge, "up"])?;
+        ip(&[
+            "-n",
+            &h.netns,
+            "addr",
+            "add",
+            &format!("{}/24", h.ip),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &h.netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &h.netns, "link", "set", "lo", "up"])?;
         Ok(())
     }
 
@@ -113,20 +119,7 @@ impl Topology {
     pub fn destroy(&self) -> Vec<String> {
         let mut errors = Vec::new();
         for h in &self.hosts {
-            if std::path::Path::new(&h.netns_path()).exists() {
-                if let Err(e) = ip(&["netns", "del", &h.netns]) {
-                    errors.push(format!("{e:#}"));
-                }
-            }
-            // The root end vanishes asynchronously once its namespace is gone: a failure only counts
-            // if the link is still there afterwards.
-            if link_exists(&h.veth) {
-                if let Err(e) = ip(&["link", "del", &h.veth]) {
-                    if link_exists(&h.veth) {
-                        errors.push(format!("{e:#}"));
-                    }
-                }
-            }
+            errors.extend(destroy_host(h));
         }
         if link_exists(&self.bridge) {
             if let Err(e) = ip(&["link", "del", &self.bridge]) {
@@ -135,6 +128,26 @@ impl Topology {
         }
         errors
     }
+}
+
+/// Removes one host (its netns and veth), whatever exists of it. Returns what could not be removed.
+pub fn destroy_host(h: &HostNet) -> Vec<String> {
+    let mut errors = Vec::new();
+    if std::path::Path::new(&h.netns_path()).exists() {
+        if let Err(e) = ip(&["netns", "del", &h.netns]) {
+            errors.push(format!("{e:#}"));
+        }
+    }
+    // The root end vanishes asynchronously once its namespace is gone: a failure only counts if the
+    // link is still there afterwards.
+    if link_exists(&h.veth) {
+        if let Err(e) = ip(&["link", "del", &h.veth]) {
+            if link_exists(&h.veth) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    errors
 }
 
 /// A /24 in 10.200.0.0–10.249.255.0 that no root-namespace address or route uses yet.
