@@ -389,7 +389,9 @@ async fn a_down_node_has_its_instances_moved_and_is_told_to_stop_them_when_back(
     rec.pass().await.unwrap();
     assert_eq!(hub.get("/v1/nodes/n1").await.1["status"], "UNHEALTHY");
     assert_eq!(hub.keys("/berth/assign/n1/").await.len(), 2);
-    let deadline = rec.next_deadline().expect("a deadline for the DOWN transition");
+    let deadline = rec
+        .next_deadline()
+        .expect("a deadline for the DOWN transition");
     assert!(deadline <= std::time::Instant::now() + std::time::Duration::from_millis(200));
 
     // After down_after: DOWN, its instances stopping there, two replacements placed on n2, the

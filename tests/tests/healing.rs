@@ -22,8 +22,7 @@ fn a_killed_node_is_healed_around_and_does_not_duplicate_when_back() {
         .expect("starting the cluster");
     let nodes = cluster.node_ids().to_vec();
     let api = cluster.api().clone();
-    api.create_network("heal", "10.50.0.0/24")
-        .expect("network");
+    api.create_network("heal", "10.50.0.0/24").expect("network");
     let id = api
         .create_container(&json!({
             "image": cluster.demo_image(), "cpu": "0.1", "memory": "32MB",
@@ -37,20 +36,27 @@ fn a_killed_node_is_healed_around_and_does_not_duplicate_when_back() {
         .into_iter()
         .filter(|(_, node, _)| *node == victim_id)
         .collect();
-    assert!(!moved.is_empty(), "a replica should run on {victim_id}: {before}");
+    assert!(
+        !moved.is_empty(),
+        "a replica should run on {victim_id}: {before}"
+    );
 
     cluster.kill_node(victim).expect("killing the node");
 
     // The replicas come back on the other nodes and serve there.
-    let healed = wait_for("4 replicas RUNNING away from the dead node", HEAL_TIMEOUT, || {
-        let Some(c) = api.container(&id)? else {
-            anyhow::bail!("container {id} vanished");
-        };
-        let placed = placements(&c);
-        let ok = berth_tests::api::all_running(&c, 4)
-            && placed.iter().all(|(_, node, _)| *node != victim_id);
-        Ok(if ok { Ok(c) } else { Err(c.to_string()) })
-    })
+    let healed = wait_for(
+        "4 replicas RUNNING away from the dead node",
+        HEAL_TIMEOUT,
+        || {
+            let Some(c) = api.container(&id)? else {
+                anyhow::bail!("container {id} vanished");
+            };
+            let placed = placements(&c);
+            let ok = berth_tests::api::all_running(&c, 4)
+                && placed.iter().all(|(_, node, _)| *node != victim_id);
+            Ok(if ok { Ok(c) } else { Err(c.to_string()) })
+        },
+    )
     .expect("healed");
     let placed = placements(&healed);
     for (iid, node, ip) in &placed {
@@ -85,10 +91,18 @@ fn a_killed_node_is_healed_around_and_does_not_duplicate_when_back() {
         .wait_nodes_healthy(RUN_TIMEOUT)
         .expect("all nodes healthy again");
     let old_ids: Vec<String> = moved.iter().map(|(iid, _, _)| iid.clone()).collect();
-    let r = wait_for("the moved replicas gone from the revived node", HEAL_TIMEOUT, || {
-        let left = cluster.traces_of(&old_ids);
-        Ok(if left.is_empty() { Ok(()) } else { Err(left.join("; ")) })
-    });
+    let r = wait_for(
+        "the moved replicas gone from the revived node",
+        HEAL_TIMEOUT,
+        || {
+            let left = cluster.traces_of(&old_ids);
+            Ok(if left.is_empty() {
+                Ok(())
+            } else {
+                Err(left.join("; "))
+            })
+        },
+    );
     if let Err(e) = r {
         panic!("{e:#}");
     }

@@ -1,6 +1,7 @@
 //! berth's developer commands: `cargo xtask install | up | down | test | build-ebpf | bench deploy | bench net`.
 
 mod bench;
+mod bench_heal;
 mod bench_net;
 mod cluster;
 mod ebpf;
@@ -52,6 +53,8 @@ enum BenchCmd {
     Deploy(bench::DeployArgs),
     /// TCP throughput and HTTP rate over hosts, VXLAN and WireGuard paths; service VIP vs replica IP.
     Net(bench_net::NetArgs),
+    /// Healing: node death → replicas RUNNING elsewhere; agent restart → containers adopted.
+    Heal(bench_heal::HealArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +70,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             bench: BenchCmd::Net(args),
         } => bench_net::net(&args),
+        Cmd::Bench {
+            bench: BenchCmd::Heal(args),
+        } => bench_heal::heal(&args),
     }
 }
 

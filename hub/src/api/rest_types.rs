@@ -137,6 +137,9 @@ pub struct InstanceJson {
     pub reason: String,
     /// Milliseconds per deploy phase ("schedule", "pull", "rootfs", "create", "network", "start").
     pub phases_ms: BTreeMap<String, f64>,
+    /// RFC 3339: when its node last reported its status.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub updated_at: String,
 }
 
 /// A container.
@@ -206,6 +209,7 @@ impl From<v1::Container> for ContainerJson {
                     ip: i.ip,
                     reason: i.reason,
                     phases_ms: i.phases_ms.into_iter().collect(),
+                    updated_at: i.updated_at,
                 })
                 .collect(),
             command: c.command,

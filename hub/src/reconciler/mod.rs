@@ -100,7 +100,9 @@ async fn reconcile_while_leader(store: &Store, reconciler: &mut Reconciler) -> S
     let mut tick = tokio::time::interval(RESYNC_INTERVAL);
     loop {
         // A node turning DOWN must not wait for the next resync: wake at the reconciler's deadline.
-        let deadline = reconciler.next_deadline().map(tokio::time::Instant::from_std);
+        let deadline = reconciler
+            .next_deadline()
+            .map(tokio::time::Instant::from_std);
         let until_deadline = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(at).await,

@@ -104,6 +104,11 @@ pub fn container_to_proto(
                 status: status_to_proto(&status) as i32,
                 reason,
                 phases_ms: phases_ms(i).into_iter().collect(),
+                updated_at: i
+                    .status
+                    .as_ref()
+                    .map(|s| s.updated_at.clone())
+                    .unwrap_or_default(),
             }
         })
         .collect();
