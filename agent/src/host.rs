@@ -289,6 +289,13 @@ impl Host for NodeHost {
         self.runtime.reap()
     }
 
+    fn save_restarts(&self, instance_id: &str, restarts: u32) {
+        let path = self.instance_dir(instance_id).join("restarts");
+        if let Err(e) = std::fs::write(&path, restarts.to_string()) {
+            warn!(instance_id, path = %path.display(), error = %e, "cannot record the restart count");
+        }
+    }
+
     fn recover(&self) -> Vec<Recovered> {
         let mut found = Vec::new();
         let entries = match std::fs::read_dir(&self.instances_dir) {
@@ -311,7 +318,11 @@ impl Host for NodeHost {
                 }
             };
             let liveness = self.liveness(&spec.instance_id);
-            info!(instance_id = %spec.instance_id, ?liveness, "found instance from an earlier run");
+            let restarts = std::fs::read_to_string(entry.path().join("restarts"))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0);
+            info!(instance_id = %spec.instance_id, ?liveness, restarts, "found instance from an earlier run");
             // Its tc filters still run the previous agent's program: swap in this one's (in place,
             // counters kept), so policy and counting never stop.
             if liveness == Liveness::Running {
@@ -320,7 +331,11 @@ impl Host for NodeHost {
                     warn!(instance_id = %spec.instance_id, %veth, error = %e, "cannot re-attach network policy");
                 }
             }
-            found.push(Recovered { spec, liveness });
+            found.push(Recovered {
+                spec,
+                liveness,
+                restarts,
+            });
         }
         found
     }
@@ -470,6 +485,7 @@ mod tests {
                 encrypted: false,
             },
             ip: "10.1.0.2".parse().expect("ip"),
+            restart_policy: Default::default(),
         }
     }
 

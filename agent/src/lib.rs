@@ -5,12 +5,16 @@
 //! `image` (OCI pulls, layer cache, overlay rootfs), `runtime` (youki's libcontainer), `network`
 //! (bridges and veths over netlink), `reconcile` (desired vs actual), `hub` (the gRPC link).
 
+pub mod api;
 pub mod dataplane;
 pub mod dns;
 pub mod ebpf;
+pub mod health;
 pub mod host;
 pub mod hub;
 pub mod image;
+pub mod logs;
+pub mod metrics;
 pub mod network;
 pub mod reconcile;
 pub mod runtime;

@@ -70,6 +70,48 @@ pub struct InstanceSpec {
     pub network: NetworkSpec,
     /// Its address in `network.cidr`.
     pub ip: Ipv4Addr,
+    /// What to do when its process exits.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+}
+
+/// What the agent does when an instance's process exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "policy")]
+pub enum RestartPolicy {
+    /// Restart it, whatever its exit status.
+    #[default]
+    Always,
+    /// Restart it when it failed (status != 0), at most `max_restarts` times (0: no limit).
+    OnFailure {
+        /// Restarts allowed; 0 for no limit.
+        max_restarts: u32,
+    },
+    /// Leave it exited.
+    Never,
+}
+
+impl RestartPolicy {
+    /// Parses the hub's form (`""` is "always").
+    pub fn parse(policy: &str, max_restarts: u32) -> Option<Self> {
+        match policy {
+            "" | "always" => Some(RestartPolicy::Always),
+            "on-failure" => Some(RestartPolicy::OnFailure { max_restarts }),
+            "never" => Some(RestartPolicy::Never),
+            _ => None,
+        }
+    }
+
+    /// Whether an instance that exited with `code` after `restarts` restarts is started again.
+    pub fn restarts_after(self, code: i32, restarts: u32) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure { max_restarts } => {
+                code != 0 && (max_restarts == 0 || restarts < max_restarts)
+            }
+        }
+    }
 }
 
 /// Why an assignment from the hub cannot be run.
@@ -129,6 +171,8 @@ impl TryFrom<Assignment> for InstanceSpec {
             .parse()
             .map_err(|_| invalid("gateway", &net.gateway))?;
         let ip: Ipv4Addr = a.ip.parse().map_err(|_| invalid("ip", &a.ip))?;
+        let restart_policy = RestartPolicy::parse(&a.restart_policy, a.max_restarts)
+            .ok_or_else(|| invalid("restart_policy", &a.restart_policy))?;
         if !cidr.contains(&ip) || ip == gateway {
             return Err(invalid("ip", &a.ip));
         }
@@ -153,6 +197,7 @@ impl TryFrom<Assignment> for InstanceSpec {
                 encrypted: net.encrypted,
             },
             ip,
+            restart_policy,
         })
     }
 }
@@ -182,6 +227,8 @@ pub struct Recovered {
     pub spec: InstanceSpec,
     /// Whether it still runs.
     pub liveness: Liveness,
+    /// Times it was restarted so far (kept across agent restarts).
+    pub restarts: u32,
 }
 
 /// The node-side operations the reconciler needs. The real one composes `image`, `runtime` and
@@ -198,6 +245,8 @@ pub trait Host: Send + Sync + 'static {
     fn stop(&self, spec: &InstanceSpec) -> impl Future<Output = Result<(), String>> + Send;
     /// Whether the instance's process still runs.
     fn liveness(&self, instance_id: &str) -> Liveness;
+    /// Records how often the instance was restarted, so a restarted agent keeps counting.
+    fn save_restarts(&self, _instance_id: &str, _restarts: u32) {}
     /// Instances whose processes exited since the last call, with their exit status.
     fn reap(&self) -> Vec<(String, i32)>;
     /// What an earlier agent process left on this node.
@@ -217,6 +266,8 @@ enum Phase {
     },
     /// A stop task is working on it.
     Stopping,
+    /// Its process exited and its restart policy keeps it that way (until it is removed).
+    Exited,
 }
 
 #[derive(Debug, Clone)]
@@ -225,6 +276,8 @@ struct Local {
     phase: Phase,
     /// Consecutive failed starts or crashes, for backoff.
     failures: u32,
+    /// Times its process was restarted after exiting.
+    restarts: u32,
     last_report: Option<(InstanceStatus, String)>,
 }
 
@@ -278,6 +331,7 @@ impl<H: Host> Reconciler<H> {
                     spec: r.spec,
                     phase,
                     failures: 0,
+                    restarts: r.restarts,
                     last_report: None,
                 },
             );
@@ -335,6 +389,7 @@ impl<H: Host> Reconciler<H> {
                         status: InstanceStatus::Failed as i32,
                         reason: e.to_string(),
                         phases_ms: HashMap::new(),
+                        restarts: 0,
                     }));
                 }
             }
@@ -432,16 +487,31 @@ impl<H: Host> Reconciler<H> {
         if since.elapsed() >= STABLE_RUN {
             l.failures = 0;
         }
-        l.failures += 1;
-        let delay = restart_delay(l.failures);
-        warn!(instance_id = %id, code, restart_in = ?delay, "instance exited");
-        l.phase = Phase::Backoff {
-            retry_at: Instant::now() + delay,
-        };
         let status = if code == 0 {
             InstanceStatus::Stopped
         } else {
             InstanceStatus::Failed
+        };
+        if !l.spec.restart_policy.restarts_after(code, l.restarts) {
+            warn!(instance_id = %id, code, restarts = l.restarts, policy = ?l.spec.restart_policy,
+                "instance exited; not restarted");
+            l.phase = Phase::Exited;
+            let reason = match l.spec.restart_policy {
+                RestartPolicy::OnFailure { max_restarts } if code != 0 => format!(
+                    "exited with status {code}; gave up after {max_restarts} restarts"
+                ),
+                _ => format!("exited with status {code}"),
+            };
+            report(&self.reports, l, status, reason, HashMap::new());
+            return;
+        }
+        l.failures += 1;
+        l.restarts += 1;
+        self.host.save_restarts(id, l.restarts);
+        let delay = restart_delay(l.failures);
+        warn!(instance_id = %id, code, restart_in = ?delay, restarts = l.restarts, "instance exited");
+        l.phase = Phase::Backoff {
+            retry_at: Instant::now() + delay,
         };
         let reason = format!(
             "exited with status {code}; restarting in {}s",
@@ -519,6 +589,7 @@ impl<H: Host> Reconciler<H> {
                         spec: spec.clone(),
                         phase: Phase::Backoff { retry_at: now },
                         failures: 0,
+                        restarts: 0,
                         last_report: None,
                     },
                 );
@@ -536,7 +607,7 @@ impl<H: Host> Reconciler<H> {
                     local.phase = Phase::Starting;
                     spawn_work(Work::Start, &self.host, &self.events_tx, local.spec.clone());
                 }
-                (Phase::Running { .. } | Phase::Backoff { .. }, None) => {
+                (Phase::Running { .. } | Phase::Backoff { .. } | Phase::Exited, None) => {
                     local.phase = Phase::Stopping;
                     spawn_work(Work::Stop, &self.host, &self.events_tx, local.spec.clone());
                 }
@@ -614,6 +685,7 @@ fn report(
         status: status as i32,
         reason,
         phases_ms,
+        restarts: local.restarts,
     }));
 }
 

@@ -227,6 +227,7 @@ async fn nothing_is_stopped_before_the_hub_has_spoken() {
     host.state().recovered.push(Recovered {
         spec: InstanceSpec::try_from(assignment("ins-old")).expect("valid"),
         liveness: Liveness::Running,
+        restarts: 0,
     });
     let h = harness(host);
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -242,6 +243,7 @@ async fn recovered_running_instance_is_adopted_not_restarted() {
     host.state().recovered.push(Recovered {
         spec: InstanceSpec::try_from(assignment("ins-a")).expect("valid"),
         liveness: Liveness::Running,
+        restarts: 0,
     });
     let mut h = harness(host);
     h.desired_tx.send_replace(Some(desired(&["ins-a"])));
@@ -371,4 +373,120 @@ async fn stopping_instances_never_seen_are_reported_removed_at_once() {
         s.running.contains("ins-a"),
         "a stopping id that is also desired is left to the hub's next state"
     );
+}
+
+/// A harness running `id` with this restart policy.
+async fn running_with(id: &str, policy: &str, max_restarts: u32) -> Harness {
+    let mut h = harness(FakeHost::default());
+    let mut a = assignment(id);
+    a.restart_policy = policy.into();
+    a.max_restarts = max_restarts;
+    h.desired_tx.send_replace(Some(DesiredState {
+        assignments: vec![a],
+        ..desired(&[])
+    }));
+    h.until(|rs| rs.iter().any(|r| is_status(r, id, InstanceStatus::Running)))
+        .await;
+    h
+}
+
+fn reported_restarts(rs: &[Report]) -> Vec<u32> {
+    rs.iter()
+        .filter_map(|r| match r {
+            Report::Status(s) => Some(s.restarts),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_are_counted_and_reported() {
+    let mut h = running("ins-a").await;
+    for round in 1..=2u32 {
+        h.host.state().exits.push(("ins-a".into(), 0));
+        h.children_tx.send(()).expect("reconciler alive");
+        let seen = h
+            .until(|rs| {
+                rs.iter().any(|r| {
+                    matches!(r, Report::Status(s) if s.status == InstanceStatus::Running as i32
+                        && s.restarts == round)
+                })
+            })
+            .await;
+        assert!(reported_restarts(&seen).contains(&round), "{seen:?}");
+    }
+    assert_eq!(h.host.state().starts.len(), 3, "always restarts, even after status 0");
+}
+
+#[tokio::test(start_paused = true)]
+async fn never_leaves_an_exited_instance_alone() {
+    let mut h = running_with("ins-a", "never", 0).await;
+    h.host.state().exits.push(("ins-a".into(), 1));
+    h.children_tx.send(()).expect("reconciler alive");
+    let seen = h
+        .until(|rs| rs.iter().any(|r| is_status(r, "ins-a", InstanceStatus::Failed)))
+        .await;
+    assert!(
+        seen.iter()
+            .any(|r| matches!(r, Report::Status(s) if s.reason == "exited with status 1")),
+        "{seen:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(h.host.state().starts.len(), 1, "never restarted");
+    // Removing it still cleans it up.
+    h.desired_tx.send_replace(Some(desired(&[])));
+    h.until(|rs| rs.iter().any(|r| matches!(r, Report::Removed(id) if id == "ins-a")))
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_failure_restarts_failures_up_to_the_limit_and_not_clean_exits() {
+    let mut h = running_with("ins-a", "on-failure", 2).await;
+    for round in 1..=2u32 {
+        h.host.state().exits.push(("ins-a".into(), 7));
+        h.children_tx.send(()).expect("reconciler alive");
+        h.until(|rs| {
+            rs.iter().any(|r| {
+                matches!(r, Report::Status(s) if s.status == InstanceStatus::Running as i32
+                    && s.restarts == round)
+            })
+        })
+        .await;
+    }
+    h.host.state().exits.push(("ins-a".into(), 7));
+    h.children_tx.send(()).expect("reconciler alive");
+    let seen = h
+        .until(|rs| {
+            rs.iter().any(|r| {
+                matches!(r, Report::Status(s) if s.reason.contains("gave up after 2 restarts"))
+            })
+        })
+        .await;
+    assert!(!seen.is_empty());
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(h.host.state().starts.len(), 3);
+
+    let mut h = running_with("ins-b", "on-failure", 0).await;
+    h.host.state().exits.push(("ins-b".into(), 0));
+    h.children_tx.send(()).expect("reconciler alive");
+    h.until(|rs| rs.iter().any(|r| is_status(r, "ins-b", InstanceStatus::Stopped)))
+        .await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(h.host.state().starts.len(), 1, "a clean exit is not a failure");
+}
+
+#[test]
+fn restart_policies_parse_and_decide() {
+    assert_eq!(RestartPolicy::parse("", 0), Some(RestartPolicy::Always));
+    assert_eq!(RestartPolicy::parse("bogus", 0), None);
+    let on_failure = RestartPolicy::parse("on-failure", 3).unwrap();
+    assert!(on_failure.restarts_after(1, 2));
+    assert!(!on_failure.restarts_after(1, 3));
+    assert!(!on_failure.restarts_after(0, 0));
+    assert!(RestartPolicy::OnFailure { max_restarts: 0 }.restarts_after(1, 1000));
+    assert!(!RestartPolicy::Never.restarts_after(1, 0));
+    assert!(RestartPolicy::Always.restarts_after(0, 99));
+    let mut a = assignment("ins-x");
+    a.restart_policy = "sometimes".into();
+    assert!(InstanceSpec::try_from(a).is_err());
 }

@@ -8,6 +8,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use berth_agent::logs::LogShim;
 use berth_agent::runtime::{cgroup, ContainerConfig, Runtime, RuntimeError, Status};
 
 /// States what these tests need, and fails loudly without it rather than skipping.
@@ -56,7 +57,12 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = make_rootfs(dir.path());
         let parent = format!("berth-test-{}", suffix());
-        let runtime = Runtime::new(&dir.path().join("runtime"), parent.clone()).unwrap();
+        // Output goes through pipes to a log shim, as in the agent.
+        let runtime = Runtime::new(&dir.path().join("runtime"), parent.clone())
+            .unwrap()
+            .with_log_shim(LogShim::new(PathBuf::from(env!(
+                "CARGO_BIN_EXE_berth-agent"
+            ))));
         Self {
             dir,
             rootfs,

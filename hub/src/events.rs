@@ -258,7 +258,9 @@ impl From<EventsError> for crate::service::ServiceError {
     fn from(e: EventsError) -> Self {
         match e {
             EventsError::Store(s) => s.into(),
-            EventsError::BadCursor(_) => crate::service::ServiceError::invalid("since", e.to_string()),
+            EventsError::BadCursor(_) => {
+                crate::service::ServiceError::invalid("since", e.to_string())
+            }
             EventsError::WatchCancelled { .. } => {
                 crate::service::ServiceError::Unavailable(e.to_string())
             }
@@ -493,16 +495,10 @@ impl Events {
 async fn write_queued(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Event>) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
-        // Wake regularly to notice that every handle is gone (the queue's sender lives in `Inner`).
-        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
-            Ok(Some(e)) => batch.push(e),
-            Ok(None) => return,
-            Err(_) => {
-                if inner.strong_count() == 0 {
-                    return;
-                }
-                continue;
-            }
+        // The queue's only sender lives in `Inner`: `None` once the last handle is gone.
+        match rx.recv().await {
+            Some(e) => batch.push(e),
+            None => return,
         }
         while batch.len() < WRITE_BATCH {
             match rx.try_recv() {
@@ -510,7 +506,9 @@ async fn write_queued(inner: std::sync::Weak<Inner>, mut rx: mpsc::Receiver<Even
                 Err(_) => break,
             }
         }
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         let events = Events { inner: strong };
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=5 {
@@ -588,7 +586,11 @@ async fn read_after(
         // Server-side filter; the nonce part is applied below.
         options = options.with_min_create_revision(c.revision.max(0));
     }
-    let mut resp = store.client().kv_client().get(PREFIX, Some(options)).await?;
+    let mut resp = store
+        .client()
+        .kv_client()
+        .get(PREFIX, Some(options))
+        .await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
     let mut events: Vec<(i64, String, Event)> = resp
         .take_kvs()
@@ -614,7 +616,11 @@ pub struct Page {
 
 /// Lists events: with `since`, the first `limit` after it (page forward with `next`); without, the
 /// most recent `limit`.
-pub async fn list(store: &Store, since: Option<&Cursor>, limit: usize) -> Result<Page, EventsError> {
+pub async fn list(
+    store: &Store,
+    since: Option<&Cursor>,
+    limit: usize,
+) -> Result<Page, EventsError> {
     let limit = limit.clamp(1, MAX_LIMIT);
     let (mut events, revision) = read_after(store, since).await?;
     let more = events.len() > limit;
@@ -645,9 +651,15 @@ pub async fn watch(store: &Store, since: Option<Cursor>) -> Result<EventStream, 
             let resp = store
                 .client()
                 .kv_client()
-                .get(PREFIX, Some(GetOptions::new().with_prefix().with_count_only()))
+                .get(
+                    PREFIX,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
                 .await?;
-            (vec![], resp.header().map(|h| h.revision()).unwrap_or_default())
+            (
+                vec![],
+                resp.header().map(|h| h.revision()).unwrap_or_default(),
+            )
         }
     };
     let watch = store

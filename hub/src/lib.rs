@@ -8,7 +8,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
+pub mod events;
 pub mod ipam;
+pub mod metrics;
 pub mod netview;
 pub mod reconciler;
 pub mod scheduler;

@@ -80,6 +80,8 @@ impl Builder {
                 deleting: false,
                 next_ordinal: 0,
                 service_ip: vip.into(),
+                restart_policy: String::new(),
+                max_restarts: 0,
             }),
         );
         self
@@ -112,6 +114,7 @@ impl Builder {
                         node_id: node.into(),
                         updated_at: String::new(),
                         phases_ms: BTreeMap::new(),
+                        restarts: 0,
                     }),
                 },
             );

@@ -463,7 +463,18 @@ mod tests {
         let e = serde_json::from_str::<ProbeSpec>(r#"{"tcp": {"port": 1}, "interval": "10"}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("missing unit"), "{e}");
+        assert!(e.contains("health.interval") && e.contains("missing unit"), "{e}");
+        for bad in [
+            r#"{"tcp": {"port": 1}, "http": {"path": "/", "port": 1}}"#,
+            r#"{"interval": "1s"}"#,
+        ] {
+            let e = serde_json::from_str::<ProbeSpec>(bad).unwrap_err().to_string();
+            assert!(e.contains("exactly one of http, tcp, exec"), "{e}");
+        }
+        let e = serde_json::from_str::<ProbeSpec>(r#"{"tcp": {"port": 1}, "intervall": "1s"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `intervall`"), "{e}");
     }
 
     #[test]

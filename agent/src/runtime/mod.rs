@@ -9,12 +9,14 @@
 //! Every call here blocks: run them in `spawn_blocking`.
 
 pub mod cgroup;
+pub mod exec;
 mod reaper;
 mod spec;
 mod youki;
 
 use std::path::PathBuf;
 
+pub use exec::{run_exec_helper, Exec, EXEC_HELPER_ARG};
 pub use spec::{build_spec, CPU_PERIOD_US, NOFILE_LIMIT};
 pub use youki::{run_create_helper, Runtime, HELPER_ARG};
 
@@ -139,6 +141,15 @@ pub enum RuntimeError {
         id: String,
         /// What the helper said (its stderr) or why it could not run.
         message: String,
+    },
+    /// The container's log shim could not be started.
+    #[error("log shim for container {id}: {source}")]
+    LogShim {
+        /// Container id.
+        id: String,
+        /// Why.
+        #[source]
+        source: crate::logs::LogError,
     },
     /// The container's processes did not exit in time after SIGKILL.
     #[error("container {id} still has processes {waited:?} after SIGKILL")]

@@ -3,10 +3,17 @@
 //! Layout under the runtime root: `state/<id>/` is youki's state directory, `bundles/<id>/config.json`
 //! the OCI bundle youki reads at build time (the rootfs itself lives elsewhere, absolute in the
 //! spec). Order of calls follows youki's own `create`/`start`/`kill`/`delete` commands.
+//!
+//! A container's stdout and stderr are the write ends of two pipes whose read ends a log shim
+//! holds (`crate::logs`): no host file is open in the container, so CRIU can checkpoint it, and the
+//! shim outlives the agent. Without a shim (`with_log_shim`/`with_create_helper` not called) they
+//! are the log file itself, opened for appending.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -18,6 +25,7 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 
 use super::reaper::{Child, Reaper};
+use crate::logs::LogShim;
 use super::spec::{build_spec, is_valid_name};
 use super::{cgroup, ContainerConfig, ContainerState, RuntimeError, Status};
 
@@ -32,6 +40,12 @@ static LIBCONTAINER: Mutex<()> = Mutex::new(());
 
 /// How long a create may wait on libcontainer's helper processes before they are presumed stuck.
 const CREATE_WATCHDOG: Duration = Duration::from_secs(10);
+
+/// How long `remove` waits for a container's log shim to write the last output and exit.
+const SHIM_EXIT_WAIT: Duration = Duration::from_secs(2);
+
+/// The create helper's third argument when the container's stdout and stderr are at fds 3 and 4.
+const INHERITED_STDIO: &str = "--stdio-fds";
 
 fn libcontainer_lock() -> MutexGuard<'static, ()> {
     // The guarded data is `()`: a panic while holding it leaves nothing inconsistent in memory.
@@ -48,6 +62,10 @@ pub struct Runtime {
     bundles: PathBuf,
     cgroup_parent: String,
     reaper: Reaper,
+    /// When set, every container's output goes through pipes to a log shim.
+    log_shim: Option<LogShim>,
+    /// Log shims this process started, `(container id, pid)`, until reaped.
+    shims: Mutex<Vec<(String, i32)>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -93,6 +111,8 @@ impl Runtime {
             bundles,
             cgroup_parent,
             reaper: Reaper::default(),
+            log_shim: None,
+            shims: Mutex::new(Vec::new()),
         })
     }
 
@@ -102,9 +122,20 @@ impl Runtime {
     /// writer) and wait on it forever. A fresh single-threaded process has no such locks, and the
     /// process-wide changes libcontainer makes (dumpable flag) stay out of the daemon. The caller
     /// must be a child subreaper (`PR_SET_CHILD_SUBREAPER`) so the container's init, orphaned when
-    /// the helper exits, becomes its child and can be reaped.
+    /// the helper exits, becomes its child and can be reaped. The same executable is the log shim
+    /// (with default rotation) unless [`Runtime::with_log_shim`] chose one.
     pub fn with_create_helper(mut self, exe: PathBuf) -> Self {
+        if self.log_shim.is_none() {
+            self.log_shim = Some(LogShim::new(exe.clone()));
+        }
         self.create_helper = Some(exe);
+        self
+    }
+
+    /// Sends every container's stdout and stderr through pipes to a log shim started per
+    /// container (`exe __log-shim`, see `crate::logs`), which writes and rotates the log file.
+    pub fn with_log_shim(mut self, shim: LogShim) -> Self {
+        self.log_shim = Some(shim);
         self
     }
 
@@ -123,13 +154,33 @@ impl Runtime {
         self.state_root.join(id)
     }
 
-    /// Writes the bundle, opens `log_path` (append, create) as the container's stdout and stderr,
-    /// and creates the container without starting it. Returns the init's host pid; its network
-    /// namespace is `/proc/<pid>/ns/net`. Fails with `AlreadyExists` if the id has state.
+    /// Writes the bundle, connects the container's stdout and stderr to `log_path` (through a log
+    /// shim's pipes when one is configured, else the file opened for appending), and creates the
+    /// container without starting it. Returns the init's host pid; its network namespace is
+    /// `/proc/<pid>/ns/net`. Fails with `AlreadyExists` if the id has state.
     pub fn create(&self, cfg: &ContainerConfig, log_path: &Path) -> Result<i32, RuntimeError> {
+        let output = match &self.log_shim {
+            Some(shim) => {
+                self.reap_shims();
+                let pipes = shim
+                    .spawn(log_path)
+                    .map_err(|source| RuntimeError::LogShim {
+                        id: cfg.id.clone(),
+                        source,
+                    })?;
+                self.lock_shims().push((cfg.id.clone(), pipes.pid));
+                // Dropped (closed) when the create returns: from then on only the container's
+                // processes hold them, and the shim sees EOF when the last one exits.
+                Output::Pipes {
+                    stdout: pipes.stdout,
+                    stderr: pipes.stderr,
+                }
+            }
+            None => Output::File(log_path.to_owned()),
+        };
         match &self.create_helper {
-            Some(exe) => self.create_via_helper(exe, cfg, log_path),
-            None => self.create_in_process(cfg, log_path),
+            Some(exe) => self.create_via_helper(exe, cfg, output),
+            None => self.create_with_output(cfg, output),
         }
     }
 
@@ -137,7 +188,7 @@ impl Runtime {
         &self,
         exe: &Path,
         cfg: &ContainerConfig,
-        log_path: &Path,
+        output: Output,
     ) -> Result<i32, RuntimeError> {
         let span = tracing::info_span!("runtime_create", id = %cfg.id);
         let _span = span.enter();
@@ -150,11 +201,24 @@ impl Runtime {
             serde_json::to_vec(cfg).map_err(|e| helper_err(format!("encode config: {e}")))?;
         // Keeps start/remove of this id, and other creates, out of the way as in-process.
         let _lock = libcontainer_lock();
-        let mut child = std::process::Command::new(exe)
-            .arg(HELPER_ARG)
-            .arg(&self.root)
-            .arg(&self.cgroup_parent)
-            .arg(log_path)
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg(HELPER_ARG).arg(&self.root).arg(&self.cgroup_parent);
+        match &output {
+            Output::File(log_path) => {
+                cmd.arg(log_path);
+            }
+            Output::Pipes { stdout, stderr } => {
+                cmd.arg(INHERITED_STDIO);
+                let fds = [stdout.as_raw_fd(), stderr.as_raw_fd()];
+                // SAFETY: runs in the forked child before exec; `place_fds` only makes
+                // async-signal-safe calls (fcntl, dup2) on these fds, which stay open in the
+                // parent until the child is waited for.
+                unsafe {
+                    cmd.pre_exec(move || crate::logs::place_fds(fds));
+                }
+            }
+        }
+        let mut child = cmd
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -188,12 +252,17 @@ impl Runtime {
         }
     }
 
-    /// [`Runtime::create`] in this process (what the create helper runs).
+    /// [`Runtime::create`] in this process with `log_path` opened as stdout and stderr (no shim).
     pub fn create_in_process(
         &self,
         cfg: &ContainerConfig,
         log_path: &Path,
     ) -> Result<i32, RuntimeError> {
+        self.create_with_output(cfg, Output::File(log_path.to_owned()))
+    }
+
+    /// Creates in this process (what the create helper runs), with the given stdout and stderr.
+    fn create_with_output(&self, cfg: &ContainerConfig, output: Output) -> Result<i32, RuntimeError> {
         let span = tracing::info_span!("runtime_create", id = %cfg.id);
         let _span = span.enter();
         let spec = build_spec(cfg, &self.cgroup_parent)?;
@@ -217,7 +286,7 @@ impl Runtime {
                 id: id.to_owned(),
                 source,
             })?;
-            let (stdin, stdout, stderr) = open_stdio(log_path)?;
+            let (stdin, stdout, stderr) = open_stdio(output)?;
             let youki = |source: LibcontainerError| youki_err("create", id, source);
             let builder = ContainerBuilder::new(id.to_owned(), SyscallType::default())
                 .with_root_path(&self.state_root)
@@ -395,6 +464,7 @@ impl Runtime {
             first_err.get_or_insert(e);
         }
         self.reaper.forget(id);
+        self.wait_shims(id, SHIM_EXIT_WAIT);
         match first_err {
             None => {
                 tracing::info!("container removed");
@@ -434,7 +504,46 @@ impl Runtime {
     /// Reaps, without blocking, the init processes of this runtime's containers that exited;
     /// returns `(id, status)` for each (128 + signal when killed by one).
     pub fn reap(&self) -> Vec<(String, i32)> {
+        self.reap_shims();
         self.reaper.reap()
+    }
+
+    fn lock_shims(&self) -> MutexGuard<'_, Vec<(String, i32)>> {
+        // A list of pids: a panicking holder cannot leave it half-updated.
+        self.shims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Collects the exit of log shims that finished (their container's output ended).
+    fn reap_shims(&self) {
+        self.lock_shims().retain(|(id, pid)| {
+            let done = !matches!(
+                nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(*pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG)
+                ),
+                Ok(nix::sys::wait::WaitStatus::StillAlive)
+            );
+            if done {
+                tracing::debug!(id, pid, "log shim exited");
+            }
+            !done
+        });
+    }
+
+    /// Waits up to `timeout` for `id`'s log shims (whose container is gone) to flush and exit.
+    fn wait_shims(&self, id: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.reap_shims();
+            if !self.lock_shims().iter().any(|(i, _)| i == id) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(id, "log shim still running after the container was removed");
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     fn load(&self, id: &str) -> Result<Option<Container>, RuntimeError> {
@@ -514,21 +623,34 @@ fn youki_err(op: &'static str, id: &str, source: LibcontainerError) -> RuntimeEr
     }
 }
 
-/// stdin from /dev/null (never the agent's own), stdout and stderr appended to the log file.
-fn open_stdio(log_path: &Path) -> Result<(File, File, File), RuntimeError> {
+/// Where a container's stdout and stderr go.
+enum Output {
+    /// Appended to this file (no log shim).
+    File(PathBuf),
+    /// The write ends of a log shim's pipes.
+    Pipes { stdout: OwnedFd, stderr: OwnedFd },
+}
+
+/// stdin from /dev/null (never the agent's own), stdout and stderr per `output`.
+fn open_stdio(output: Output) -> Result<(File, OwnedFd, OwnedFd), RuntimeError> {
     let io_err = |op, path: &Path| {
         let path = path.to_owned();
         move |source| RuntimeError::Io { op, path, source }
     };
     let stdin = File::open("/dev/null").map_err(io_err("open", Path::new("/dev/null")))?;
-    let stdout = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(log_path)
-        .map_err(io_err("open log", log_path))?;
-    let stderr = stdout.try_clone().map_err(io_err("dup log", log_path))?;
-    Ok((stdin, stdout, stderr))
+    match output {
+        Output::Pipes { stdout, stderr } => Ok((stdin, stdout, stderr)),
+        Output::File(log_path) => {
+            let stdout = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(&log_path)
+                .map_err(io_err("open log", &log_path))?;
+            let stderr = stdout.try_clone().map_err(io_err("dup log", &log_path))?;
+            Ok((stdin, stdout.into(), stderr.into()))
+        }
+    }
 }
 
 /// Whether process `pid` has a SIGTERM handler installed (`SigCgt` in /proc/PID/status). Unknown
@@ -547,13 +669,25 @@ fn catches_sigterm(pid: i32) -> bool {
 /// The first argument that makes the agent binary act as a create helper.
 pub const HELPER_ARG: &str = "__runtime-create";
 
-/// The create helper's whole life: `HELPER_ARG <runtime root> <cgroup parent> <log path>`, the
+/// The create helper's whole life: `HELPER_ARG <runtime root> <cgroup parent> <log path | --stdio-fds>`
+/// (`--stdio-fds`: the container's stdout and stderr are this process's fds 3 and 4), the
 /// container config as JSON on stdin; prints the init pid on stdout, or the error on stderr and
 /// exits non-zero. Returns the process exit code.
 pub fn run_create_helper(args: &[std::ffi::OsString]) -> i32 {
     let [root, parent, log] = args else {
-        eprintln!("usage: {HELPER_ARG} ROOT CGROUP_PARENT LOG_PATH < config.json");
+        eprintln!("usage: {HELPER_ARG} ROOT CGROUP_PARENT (LOG_PATH | {INHERITED_STDIO}) < config.json");
         return 2;
+    };
+    let output = if log == INHERITED_STDIO {
+        match crate::logs::take_placed_fds() {
+            Ok((stdout, stderr)) => Output::Pipes { stdout, stderr },
+            Err(e) => {
+                eprintln!("{e}");
+                return 2;
+            }
+        }
+    } else {
+        Output::File(PathBuf::from(log))
     };
     let Some(parent) = parent.to_str() else {
         eprintln!("cgroup parent {parent:?} is not UTF-8");
@@ -567,7 +701,7 @@ pub fn run_create_helper(args: &[std::ffi::OsString]) -> i32 {
         }
     };
     let created = Runtime::new(Path::new(root), parent.to_owned())
-        .and_then(|rt| rt.create_in_process(&cfg, Path::new(log)));
+        .and_then(|rt| rt.create_with_output(&cfg, output));
     match created {
         Ok(pid) => {
             println!("{pid}");

@@ -30,11 +30,13 @@ impl Grpc {
 
 /// A tonic router serving all four services.
 pub fn routes(service: Service) -> tonic::service::Routes {
+    let events = super::grpc_events::server(service.store().clone());
     let g = Grpc::new(service);
     tonic::service::Routes::new(NetworkServiceServer::new(g.clone()))
         .add_service(ContainerServiceServer::new(g.clone()))
         .add_service(NodeServiceServer::new(g.clone()))
         .add_service(AgentServiceServer::new(g))
+        .add_service(events)
 }
 
 type GrpcResult<T> = Result<Response<T>, Status>;
@@ -120,6 +122,8 @@ fn create_from_proto(r: v1::CreateContainerRequest) -> CreateContainer {
         name: r.name,
         command: r.command,
         env: r.env.into_iter().collect(),
+        restart_policy: r.restart_policy,
+        max_restarts: (r.max_restarts != 0).then_some(r.max_restarts),
     }
 }
 

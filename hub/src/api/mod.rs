@@ -1,6 +1,9 @@
 //! The API edges: REST (axum) and gRPC (tonic), both thin layers over [`crate::service::Service`].
 
+pub mod events;
 pub mod grpc;
+pub mod logs;
+pub mod grpc_events;
 pub mod rest;
 mod rest_types;
 

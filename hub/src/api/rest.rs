@@ -39,7 +39,11 @@ pub fn router(service: Service) -> Router {
         .route("/v1/containers/{id}/scale", post(scale_container))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/events", get(super::events::get_events))
+        .route("/metrics", get(crate::metrics::scrape))
         .fallback(not_found)
+        // Request counts and latency by route template, never the raw path (`crate::metrics`).
+        .layer(middleware::from_fn(crate::metrics::track_request))
         // One span per request, so every log line of a request carries its method and path.
         .layer(middleware::from_fn(trace_request))
         .with_state(service)

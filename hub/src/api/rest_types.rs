@@ -58,6 +58,12 @@ pub struct CreateContainerBody {
     /// Extra environment.
     #[serde(default)]
     pub env: Option<BTreeMap<String, String>>,
+    /// "always" (default), "on-failure" or "never".
+    #[serde(default)]
+    pub restart_policy: Option<String>,
+    /// With "on-failure": restarts allowed per instance (0: no limit).
+    #[serde(default)]
+    pub max_restarts: Option<i64>,
 }
 
 impl From<CreateContainerBody> for CreateContainer {
@@ -71,6 +77,8 @@ impl From<CreateContainerBody> for CreateContainer {
             name: b.name.unwrap_or_default(),
             command: b.command.unwrap_or_default(),
             env: b.env.unwrap_or_default(),
+            restart_policy: b.restart_policy.unwrap_or_default(),
+            max_restarts: b.max_restarts,
         }
     }
 }
@@ -137,6 +145,9 @@ pub struct InstanceJson {
     pub reason: String,
     /// Milliseconds per deploy phase ("schedule", "pull", "rootfs", "create", "network", "start").
     pub phases_ms: BTreeMap<String, f64>,
+    /// Times its node restarted it.
+    #[serde(default)]
+    pub restarts: u32,
     /// RFC 3339: when its node last reported its status.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub updated_at: String,
@@ -183,6 +194,12 @@ pub struct ContainerJson {
     /// `<name>.<network>.berth`, resolving to `service_ip`.
     #[serde(default)]
     pub dns_name: String,
+    /// "always", "on-failure" or "never".
+    #[serde(default)]
+    pub restart_policy: String,
+    /// With "on-failure": restarts allowed per instance (0: no limit).
+    #[serde(default)]
+    pub max_restarts: u32,
 }
 
 impl From<v1::Container> for ContainerJson {
@@ -210,6 +227,7 @@ impl From<v1::Container> for ContainerJson {
                     reason: i.reason,
                     phases_ms: i.phases_ms.into_iter().collect(),
                     updated_at: i.updated_at,
+                    restarts: i.restarts,
                 })
                 .collect(),
             command: c.command,
@@ -218,6 +236,8 @@ impl From<v1::Container> for ContainerJson {
             memory_bytes: c.memory_bytes,
             service_ip: c.service_ip,
             dns_name: c.dns_name,
+            restart_policy: c.restart_policy,
+            max_restarts: c.max_restarts,
         }
     }
 }

@@ -213,6 +213,7 @@ impl Service {
                 node_id: node_id.to_owned(),
                 updated_at: now_rfc3339(),
                 phases_ms,
+                restarts: report.restarts,
             };
             let r = &inst.value;
             // Only for this incarnation of the instance: never resurrect a status after a release.

@@ -27,6 +27,8 @@ impl Service {
         }
         validate::command(&req.command)?;
         validate::env(&req.env)?;
+        let (restart_policy, max_restarts) =
+            validate::restart_policy(&req.restart_policy, req.max_restarts)?;
         let network = if req.network_id.is_empty() {
             self.default_network().await?
         } else {
@@ -56,6 +58,8 @@ impl Service {
                 deleting: false,
                 next_ordinal: 0,
                 service_ip: service_ip.to_string(),
+                restart_policy: restart_policy.clone(),
+                max_restarts,
             };
             let id = record.container_id.clone();
             let vip_key = keys::vip(&record.service_ip);

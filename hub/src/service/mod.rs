@@ -54,6 +54,10 @@ pub struct CreateContainer {
     pub command: Vec<String>,
     /// Extra environment.
     pub env: BTreeMap<String, String>,
+    /// "always", "on-failure" or "never"; empty: "always".
+    pub restart_policy: String,
+    /// With "on-failure": restarts allowed per instance; `None`: no limit.
+    pub max_restarts: Option<i64>,
 }
 
 /// Input of [`Service::register_node`].

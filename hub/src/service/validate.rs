@@ -138,6 +138,41 @@ pub fn env(value: &BTreeMap<String, String>) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Restart policies a container may ask for.
+pub const RESTART_POLICIES: [&str; 3] = ["always", "on-failure", "never"];
+
+/// The restart policy (empty: "always") and the restart limit (only with "on-failure"; 0: none).
+pub fn restart_policy(
+    policy: &str,
+    max_restarts: Option<i64>,
+) -> Result<(String, u32), ServiceError> {
+    let policy = if policy.is_empty() { "always" } else { policy };
+    if !RESTART_POLICIES.contains(&policy) {
+        return Err(ServiceError::invalid(
+            "restart_policy",
+            format!("{policy:?} is not one of \"always\", \"on-failure\", \"never\""),
+        ));
+    }
+    let max = match max_restarts {
+        None => 0,
+        Some(_) if policy != "on-failure" => {
+            return Err(ServiceError::invalid(
+                "max_restarts",
+                format!("only applies to restart_policy \"on-failure\", not {policy:?}"),
+            ))
+        }
+        Some(n) if n < 0 => {
+            return Err(ServiceError::invalid(
+                "max_restarts",
+                format!("{n} is negative"),
+            ))
+        }
+        Some(n) => u32::try_from(n)
+            .map_err(|_| ServiceError::invalid("max_restarts", format!("{n} is too large")))?,
+    };
+    Ok((policy.to_owned(), max))
+}
+
 /// A WireGuard public key: base64 of exactly 32 bytes.
 pub fn wireguard_key(field: &str, value: &str) -> Result<(), ServiceError> {
     use base64::Engine as _;

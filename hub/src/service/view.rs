@@ -109,6 +109,7 @@ pub fn container_to_proto(
                     .as_ref()
                     .map(|s| s.updated_at.clone())
                     .unwrap_or_default(),
+                restarts: i.status.as_ref().map(|s| s.restarts).unwrap_or_default(),
             }
         })
         .collect();
@@ -142,6 +143,12 @@ pub fn container_to_proto(
         } else {
             dns_name(dns_label(c), network_name)
         },
+        restart_policy: if c.restart_policy.is_empty() {
+            "always".to_owned()
+        } else {
+            c.restart_policy.clone()
+        },
+        max_restarts: c.max_restarts,
     }
 }
 

@@ -19,6 +19,8 @@ fn container(replicas: u32, deleting: bool) -> ContainerRecord {
         deleting,
         next_ordinal: 0,
         service_ip: "10.96.0.9".into(),
+        restart_policy: "on-failure".into(),
+        max_restarts: 3,
     }
 }
 
@@ -60,6 +62,7 @@ fn instance(
             node_id: node.into(),
             updated_at: String::new(),
             phases_ms: BTreeMap::from([("pull".to_owned(), 12.5)]),
+            restarts: 2,
         }),
     }
 }

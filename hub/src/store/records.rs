@@ -64,6 +64,12 @@ pub struct ContainerRecord {
     /// Virtual IP of the container's service, claimed under `/berth/vips/{ip}`.
     #[serde(default)]
     pub service_ip: String,
+    /// "always", "on-failure" or "never" (empty in older records: "always").
+    #[serde(default)]
+    pub restart_policy: String,
+    /// With "on-failure": restarts allowed per instance (0: no limit).
+    #[serde(default)]
+    pub max_restarts: u32,
 }
 
 /// `/berth/instances/{container_id}/{instance_id}`
@@ -111,6 +117,9 @@ pub struct StatusRecord {
     /// Milliseconds each agent-side deploy phase took (kept from the last report that had them).
     #[serde(default)]
     pub phases_ms: BTreeMap<String, f64>,
+    /// Times the node restarted the instance.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// `/berth/nodes/{node_id}`

@@ -208,6 +208,7 @@ impl Hub {
                     status: *s as i32,
                     reason: String::new(),
                     phases_ms: Default::default(),
+                    restarts: 0,
                 })
                 .collect(),
             removed: removed.iter().map(|s| (*s).to_owned()).collect(),
