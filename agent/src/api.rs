@@ -171,11 +171,7 @@ async fn instance_logs(
         }
         Err(e) => {
             tracing::warn!(instance_id, error = %e, "reading logs failed");
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                e.to_string(),
-            );
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
         }
     };
     tracing::debug!(instance_id, follow, ?tail, "streaming logs");

@@ -99,6 +99,22 @@ fn main() -> ExitCode {
         let code = berth_agent::runtime::run_create_helper(&argv[2..]);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    // ... its per-container log shim (see `berth_agent::logs`) ...
+    if argv
+        .get(1)
+        .is_some_and(|a| a == berth_agent::logs::SHIM_ARG)
+    {
+        let code = berth_agent::logs::run_shim(&argv[2..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    // ... and its exec helper (health probes run commands inside containers through it).
+    if argv
+        .get(1)
+        .is_some_and(|a| a == berth_agent::runtime::EXEC_HELPER_ARG)
+    {
+        let code = berth_agent::runtime::run_exec_helper();
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let args = Args::parse();
     init_tracing(&args.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -497,9 +497,9 @@ impl<H: Host> Reconciler<H> {
                 "instance exited; not restarted");
             l.phase = Phase::Exited;
             let reason = match l.spec.restart_policy {
-                RestartPolicy::OnFailure { max_restarts } if code != 0 => format!(
-                    "exited with status {code}; gave up after {max_restarts} restarts"
-                ),
+                RestartPolicy::OnFailure { max_restarts } if code != 0 => {
+                    format!("exited with status {code}; gave up after {max_restarts} restarts")
+                }
                 _ => format!("exited with status {code}"),
             };
             report(&self.reports, l, status, reason, HashMap::new());

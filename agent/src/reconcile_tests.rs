@@ -415,7 +415,11 @@ async fn restarts_are_counted_and_reported() {
             .await;
         assert!(reported_restarts(&seen).contains(&round), "{seen:?}");
     }
-    assert_eq!(h.host.state().starts.len(), 3, "always restarts, even after status 0");
+    assert_eq!(
+        h.host.state().starts.len(),
+        3,
+        "always restarts, even after status 0"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -424,7 +428,10 @@ async fn never_leaves_an_exited_instance_alone() {
     h.host.state().exits.push(("ins-a".into(), 1));
     h.children_tx.send(()).expect("reconciler alive");
     let seen = h
-        .until(|rs| rs.iter().any(|r| is_status(r, "ins-a", InstanceStatus::Failed)))
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Failed))
+        })
         .await;
     assert!(
         seen.iter()
@@ -435,8 +442,11 @@ async fn never_leaves_an_exited_instance_alone() {
     assert_eq!(h.host.state().starts.len(), 1, "never restarted");
     // Removing it still cleans it up.
     h.desired_tx.send_replace(Some(desired(&[])));
-    h.until(|rs| rs.iter().any(|r| matches!(r, Report::Removed(id) if id == "ins-a")))
-        .await;
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| matches!(r, Report::Removed(id) if id == "ins-a"))
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -457,9 +467,9 @@ async fn on_failure_restarts_failures_up_to_the_limit_and_not_clean_exits() {
     h.children_tx.send(()).expect("reconciler alive");
     let seen = h
         .until(|rs| {
-            rs.iter().any(|r| {
-                matches!(r, Report::Status(s) if s.reason.contains("gave up after 2 restarts"))
-            })
+            rs.iter().any(
+                |r| matches!(r, Report::Status(s) if s.reason.contains("gave up after 2 restarts")),
+            )
         })
         .await;
     assert!(!seen.is_empty());
@@ -469,10 +479,17 @@ async fn on_failure_restarts_failures_up_to_the_limit_and_not_clean_exits() {
     let mut h = running_with("ins-b", "on-failure", 0).await;
     h.host.state().exits.push(("ins-b".into(), 0));
     h.children_tx.send(()).expect("reconciler alive");
-    h.until(|rs| rs.iter().any(|r| is_status(r, "ins-b", InstanceStatus::Stopped)))
-        .await;
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-b", InstanceStatus::Stopped))
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(120)).await;
-    assert_eq!(h.host.state().starts.len(), 1, "a clean exit is not a failure");
+    assert_eq!(
+        h.host.state().starts.len(),
+        1,
+        "a clean exit is not a failure"
+    );
 }
 
 #[test]

@@ -134,7 +134,10 @@ async fn http_check_sees_the_status_and_sends_the_path() {
         Ok("status 204".into())
     );
     server.status.store(302, Ordering::SeqCst);
-    assert!(check.run(Duration::from_secs(1)).await.is_ok(), "3xx is healthy");
+    assert!(
+        check.run(Duration::from_secs(1)).await.is_ok(),
+        "3xx is healthy"
+    );
     server.status.store(404, Ordering::SeqCst);
     assert_eq!(
         check.run(Duration::from_secs(1)).await,
@@ -145,7 +148,10 @@ async fn http_check_sees_the_status_and_sends_the_path() {
         req.starts_with("GET /healthz?full=1 HTTP/1.0\r\n"),
         "{req:?}"
     );
-    assert!(req.contains(&format!("Host: {}\r\n", server.addr)), "{req:?}");
+    assert!(
+        req.contains(&format!("Host: {}\r\n", server.addr)),
+        "{req:?}"
+    );
 }
 
 #[tokio::test]
@@ -271,12 +277,16 @@ async fn http_probe_of_a_server_that_never_answers_times_out() {
     let e = next_event(&mut rx).await;
     assert!(!e.healthy);
     assert!(
-        e.reason.ends_with("timed out after 200ms (1 consecutive failures)"),
+        e.reason
+            .ends_with("timed out after 200ms (1 consecutive failures)"),
         "{}",
         e.reason
     );
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
     let last = prober.snapshot("ins-slow").unwrap().last_result.unwrap();
     assert!(last.took >= Duration::from_millis(200), "{last:?}");
     server.abort();
@@ -322,11 +332,19 @@ fn exec_helper() -> Exec {
     if String::from_utf8_lossy(&probe.stderr).contains("bad exec request") {
         return Exec::new(agent);
     }
-    eprintln!("berth-agent does not dispatch {EXEC_HELPER_ARG} yet: this test binary is the helper");
+    eprintln!(
+        "berth-agent does not dispatch {EXEC_HELPER_ARG} yet: this test binary is the helper"
+    );
     Exec::new(std::env::current_exe().unwrap()).with_invocation(
-        ["exec_helper_entry", "--exact", "--nocapture", "-q", "--test-threads=1"]
-            .map(Into::into)
-            .to_vec(),
+        [
+            "exec_helper_entry",
+            "--exact",
+            "--nocapture",
+            "-q",
+            "--test-threads=1",
+        ]
+        .map(Into::into)
+        .to_vec(),
         vec![(AS_HELPER_ENV.into(), "1".into())],
     )
 }
@@ -404,7 +422,12 @@ impl Container {
         cgroup::pids(&cgroup::container_dirs(&self.parent, &self.id))
             .into_iter()
             .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim().to_owned())
+            .map(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_owned()
+            })
             .collect()
     }
 }
@@ -533,12 +556,19 @@ async fn exec_past_its_timeout_is_killed() {
     let exec = exec_helper();
     let started = Instant::now();
     let out = exec
-        .run(&c.state_dir(), &cmd(&["sleep", "5"]), Duration::from_secs(1))
+        .run(
+            &c.state_dir(),
+            &cmd(&["sleep", "5"]),
+            Duration::from_secs(1),
+        )
         .await
         .unwrap();
     let took = started.elapsed();
     assert_eq!(out.status, ExecStatus::TimedOut);
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(4), "{took:?}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
     assert!(
         !c.processes().iter().any(|p| p == "sleep 5"),
         "{:?}",
@@ -567,10 +597,19 @@ async fn exec_probes_report_healthy_unhealthy_and_timeouts() {
     };
 
     prober
-        .start("ins-ok", target.clone(), &probe(&["true"], 1000), tx.clone())
+        .start(
+            "ins-ok",
+            target.clone(),
+            &probe(&["true"], 1000),
+            tx.clone(),
+        )
         .unwrap();
     let e = next_event(&mut rx).await;
-    assert_eq!((e.instance_id.as_str(), e.healthy), ("ins-ok", true), "{e:?}");
+    assert_eq!(
+        (e.instance_id.as_str(), e.healthy),
+        ("ins-ok", true),
+        "{e:?}"
+    );
     assert_eq!(e.reason, "exec [\"true\"]: exit code 0");
     prober.stop("ins-ok");
 
@@ -583,7 +622,11 @@ async fn exec_probes_report_healthy_unhealthy_and_timeouts() {
         )
         .unwrap();
     let e = next_event(&mut rx).await;
-    assert_eq!((e.instance_id.as_str(), e.healthy), ("ins-false", false), "{e:?}");
+    assert_eq!(
+        (e.instance_id.as_str(), e.healthy),
+        ("ins-false", false),
+        "{e:?}"
+    );
     assert!(e.reason.contains("exit code 1"), "{}", e.reason);
     prober.stop("ins-false");
 
@@ -596,9 +639,14 @@ async fn exec_probes_report_healthy_unhealthy_and_timeouts() {
         )
         .unwrap();
     let e = next_event(&mut rx).await;
-    assert_eq!((e.instance_id.as_str(), e.healthy), ("ins-exit3", false), "{e:?}");
+    assert_eq!(
+        (e.instance_id.as_str(), e.healthy),
+        ("ins-exit3", false),
+        "{e:?}"
+    );
     assert!(
-        e.reason.contains("exit code 3: sick (1 consecutive failures)"),
+        e.reason
+            .contains("exit code 3: sick (1 consecutive failures)"),
         "{}",
         e.reason
     );
@@ -609,9 +657,21 @@ async fn exec_probes_report_healthy_unhealthy_and_timeouts() {
         .start("ins-slow", target, &probe(&["sleep", "5"], 1000), tx)
         .unwrap();
     let e = next_event(&mut rx).await;
-    assert_eq!((e.instance_id.as_str(), e.healthy), ("ins-slow", false), "{e:?}");
-    assert!(e.reason.contains("timed out after 1s (killed)"), "{}", e.reason);
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert_eq!(
+        (e.instance_id.as_str(), e.healthy),
+        ("ins-slow", false),
+        "{e:?}"
+    );
+    assert!(
+        e.reason.contains("timed out after 1s (killed)"),
+        "{}",
+        e.reason
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(!c.processes().iter().any(|p| p == "sleep 5"));
 
     // Stopping while an exec runs kills it (the helper gets SIGTERM and kills its command).
@@ -625,7 +685,11 @@ async fn exec_probes_report_healthy_unhealthy_and_timeouts() {
     prober.stop("ins-slow");
     let deadline = Instant::now() + Duration::from_secs(3);
     while c.processes().iter().any(|p| p == "sleep 5") {
-        assert!(Instant::now() < deadline, "exec survived stop: {:?}", c.processes());
+        assert!(
+            Instant::now() < deadline,
+            "exec survived stop: {:?}",
+            c.processes()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(snap_before >= 1);

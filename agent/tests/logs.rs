@@ -29,7 +29,13 @@ fn shim(max_size: u64) -> LogShim {
 
 fn record(stream: Stream, text: &str) -> Vec<u8> {
     let mut buf = Vec::new();
-    encode_record(&mut buf, &logs::now_timestamp(), stream, false, text.as_bytes());
+    encode_record(
+        &mut buf,
+        &logs::now_timestamp(),
+        stream,
+        false,
+        text.as_bytes(),
+    );
     buf
 }
 
@@ -70,12 +76,7 @@ fn wait_child(pid: i32, timeout: Duration) -> i32 {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     let deadline = Instant::now() + timeout;
     loop {
-        match waitpid(
-            nix::unistd::Pid::from_raw(pid),
-            Some(WaitPidFlag::WNOHANG),
-        )
-        .unwrap()
-        {
+        match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)).unwrap() {
             WaitStatus::Exited(_, code) => return code,
             WaitStatus::Signaled(_, sig, _) => return 128 + sig as i32,
             _ => {}
@@ -98,7 +99,12 @@ fn rotation_keeps_n_files_and_the_newest_lines() {
         }
     }
     w.flush().unwrap();
-    for name in ["container.log", "container.log.1", "container.log.2", "container.log.3"] {
+    for name in [
+        "container.log",
+        "container.log.1",
+        "container.log.2",
+        "container.log.3",
+    ] {
         let len = std::fs::metadata(dir.path().join(name)).unwrap().len();
         assert!(len > 0 && len <= 1024, "{name}: {len} bytes");
     }
@@ -111,7 +117,10 @@ fn rotation_keeps_n_files_and_the_newest_lines() {
     let all = logs::tail(dir.path(), usize::MAX).unwrap();
     assert!(all.len() < 500 && all.len() > 40, "{}", all.len());
     assert_eq!(all.last().unwrap().line, "line 0499");
-    assert!(all.windows(2).all(|p| p[0].line < p[1].line), "out of order");
+    assert!(
+        all.windows(2).all(|p| p[0].line < p[1].line),
+        "out of order"
+    );
     assert!(logs::tail(dir.path(), 0).unwrap().is_empty());
     assert!(matches!(
         logs::tail(&dir.path().join("nope"), 3),
@@ -128,7 +137,8 @@ fn rotation_keeps_n_files_and_the_newest_lines() {
     assert_eq!(last[1].stream, Stream::Stderr);
 }
 
-#[tokio::test]
+// Multi-threaded: the test body blocks (writer thread, sleeps) while the follower runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_reads_across_rotation_and_ends_when_the_instance_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let inst = dir.path().join("ins-0123456789ab");
@@ -136,17 +146,21 @@ async fn follow_reads_across_rotation_and_ends_when_the_instance_is_gone() {
     let log = inst.join(LOG_FILE);
     let mut w = RotatingWriter::open(&log, 2048, 3).unwrap();
     for i in 0..5 {
-        w.push(&record(Stream::Stdout, &format!("old {i}"))).unwrap();
+        w.push(&record(Stream::Stdout, &format!("old {i}")))
+            .unwrap();
     }
     w.flush().unwrap();
 
-    let stream = logs::follow(inst.clone(), FollowFrom::Tail(2)).await.unwrap();
+    let stream = logs::follow(inst.clone(), FollowFrom::Tail(2))
+        .await
+        .unwrap();
     let collector = tokio::spawn(stream.collect::<Vec<LogLine>>());
     // Written while the follower polls: many rotations (2 KiB files, ~50 bytes a line), with
     // pauses so the follower sees each file before it is rotated past `.3`.
     let writer = std::thread::spawn(move || {
         for i in 0..300 {
-            w.push(&record(Stream::Stdout, &format!("new {i:03}"))).unwrap();
+            w.push(&record(Stream::Stdout, &format!("new {i:03}")))
+                .unwrap();
             w.flush().unwrap();
             if i % 10 == 0 {
                 std::thread::sleep(Duration::from_millis(30));
@@ -181,7 +195,7 @@ async fn follow_reads_across_rotation_and_ends_when_the_instance_is_gone() {
     assert_eq!(texts(&all), ["x0", "x1", "x2", "x3"]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shim_writes_both_streams_rotates_and_is_followed_until_it_exits() {
     let dir = tempfile::tempdir().unwrap();
     let inst = dir.path().join("ins-00000000abcd");
@@ -196,7 +210,9 @@ async fn shim_writes_both_streams_rotates_and_is_followed_until_it_exits() {
         logs::shim_running(&log)
     });
 
-    let stream = logs::follow(inst.clone(), FollowFrom::Tail(0)).await.unwrap();
+    let stream = logs::follow(inst.clone(), FollowFrom::Tail(0))
+        .await
+        .unwrap();
     let collector = tokio::spawn(stream.collect::<Vec<LogLine>>());
     let mut out = std::fs::File::from(pipes.stdout);
     let mut err = std::fs::File::from(pipes.stderr);
@@ -207,7 +223,8 @@ async fn shim_writes_both_streams_rotates_and_is_followed_until_it_exits() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    // A line written in two pieces is two records: partial, then the rest.
+    // Pieces of a line written close together make one record (`writeln!` above writes each
+    // line in pieces); a piece left alone for a while is a partial record, then the rest.
     write!(out, "half-").unwrap();
     std::thread::sleep(Duration::from_millis(100));
     writeln!(out, "done").unwrap();
@@ -252,6 +269,8 @@ fn shim_parent_process() {
     let dir = PathBuf::from(dir);
     let pipes = shim(1 << 20).spawn(&dir.join(LOG_FILE)).unwrap();
     let fifo = dir.join("go");
+    // Never waited for here: this process is SIGKILLed, and the test (subreaper) reaps the orphan.
+    #[allow(clippy::zombie_processes)]
     let container = std::process::Command::new("/bin/sh")
         .arg("-c")
         .arg(format!(
@@ -276,7 +295,12 @@ fn shim_survives_its_parent_being_killed_and_exits_on_eof() {
     let dir = tempfile::tempdir().unwrap();
     nix::unistd::mkfifo(&dir.path().join("go"), nix::sys::stat::Mode::S_IRWXU).unwrap();
     let mut parent = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "shim_parent_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "shim_parent_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("BERTH_LOGS_TEST_PARENT", dir.path())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -285,7 +309,8 @@ fn shim_survives_its_parent_being_killed_and_exits_on_eof() {
     let mut lines = std::io::BufReader::new(parent.stdout.take().unwrap()).lines();
     let pids = loop {
         let line = lines.next().expect("parent ended without pids").unwrap();
-        if let Some(rest) = line.strip_prefix("PIDS ") {
+        // libtest may have printed "test shim_parent_process ... " on the same line.
+        if let Some((_, rest)) = line.split_once("PIDS ") {
             break rest
                 .split(' ')
                 .map(|p| p.parse::<i32>().unwrap())
@@ -310,7 +335,11 @@ fn shim_survives_its_parent_being_killed_and_exits_on_eof() {
         .write(true)
         .open(dir.path().join("go"))
         .unwrap();
-    assert_eq!(wait_child(shim_pid, Duration::from_secs(5)), 0, "shim exit code");
+    assert_eq!(
+        wait_child(shim_pid, Duration::from_secs(5)),
+        0,
+        "shim exit code"
+    );
     assert!(!logs::shim_running(&log));
     let got = logs::tail(dir.path(), 10).unwrap();
     let mut seen: Vec<(Stream, String)> = got.iter().map(|l| (l.stream, l.line.clone())).collect();
@@ -409,7 +438,9 @@ async fn api_serves_tail_and_follow_and_checks_ids() {
         assert!(v["error"]["message"].is_string(), "{path}: {v}");
     }
 
-    let resp = get(format!("/v1/instances/{id}/logs?tail=2")).await.unwrap();
+    let resp = get(format!("/v1/instances/{id}/logs?tail=2"))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
     let body = resp.text().await.unwrap();
@@ -545,6 +576,7 @@ mod container {
             );
         }
         assert!(logs::shim_running(&inst.join(LOG_FILE)));
+        let shim_pid = shim_of(&inst.join(LOG_FILE)).expect("no shim process for the log");
         runtime.start(&id).unwrap();
         wait_for("the container's exit", Duration::from_secs(10), || {
             !runtime.reap().is_empty()
@@ -566,20 +598,20 @@ mod container {
         assert_eq!(outs[1], "bye");
         // The shim was our child: `reap` collects it, no zombie stays.
         runtime.reap();
-        assert!(!child_shim_left());
+        assert!(
+            !Path::new(&format!("/proc/{shim_pid}")).exists(),
+            "shim {shim_pid} not reaped"
+        );
     }
 
-    /// Whether a child of ours running the agent binary (a shim, alive or zombie) is left.
-    fn child_shim_left() -> bool {
-        let me = std::process::id().to_string();
-        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| {
-                let Some((comm, rest)) = s.rsplit_once(')') else {
-                    return false;
-                };
-                comm.ends_with("(berth-agent")
-                    && rest.split_whitespace().nth(1).is_some_and(|p| p == me)
-            })
+    /// The pid of the shim writing `log` (found by its command line).
+    fn shim_of(log: &Path) -> Option<i32> {
+        let log = log.as_os_str().as_encoded_bytes();
+        std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let mut args = cmdline.split(|&b| b == 0);
+            (args.any(|a| a == logs::SHIM_ARG.as_bytes()) && args.any(|a| a == log)).then_some(pid)
         })
     }
 }

@@ -42,6 +42,7 @@ pub struct Instance {
     pub status: String,
     #[serde(deserialize_with = "null_as_default")]
     pub reason: String,
+    pub restarts: u32,
 }
 
 /// A container, as `GET /v1/containers[/{id}]` returns it.
@@ -67,6 +68,9 @@ pub struct Container {
     pub service_ip: String,
     #[serde(deserialize_with = "null_as_default")]
     pub dns_name: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub restart_policy: String,
+    pub max_restarts: u32,
 }
 
 /// A node, as `GET /v1/nodes` lists it.

@@ -240,6 +240,7 @@ pub async fn ps_watch(hub: &Hub, base: &str) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing test should point at the line
 mod tests {
     use super::*;
 

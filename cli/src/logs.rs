@@ -88,11 +88,7 @@ async fn stream(url: Url, out: &mut impl Write, err: &mut impl Write) -> Result<
         bail!("{}", error_message(status, &text));
     }
     let mut buf = Vec::new();
-    while let Some(chunk) = answer
-        .chunk()
-        .await
-        .context("the log stream broke off")?
-    {
+    while let Some(chunk) = answer.chunk().await.context("the log stream broke off")? {
         buf.extend_from_slice(&chunk);
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let raw: Vec<u8> = buf.drain(..=nl).collect();

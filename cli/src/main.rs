@@ -124,6 +124,12 @@ struct RunArgs {
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// What to do when a replica's process exits: always (default), on-failure, never.
+    #[arg(long = "restart", value_name = "POLICY")]
+    restart: Option<String>,
+    /// With `--restart on-failure`: restarts allowed per replica (0: no limit).
+    #[arg(long)]
+    max_restarts: Option<u32>,
     /// Command and arguments, replacing the image's entrypoint and cmd.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -303,6 +309,8 @@ fn run_body(args: &RunArgs, network_id: Option<String>) -> Result<Value> {
         ("replicas", args.replicas.map(Value::from)),
         ("network_id", network_id.map(Value::from)),
         ("name", args.name.clone().map(Value::from)),
+        ("restart_policy", args.restart.clone().map(Value::from)),
+        ("max_restarts", args.max_restarts.map(Value::from)),
     ];
     for (key, value) in optional {
         if let Some(value) = value {

@@ -173,6 +173,14 @@ pub fn nodes_table(nodes: &[Node]) -> String {
     )
 }
 
+fn restart_cell(c: &Container) -> String {
+    match (c.restart_policy.as_str(), c.max_restarts) {
+        ("", _) => NONE.to_owned(),
+        ("on-failure", n) if n > 0 => format!("on-failure (at most {n} restarts)"),
+        (policy, _) => policy.to_owned(),
+    }
+}
+
 /// The human view of `berth inspect`: one field per line, then one line per instance.
 pub fn container_details(c: &Container, now: OffsetDateTime) -> String {
     let command = if c.command.is_empty() {
@@ -203,6 +211,7 @@ pub fn container_details(c: &Container, now: OffsetDateTime) -> String {
         ("Network", cell(&c.network_id)),
         ("Service IP", cell(&c.service_ip)),
         ("DNS name", cell(&c.dns_name)),
+        ("Restart", restart_cell(c)),
         ("CPU", cell(&c.cpu)),
         ("Memory", cell(&c.memory)),
         ("Command", command),
@@ -223,11 +232,15 @@ pub fn container_details(c: &Container, now: OffsetDateTime) -> String {
                 cell(&i.node_id),
                 cell(&i.ip),
                 cell(&i.status),
+                i.restarts.to_string(),
                 cell(&i.reason),
             ]
         })
         .collect();
-    let instances = table(&["INSTANCE ID", "NODE", "IP", "STATUS", "REASON"], &rows);
+    let instances = table(
+        &["INSTANCE ID", "NODE", "IP", "STATUS", "RESTARTS", "REASON"],
+        &rows,
+    );
     for line in instances.lines() {
         out.push_str("  ");
         out.push_str(line);

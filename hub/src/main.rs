@@ -122,6 +122,8 @@ async fn main() -> anyhow::Result<()> {
     shutdown_signal().await?;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    // Event streams never end by themselves: end them so the graceful shutdown can finish.
+    berth_hub::events::close_streams();
     rest.await??;
     grpc.await??;
     scheduler.await?;

@@ -64,7 +64,7 @@ async fn metrics_count_requests_by_route_template_and_parse() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{net}");
-    let id = net["id"].as_str().unwrap().to_owned();
+    let id = net["network_id"].as_str().unwrap().to_owned();
     for _ in 0..3 {
         assert_eq!(
             hub.get(&format!("/v1/networks/{id}")).await.0,
@@ -164,8 +164,8 @@ async fn metrics_count_requests_by_route_template_and_parse() {
         .unwrap_or_else(|| panic!("no histogram for the route in\n{body}"));
     check_histogram(&h, 3);
     assert!(body.contains(
-        "berth_hub_http_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/networks/{id}\",le=\"0.005\"}"
-    ));
+        "berth_hub_http_request_duration_seconds_bucket{le=\"0.005\",method=\"GET\",route=\"/v1/networks/{id}\"}"
+    ), "{body}");
 
     let sched = &exp.families["berth_hub_scheduling_latency_seconds"];
     let h = match &sched.iter_samples().next().unwrap().value {

@@ -13,7 +13,7 @@ mod spec;
 use std::time::SystemTime;
 
 pub use check::{BoxCheckFuture, Check, ExecCheck, HttpCheck, TcpCheck};
-pub use prober::{ProbeSnapshot, ProbeTarget, Prober, ProbeResult};
+pub use prober::{ProbeResult, ProbeSnapshot, ProbeTarget, Prober};
 pub use spec::{
     format_duration, parse_duration, ProbeCheck, ProbeSpec, DEFAULT_FAILURE_THRESHOLD,
     DEFAULT_INTERVAL, DEFAULT_START_PERIOD, DEFAULT_TIMEOUT,

@@ -149,7 +149,10 @@ async fn unhealthy_after_threshold_failures_reported_once() {
     prober.start_check("ins-1", fake.clone(), &spec(10, 1, 3, 0), tx);
 
     run_for(15).await; // probes at 0 and 10
-    assert!(drain(&mut rx).is_empty(), "two failures are below the threshold");
+    assert!(
+        drain(&mut rx).is_empty(),
+        "two failures are below the threshold"
+    );
     let snap = prober.snapshot("ins-1").unwrap();
     assert_eq!(snap.consecutive_failures, 2);
     assert_eq!(snap.healthy, None);
@@ -239,7 +242,10 @@ async fn a_probe_past_its_timeout_fails() {
 async fn probes_never_overlap_even_when_slower_than_the_interval() {
     let prober = Prober::new();
     // Grace lets the probe run 18s although interval = timeout = 10s (like an exec's cleanup).
-    let fake = Fake::with_grace(&[Step::Slow(Duration::from_secs(18))], Duration::from_secs(15));
+    let fake = Fake::with_grace(
+        &[Step::Slow(Duration::from_secs(18))],
+        Duration::from_secs(15),
+    );
     let (tx, _rx) = mpsc::unbounded_channel();
     prober.start_check("ins-1", fake.clone(), &spec(10, 10, 3, 0), tx);
 
@@ -287,7 +293,7 @@ async fn restarting_replaces_the_old_prober() {
     prober.start_check("ins-1", old.clone(), &spec(10, 1, 1, 0), tx.clone());
     run_for(5).await;
     prober.start_check("ins-1", new.clone(), &spec(10, 1, 1, 0), tx);
-    run_for(30).await;
+    run_for(31).await;
     assert_eq!(old.starts(), vec![0]);
     assert_eq!(new.starts(), vec![5, 15, 25, 35]);
     let events: Vec<bool> = drain(&mut rx).into_iter().map(|(h, _)| h).collect();

@@ -169,7 +169,8 @@ impl ProbeSpec {
 
     /// Checks everything a user can get wrong; the error names the field (`health.http.port`).
     pub fn validate(&self) -> Result<(), HealthSpecError> {
-        let invalid = |field: &'static str, reason: String| HealthSpecError::Invalid { field, reason };
+        let invalid =
+            |field: &'static str, reason: String| HealthSpecError::Invalid { field, reason };
         match &self.check {
             ProbeCheck::Http { path, port } => {
                 check_port("health.http.port", *port)?;
@@ -351,7 +352,7 @@ pub fn format_duration(d: Duration) -> String {
             format!("{}ms", d.as_secs_f64() * 1000.0)
         };
     }
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let secs = ms / 1000;
@@ -391,7 +392,11 @@ mod tests {
             (" 10s ", ms(10_000)),
             ("1s500ms", ms(1500)),
         ] {
-            assert_eq!(parse_duration("health.interval", text).unwrap(), want, "{text:?}");
+            assert_eq!(
+                parse_duration("health.interval", text).unwrap(),
+                want,
+                "{text:?}"
+            );
         }
     }
 
@@ -408,7 +413,9 @@ mod tests {
             ("25h", "longer than 24h"),
             ("99999999999999999999999h", "large"),
         ] {
-            let e = parse_duration("health.timeout", text).unwrap_err().to_string();
+            let e = parse_duration("health.timeout", text)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("health.timeout"), "{e}");
             assert!(e.contains(&format!("{text:?}")), "{e}");
             assert!(e.contains(reason), "{text:?}: {e}");
@@ -417,7 +424,14 @@ mod tests {
 
     #[test]
     fn durations_print_back_to_what_parses() {
-        for d in [ms(0), ms(500), ms(1000), ms(1500), ms(90_000), ms(3_661_000)] {
+        for d in [
+            ms(0),
+            ms(500),
+            ms(1000),
+            ms(1500),
+            ms(90_000),
+            ms(3_661_000),
+        ] {
             let text = format_duration(d);
             assert_eq!(parse_duration("x", &text).unwrap(), d, "{text}");
         }
@@ -456,19 +470,23 @@ mod tests {
             (spec.interval, spec.timeout, spec.start_period),
             (ms(2000), ms(500), ms(60_000))
         );
-        let back: ProbeSpec =
-            serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();
+        let back: ProbeSpec = serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();
         assert_eq!(back, spec);
 
         let e = serde_json::from_str::<ProbeSpec>(r#"{"tcp": {"port": 1}, "interval": "10"}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("health.interval") && e.contains("missing unit"), "{e}");
+        assert!(
+            e.contains("health.interval") && e.contains("missing unit"),
+            "{e}"
+        );
         for bad in [
             r#"{"tcp": {"port": 1}, "http": {"path": "/", "port": 1}}"#,
             r#"{"interval": "1s"}"#,
         ] {
-            let e = serde_json::from_str::<ProbeSpec>(bad).unwrap_err().to_string();
+            let e = serde_json::from_str::<ProbeSpec>(bad)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("exactly one of http, tcp, exec"), "{e}");
         }
         let e = serde_json::from_str::<ProbeSpec>(r#"{"tcp": {"port": 1}, "intervall": "1s"}"#)

@@ -23,8 +23,8 @@ mod writer;
 use std::path::PathBuf;
 
 pub use reader::{follow, lines, tail, FollowFrom};
-pub use shim::{run_shim, LogShim, ShimPipes, SHIM_ARG};
 pub(crate) use shim::{place_fds, take_placed_fds};
+pub use shim::{run_shim, LogShim, ShimPipes, SHIM_ARG};
 pub use writer::RotatingWriter;
 
 /// Name of the log file being written, in the instance dir.

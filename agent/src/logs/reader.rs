@@ -113,7 +113,11 @@ async fn open_stream(
                     }
                 };
                 match result {
-                    Ok(Polled { lines, caught_up, done }) => {
+                    Ok(Polled {
+                        lines,
+                        caught_up,
+                        done,
+                    }) => {
                         idle = lines.is_empty();
                         queue.extend(lines);
                         let finished = done || (caught_up && !follow);
@@ -287,6 +291,11 @@ impl Follower {
                 // just read is all of it; go on with the new one.
                 lines.extend(self.read_current()?);
                 self.current = None;
+                // Rotated more than once since we looked: the files between ours and the new
+                // one are complete; read them whole first. (Lagging past `keep` loses lines.)
+                if let Some(ours) = ino {
+                    lines.extend(self.read_skipped(ours)?);
+                }
                 if self.open_current()? {
                     continue;
                 }
@@ -302,6 +311,37 @@ impl Follower {
                 done,
             });
         }
+    }
+
+    /// The lines of `log.k-1` .. `log.1` when our old file (inode `ours`) is now `log.k`.
+    fn read_skipped(&self, ours: u64) -> Result<Vec<LogLine>, LogError> {
+        let ino_of = |i| {
+            std::fs::metadata(rotated(&self.log, i))
+                .ok()
+                .map(|m| m.ino())
+        };
+        let Some(k) = (1..=MAX_ROTATED)
+            .map_while(|i| ino_of(i).map(|ino| (i, ino)))
+            .find_map(|(i, ino)| (ino == ours).then_some(i))
+        else {
+            return Ok(Vec::new());
+        };
+        let mut lines = Vec::new();
+        for i in (1..k).rev() {
+            let path = rotated(&self.log, i);
+            match std::fs::read(&path) {
+                Ok(bytes) => lines.extend(parse_all(&bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(LogError::Io {
+                        op: "read log",
+                        path,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(lines)
     }
 
     fn shim_alive(&self) -> bool {

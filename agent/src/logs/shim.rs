@@ -24,8 +24,12 @@ pub const SHIM_ARG: &str = "__log-shim";
 /// Where the shim finds the read ends of the container's stdout and stderr pipes.
 const STDOUT_FD: RawFd = 3;
 const STDERR_FD: RawFd = 4;
-/// One read; a longer line is split into partial records.
+/// One read.
 const READ_SIZE: usize = 64 * 1024;
+/// Output without a newline is held back this long for the rest of its line...
+const PARTIAL_WAIT: Duration = Duration::from_millis(50);
+/// ...and at most this much of it: a longer line is written as partial records.
+const MAX_HELD: usize = 16 * 1024;
 /// How long a new shim waits for the previous one of the same log (a container that was just
 /// removed) to finish writing, so two never rotate the same files.
 const PREVIOUS_WAIT: Duration = Duration::from_secs(2);
@@ -270,7 +274,8 @@ fn pump(opts: &Options, mut pipes: [File; 2]) -> Result<(), LogError> {
                 let deadline = Instant::now() + Duration::from_secs(1);
                 let mut sink = vec![0; READ_SIZE];
                 while Instant::now() < deadline {
-                    let ready = wait_readable(&pipes, &open_before, Some(Duration::from_millis(200)))?;
+                    let ready =
+                        wait_readable(&pipes, &open_before, Some(Duration::from_millis(200)))?;
                     for i in 0..2 {
                         if ready[i] && matches!(pipes[i].read(&mut sink), Ok(0)) {
                             open_before[i] = false;
@@ -286,26 +291,48 @@ fn pump(opts: &Options, mut pipes: [File; 2]) -> Result<(), LogError> {
     let streams = [Stream::Stdout, Stream::Stderr];
     let mut open = open_before;
     let mut buf = vec![0u8; READ_SIZE];
-    let mut records = Vec::with_capacity(READ_SIZE + 256);
+    // Output after the last newline, per stream, held back briefly: programs often write a line
+    // in several pieces, and each piece must not become a record of its own.
+    let mut pending: [Vec<u8>; 2] = Default::default();
+    let mut pending_since: Option<Instant> = None;
     while open.iter().any(|o| *o) {
-        let ready = wait_readable(&pipes, &open, None)?;
+        let timeout = pending_since.map(|t| PARTIAL_WAIT.saturating_sub(t.elapsed()));
+        let ready = wait_readable(&pipes, &open, timeout)?;
+        if ready == [false; 2] {
+            // Nothing more came: what is held back goes out as partial lines.
+            for (i, held) in pending.iter_mut().enumerate() {
+                if !held.is_empty() {
+                    emit(&mut writer, streams[i], true, held);
+                    held.clear();
+                }
+            }
+            pending_since = None;
+        }
         for i in 0..2 {
             if !open[i] || !ready[i] {
                 continue;
             }
             match pipes[i].read(&mut buf) {
-                Ok(0) => open[i] = false,
-                Ok(n) => {
-                    let time = now_timestamp();
-                    for (content, partial) in split_lines(&buf[..n]) {
-                        records.clear();
-                        encode_record(&mut records, &time, streams[i], partial, content);
-                        if let Err(e) = writer.push(&records) {
-                            eprintln!("{e}");
-                        }
+                Ok(0) => {
+                    open[i] = false;
+                    // Nothing follows: the last piece is a whole line.
+                    if !pending[i].is_empty() {
+                        emit(&mut writer, streams[i], false, &pending[i]);
+                        pending[i].clear();
                     }
-                    if let Err(e) = writer.flush() {
-                        eprintln!("{e}");
+                }
+                Ok(n) => {
+                    let held = &mut pending[i];
+                    held.extend_from_slice(&buf[..n]);
+                    if let Some(last) = held.iter().rposition(|&b| b == b'\n') {
+                        for line in held[..last].split(|&b| b == b'\n') {
+                            emit(&mut writer, streams[i], false, line);
+                        }
+                        held.drain(..=last);
+                    }
+                    if held.len() >= MAX_HELD {
+                        emit(&mut writer, streams[i], true, held);
+                        held.clear();
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -316,8 +343,25 @@ fn pump(opts: &Options, mut pipes: [File; 2]) -> Result<(), LogError> {
                 }
             }
         }
+        if pending.iter().all(Vec::is_empty) {
+            pending_since = None;
+        } else {
+            pending_since.get_or_insert_with(Instant::now);
+        }
+        if let Err(e) = writer.flush() {
+            eprintln!("{e}");
+        }
     }
     writer.flush()
+}
+
+/// Queues one record; a failure is reported and the record dropped (see `pump`).
+fn emit(writer: &mut RotatingWriter, stream: Stream, partial: bool, content: &[u8]) {
+    let mut record = Vec::with_capacity(content.len() + 48);
+    encode_record(&mut record, &now_timestamp(), stream, partial, content);
+    if let Err(e) = writer.push(&record) {
+        eprintln!("{e}");
+    }
 }
 
 /// Blocks until one of the open pipes is readable or closed (or `timeout` passes); returns which.
@@ -354,50 +398,17 @@ fn wait_readable(
     }
 }
 
-/// The output of one read as records: each newline-terminated piece is a full line, a trailing
-/// piece without one is partial.
-fn split_lines(chunk: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
-    let ends_with_newline = chunk.last() == Some(&b'\n');
-    let body = if ends_with_newline {
-        &chunk[..chunk.len() - 1]
-    } else {
-        chunk
-    };
-    let mut pieces = body.split(|&b| b == b'\n').peekable();
-    std::iter::from_fn(move || {
-        let piece = pieces.next()?;
-        let last = pieces.peek().is_none();
-        Some((piece, last && !ends_with_newline))
-    })
-    .filter(move |(p, partial)| !(p.is_empty() && *partial))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 mod tests {
     use super::*;
 
-    fn split(s: &str) -> Vec<(String, bool)> {
-        split_lines(s.as_bytes())
-            .map(|(p, partial)| (String::from_utf8_lossy(p).into_owned(), partial))
-            .collect()
-    }
-
-    #[test]
-    fn chunks_split_into_full_and_partial_lines() {
-        assert_eq!(split("a\nb\n"), vec![("a".into(), false), ("b".into(), false)]);
-        assert_eq!(split("a\nbc"), vec![("a".into(), false), ("bc".into(), true)]);
-        assert_eq!(split("\n"), vec![("".into(), false)]);
-        assert_eq!(split("x"), vec![("x".into(), true)]);
-        assert_eq!(split("a\n\nb\n").len(), 3);
-    }
-
     #[test]
     fn arguments_are_checked() {
         let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
-        let o = parse_args(&args(&["--log", "/x/container.log", "--max-size", "1KiB"])).unwrap();
+        let o = parse_args(&args(&["--log", "/x/container.log", "--max-size", "64MiB"])).unwrap();
         assert_eq!(o.log, PathBuf::from("/x/container.log"));
-        assert_eq!(o.max_size, 1024);
+        assert_eq!(o.max_size, 64 << 20);
         assert_eq!(o.keep, DEFAULT_KEEP);
         assert!(parse_args(&args(&["--max-size", "5"])).is_err());
         assert!(parse_args(&args(&["--log"])).is_err());

@@ -312,7 +312,9 @@ impl std::fmt::Debug for NodeCollector {
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
-/// One metric family: its descriptor and a row per label set.
+/// One metric family: its descriptor and a row per label set. A family without rows gets no
+/// descriptor either (as prometheus-client's `Family` does): there is nothing to describe, and an
+/// empty family between two others trips some parsers.
 fn encode_rows<V>(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -324,6 +326,9 @@ fn encode_rows<V>(
 where
     V: EncodeCounterValue + EncodeGaugeValue,
 {
+    if rows.is_empty() {
+        return Ok(());
+    }
     let mut family = enc.encode_descriptor(name, help, unit, metric_type)?;
     for (labels, value) in rows {
         let mut m = family.encode_family(labels)?;

@@ -25,9 +25,9 @@ use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 
 use super::reaper::{Child, Reaper};
-use crate::logs::LogShim;
 use super::spec::{build_spec, is_valid_name};
 use super::{cgroup, ContainerConfig, ContainerState, RuntimeError, Status};
+use crate::logs::LogShim;
 
 /// How long processes get to disappear after SIGKILL before `remove` reports them.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -262,7 +262,11 @@ impl Runtime {
     }
 
     /// Creates in this process (what the create helper runs), with the given stdout and stderr.
-    fn create_with_output(&self, cfg: &ContainerConfig, output: Output) -> Result<i32, RuntimeError> {
+    fn create_with_output(
+        &self,
+        cfg: &ContainerConfig,
+        output: Output,
+    ) -> Result<i32, RuntimeError> {
         let span = tracing::info_span!("runtime_create", id = %cfg.id);
         let _span = span.enter();
         let spec = build_spec(cfg, &self.cgroup_parent)?;
@@ -675,7 +679,9 @@ pub const HELPER_ARG: &str = "__runtime-create";
 /// exits non-zero. Returns the process exit code.
 pub fn run_create_helper(args: &[std::ffi::OsString]) -> i32 {
     let [root, parent, log] = args else {
-        eprintln!("usage: {HELPER_ARG} ROOT CGROUP_PARENT (LOG_PATH | {INHERITED_STDIO}) < config.json");
+        eprintln!(
+            "usage: {HELPER_ARG} ROOT CGROUP_PARENT (LOG_PATH | {INHERITED_STDIO}) < config.json"
+        );
         return 2;
     };
     let output = if log == INHERITED_STDIO {

@@ -10,6 +10,7 @@ fn instance(id: &str, node: &str, ip: &str, status: &str) -> Instance {
         ip: ip.to_owned(),
         status: status.to_owned(),
         reason: String::new(),
+        restarts: 0,
     }
 }
 
@@ -36,6 +37,8 @@ fn web() -> Container {
         env: [("A".to_owned(), "1".to_owned())].into(),
         service_ip: String::new(),
         dns_name: String::new(),
+        restart_policy: "always".to_owned(),
+        max_restarts: 0,
     }
 }
 
@@ -185,16 +188,17 @@ Ready:        2/3
 Network:      net-1
 Service IP:   -
 DNS name:     -
+Restart:      always
 CPU:          0.5
 Memory:       64MB
 Command:      httpd -f
 Env:          A=1
 Created:      2026-11-26T10:00:00Z (5s ago)
 Instances:
-  INSTANCE ID   NODE     IP          STATUS    REASON
-  ctr-7f3a-0    node-a   10.10.0.2   RUNNING   -
-  ctr-7f3a-1    node-b   10.10.0.3   RUNNING   -
-  ctr-7f3a-2    -        -           PENDING   no node has 0.5 cpu and 64MB free (2 nodes: 2 lack cpu)
+  INSTANCE ID   NODE     IP          STATUS    RESTARTS   REASON
+  ctr-7f3a-0    node-a   10.10.0.2   RUNNING   0          -
+  ctr-7f3a-1    node-b   10.10.0.3   RUNNING   0          -
+  ctr-7f3a-2    -        -           PENDING   0          no node has 0.5 cpu and 64MB free (2 nodes: 2 lack cpu)
 ";
     assert_eq!(text, want);
 }

@@ -129,8 +129,7 @@ pub async fn proxy_logs(agent_api: &str, instance_id: &str, req: &LogsRequest) -
             )));
         }
     };
-    let status =
-        StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     if !status.is_success() {
         let body = answer.bytes().await.unwrap_or_default();
         return (
@@ -225,10 +224,7 @@ mod tests {
         let agent = fake_agent(more.clone(), seen.clone()).await;
         let resp = proxy_logs(&agent, ID, &request(true, Some(5))).await;
         assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(
-            resp.headers()[header::CONTENT_TYPE],
-            "application/x-ndjson"
-        );
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/x-ndjson");
         let mut body = resp.into_body().into_data_stream();
         let first = body.next().await.unwrap().unwrap();
         assert!(std::str::from_utf8(&first).unwrap().contains("\"one\""));
@@ -246,7 +242,9 @@ mod tests {
         more2.notify_one();
         let agent2 = fake_agent(more2, seen.clone()).await;
         let resp = proxy_logs(&format!("http://{agent2}/"), ID, &request(false, None)).await;
-        let all = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let all = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
         assert_eq!(all.iter().filter(|&&b| b == b'\n').count(), 2);
         assert_eq!(seen.lock().unwrap().last().unwrap(), "follow=false");
     }
@@ -256,7 +254,9 @@ mod tests {
         let agent = fake_agent(Arc::new(Notify::new()), Default::default()).await;
         let resp = proxy_logs(&agent, "ins-ffffffffffff", &request(false, None)).await;
         assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"]["code"], "not_found");
 

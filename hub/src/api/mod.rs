@@ -2,8 +2,8 @@
 
 pub mod events;
 pub mod grpc;
-pub mod logs;
 pub mod grpc_events;
+pub mod logs;
 pub mod rest;
 mod rest_types;
 
