@@ -321,6 +321,12 @@ impl<H: Host> Reconciler<H> {
         for r in host.recover() {
             let phase = match r.liveness {
                 Liveness::Running => Phase::Running { since: now },
+                // Its policy already said no: a new agent process must not restart it either.
+                Liveness::Exited(code)
+                    if !r.spec.restart_policy.restarts_after(code, r.restarts) =>
+                {
+                    Phase::Exited
+                }
                 // Restarted (or cleaned up) once the hub says whether it is still wanted.
                 Liveness::Exited(_) | Liveness::Unknown => Phase::Backoff { retry_at: now },
             };

@@ -507,3 +507,25 @@ fn restart_policies_parse_and_decide() {
     a.restart_policy = "sometimes".into();
     assert!(InstanceSpec::try_from(a).is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_recovered_instance_its_policy_left_exited_is_not_restarted() {
+    let host = FakeHost::default();
+    let mut a = assignment("ins-a");
+    a.restart_policy = "never".into();
+    host.state().recovered.push(Recovered {
+        spec: InstanceSpec::try_from(a.clone()).expect("valid"),
+        liveness: Liveness::Exited(1),
+        restarts: 0,
+    });
+    let h = harness(host);
+    h.desired_tx.send_replace(Some(DesiredState {
+        assignments: vec![a],
+        ..desired(&[])
+    }));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        h.host.state().starts.is_empty(),
+        "never restarted after adoption"
+    );
+}
