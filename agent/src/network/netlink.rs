@@ -844,11 +844,13 @@ fn bridge_port_of(infos: &[InfoBridgePort]) -> BridgePortFlags {
     flags
 }
 
-fn ipv4_of(message: &AddressMessage) -> Option<(Ipv4Addr, u8)> {
+/// The IPv4 address and prefix an address message carries (the interface's own: IFA_LOCAL when set).
+pub(super) fn ipv4_of(message: &AddressMessage) -> Option<(Ipv4Addr, u8)> {
     if message.header.family != AddressFamily::Inet {
         return None;
     }
-    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on point-to-point links.
+    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on point-to-point links
+    // (a TUN device is one).
     let mut local = None;
     let mut address = None;
     for attribute in &message.attributes {

@@ -42,9 +42,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::device::{DeviceConfig, DeviceHandle};
 use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::AddressMessage;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use netlink_packet_route::AddressFamily;
 use rtnetlink::{AddressMessageBuilder, Handle, LinkUnspec, LinkWireguard};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, instrument, warn};
@@ -1025,7 +1024,10 @@ impl Rtnl {
             .try_collect()
             .await
             .map_err(|e| netlink_error("addr_list", name, e))?;
-        Ok(messages.iter().filter_map(ipv4_of).collect())
+        Ok(messages
+            .iter()
+            .filter_map(super::netlink::ipv4_of)
+            .collect())
     }
 
     async fn addr_add(
@@ -1279,24 +1281,6 @@ fn link_type(message: &LinkMessage) -> LinkType {
         }
     }
     LinkType::Other
-}
-
-fn ipv4_of(message: &AddressMessage) -> Option<(Ipv4Addr, u8)> {
-    if message.header.family != AddressFamily::Inet {
-        return None;
-    }
-    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on point-to-point
-    // links (a TUN device is one).
-    let mut local = None;
-    let mut address = None;
-    for attribute in &message.attributes {
-        match attribute {
-            AddressAttribute::Local(IpAddr::V4(ip)) => local = Some(*ip),
-            AddressAttribute::Address(IpAddr::V4(ip)) => address = Some(*ip),
-            _ => {}
-        }
-    }
-    local.or(address).map(|ip| (ip, message.header.prefix_len))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
