@@ -17,9 +17,8 @@ pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
 /// Default grace after the instance starts before the first probe.
 pub const DEFAULT_START_PERIOD: Duration = Duration::ZERO;
 
-/// Longest duration accepted anywhere in a probe: a day. Longer values are typos, and they keep
-/// `Instant` arithmetic far from overflow.
-const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+// Longest duration accepted anywhere in a probe (a day), shared with the hub's validation.
+use berth_proto::duration::MAX_DURATION;
 
 /// One instance's health probe, validated by [`ProbeSpec::validate`].
 ///
@@ -266,109 +265,18 @@ impl fmt::Display for ProbeCheck {
     }
 }
 
-/// Parses a duration as users type it: one or more `<number><unit>` parts, units `ms`, `s`, `m`,
-/// `h`, numbers with an optional fraction (`"2s"`, `"500ms"`, `"1.5s"`, `"1m30s"`). `field` names
-/// the setting in the error (`health.interval`).
+/// Parses a duration as users type it (see [`berth_proto::duration::parse`]); `field` names the
+/// setting in the error (`health.interval`).
 pub fn parse_duration(field: &'static str, text: &str) -> Result<Duration, HealthSpecError> {
-    let err = |reason: &str| HealthSpecError::Duration {
+    let d = berth_proto::duration::parse(text).map_err(|e| HealthSpecError::Duration {
         field,
-        text: text.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let s = text.trim();
-    if s.is_empty() {
-        return Err(err("empty; write e.g. \"10s\" or \"500ms\""));
-    }
-    if s.starts_with('-') {
-        return Err(err("must not be negative"));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(num_len);
-        if num.is_empty() {
-            return Err(err("expected a number before the unit"));
-        }
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let unit_nanos: u128 = match unit {
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            "" => return Err(err("missing unit; use ms, s, m or h (e.g. \"10s\")")),
-            _ => return Err(err("unknown unit; use ms, s, m or h")),
-        };
-        let (whole, frac) = match num.split_once('.') {
-            Some((w, f)) => (w, f),
-            None => (num, ""),
-        };
-        if frac.contains('.') || (whole.is_empty() && frac.is_empty()) {
-            return Err(err("not a number"));
-        }
-        // Integer arithmetic in nanoseconds: "0.1s" is exactly 100ms, no float rounding.
-        let whole: u128 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| err("number too large"))?
-        };
-        let frac_digits = frac.len().min(18);
-        let frac_value: u128 = if frac_digits == 0 {
-            0
-        } else {
-            frac[..frac_digits]
-                .parse()
-                .map_err(|_| err("not a number"))?
-        };
-        let scale = 10u128.pow(frac_digits as u32);
-        let nanos = whole
-            .checked_mul(unit_nanos)
-            .and_then(|w| w.checked_add(frac_value * unit_nanos / scale))
-            .ok_or_else(|| err("too large"))?;
-        let part = u64::try_from(nanos)
-            .map(Duration::from_nanos)
-            .map_err(|_| err("too large"))?;
-        total = total.checked_add(part).ok_or_else(|| err("too large"))?;
-        rest = tail;
-    }
-    if total > MAX_DURATION {
-        return Err(err("longer than 24h"));
-    }
-    Ok(total)
+        text: e.text,
+        reason: e.reason,
+    })?;
+    Ok(d)
 }
 
-/// Prints a duration the way [`parse_duration`] reads it back: `"10s"`, `"500ms"`, `"1m30s"`.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms == 0 {
-        return if d.is_zero() {
-            "0s".to_owned()
-        } else {
-            format!("{}ms", d.as_secs_f64() * 1000.0)
-        };
-    }
-    if !ms.is_multiple_of(1000) {
-        return format!("{ms}ms");
-    }
-    let secs = ms / 1000;
-    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    let mut out = String::new();
-    if h > 0 {
-        out.push_str(&format!("{h}h"));
-    }
-    if m > 0 {
-        out.push_str(&format!("{m}m"));
-    }
-    if s > 0 || out.is_empty() {
-        out.push_str(&format!("{s}s"));
-    }
-    out
-}
+pub use berth_proto::duration::format as format_duration;
 
 #[cfg(test)]
 mod tests {
