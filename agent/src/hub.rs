@@ -32,6 +32,8 @@ pub struct NodeInfo {
     pub memory_bytes: u64,
     /// Base64 WireGuard public key (the private key stays in the data dir).
     pub wireguard_public_key: String,
+    /// `host:port` of the agent API the hub proxies logs and stats to ("" when none runs).
+    pub api_addr: String,
 }
 
 /// Errors of the hub link.
@@ -107,6 +109,7 @@ async fn register(client: &mut AgentServiceClient<Channel>, node: &NodeInfo) -> 
             cpu_millis: node.cpu_millis,
             memory_bytes: node.memory_bytes,
             wireguard_public_key: node.wireguard_public_key.clone(),
+            api_addr: node.api_addr.clone(),
         };
         match client.register(req).await {
             Ok(resp) => {

@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod network;
 pub mod reconcile;
 pub mod runtime;
+pub mod status;

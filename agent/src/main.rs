@@ -274,6 +274,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         cpu_millis,
         memory_bytes,
         wireguard_public_key: dataplane.public_key(),
+        api_addr: String::new(),
     };
     info!(node_id = %node.node_id, cpu_millis, memory_bytes, hub = %args.hub, "agent starting");
 

@@ -396,6 +396,7 @@ impl<H: Host> Reconciler<H> {
                         reason: e.to_string(),
                         phases_ms: HashMap::new(),
                         restarts: 0,
+                        image_digest: String::new(),
                     }));
                 }
             }
@@ -692,6 +693,7 @@ fn report(
         reason,
         phases_ms,
         restarts: local.restarts,
+        image_digest: String::new(),
     }));
 }
 

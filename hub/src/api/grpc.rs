@@ -191,6 +191,43 @@ impl ContainerService for Grpc {
             status: STATUS_DELETING.to_owned(),
         }))
     }
+
+    async fn stop_container(
+        &self,
+        _req: Request<v1::LifecycleRequest>,
+    ) -> GrpcResult<v1::LifecycleResponse> {
+        Err(Status::unimplemented("WIP"))
+    }
+    async fn start_container(
+        &self,
+        _req: Request<v1::LifecycleRequest>,
+    ) -> GrpcResult<v1::LifecycleResponse> {
+        Err(Status::unimplemented("WIP"))
+    }
+    async fn restart_container(
+        &self,
+        _req: Request<v1::LifecycleRequest>,
+    ) -> GrpcResult<v1::LifecycleResponse> {
+        Err(Status::unimplemented("WIP"))
+    }
+    async fn update_container(
+        &self,
+        _req: Request<v1::UpdateContainerRequest>,
+    ) -> GrpcResult<v1::UpdateContainerResponse> {
+        Err(Status::unimplemented("WIP"))
+    }
+    async fn rollback_container(
+        &self,
+        _req: Request<v1::RollbackContainerRequest>,
+    ) -> GrpcResult<v1::UpdateContainerResponse> {
+        Err(Status::unimplemented("WIP"))
+    }
+    async fn list_revisions(
+        &self,
+        _req: Request<v1::ListRevisionsRequest>,
+    ) -> GrpcResult<v1::ListRevisionsResponse> {
+        Err(Status::unimplemented("WIP"))
+    }
 }
 
 #[tonic::async_trait]

@@ -559,6 +559,7 @@ impl Reconciler {
             ip: ip.to_string(),
             restart_policy: c.restart_policy.clone(),
             max_restarts: c.max_restarts,
+            ..Default::default()
         };
         let instance_key = keys::instance(&r.container_id, &r.instance_id);
         let claim_key = keys::ipam(&c.network_id, &placed.ip);

@@ -110,6 +110,7 @@ pub fn container_to_proto(
                     .map(|s| s.updated_at.clone())
                     .unwrap_or_default(),
                 restarts: i.status.as_ref().map(|s| s.restarts).unwrap_or_default(),
+                ..Default::default()
             }
         })
         .collect();
@@ -149,6 +150,7 @@ pub fn container_to_proto(
             c.restart_policy.clone()
         },
         max_restarts: c.max_restarts,
+        ..Default::default()
     }
 }
 
@@ -211,6 +213,7 @@ pub fn node_to_proto(
         instances: u32::try_from(placed.len()).unwrap_or(u32::MAX),
         tunnel_ip: n.tunnel_ip.clone(),
         wireguard_public_key: n.wireguard_public_key.clone(),
+        api_addr: String::new(),
     }
 }
 

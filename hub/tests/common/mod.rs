@@ -170,6 +170,7 @@ impl Hub {
             cpu_millis,
             memory_bytes,
             wireguard_public_key: String::new(),
+            api_addr: String::new(),
         };
         self.grpc.register(tonic::Request::new(req)).await.unwrap();
     }
@@ -209,6 +210,7 @@ impl Hub {
                     reason: String::new(),
                     phases_ms: Default::default(),
                     restarts: 0,
+                    image_digest: String::new(),
                 })
                 .collect(),
             removed: removed.iter().map(|s| (*s).to_owned()).collect(),
