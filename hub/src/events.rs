@@ -82,6 +82,18 @@ pub mod types {
     pub const COMPLETED: &str = "completed";
     /// A migration failed.
     pub const FAILED: &str = "failed";
+    /// Replicas were asked to stop (POST .../stop).
+    pub const STOP: &str = "stop";
+    /// Stopped replicas were asked to start (POST .../start).
+    pub const START: &str = "start";
+    /// Replicas were asked to restart (POST .../restart).
+    pub const RESTART: &str = "restart";
+    /// A rolling update to a new revision started.
+    pub const UPDATE: &str = "update";
+    /// A rollback started (requested, or by itself after new replicas failed).
+    pub const ROLLBACK: &str = "rollback";
+    /// A rolling update (or rollback) finished: every replica runs the container's revision.
+    pub const ROLLOUT_DONE: &str = "rollout_done";
 }
 
 /// What an event is about.

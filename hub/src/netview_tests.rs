@@ -38,6 +38,7 @@ impl Builder {
                 registered_at: String::new(),
                 tunnel_ip: format!("10.201.0.{}", &ip[ip.len() - 1..]),
                 wireguard_public_key: format!("key-{id}"),
+                api_addr: String::new(),
             }),
         );
         if alive {
@@ -82,6 +83,7 @@ impl Builder {
                 service_ip: vip.into(),
                 restart_policy: String::new(),
                 max_restarts: 0,
+                ..Default::default()
             }),
         );
         self
@@ -107,6 +109,7 @@ impl Builder {
                         stopping: false,
                         created_at: String::new(),
                         placed_at: String::new(),
+                        ..Default::default()
                     }),
                     status: (!status.is_empty()).then(|| StatusRecord {
                         status: status.into(),
@@ -115,6 +118,7 @@ impl Builder {
                         updated_at: String::new(),
                         phases_ms: BTreeMap::new(),
                         restarts: 0,
+                        image_digest: String::new(),
                     }),
                 },
             );

@@ -5,9 +5,10 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::service::view::health_from_proto;
 use crate::service::{
-    CreateContainer, RegisterNode, Service, HEARTBEAT_INTERVAL_SECS, STATUS_DELETING,
-    STATUS_DEPLOYING, STATUS_SCALING,
+    CreateContainer, RegisterNode, Service, UpdateContainer, HEARTBEAT_INTERVAL_SECS,
+    STATUS_DELETING, STATUS_DEPLOYING, STATUS_SCALING,
 };
 use berth_proto::v1;
 use berth_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
@@ -124,6 +125,9 @@ fn create_from_proto(r: v1::CreateContainerRequest) -> CreateContainer {
         env: r.env.into_iter().collect(),
         restart_policy: r.restart_policy,
         max_restarts: (r.max_restarts != 0).then_some(r.max_restarts),
+        health: r.health.as_ref().map(health_from_proto),
+        stop_signal: r.stop_signal,
+        stop_timeout: r.stop_timeout,
     }
 }
 
@@ -192,41 +196,104 @@ impl ContainerService for Grpc {
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
     async fn stop_container(
         &self,
-        _req: Request<v1::LifecycleRequest>,
+        req: Request<v1::LifecycleRequest>,
     ) -> GrpcResult<v1::LifecycleResponse> {
-        Err(Status::unimplemented("WIP"))
+        let r = req.get_ref();
+        let status = self
+            .service
+            .stop_container(&r.container_id, Some(&r.instance_id))
+            .await?;
+        Ok(Response::new(v1::LifecycleResponse {
+            status: status.to_owned(),
+        }))
     }
+
+    #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
     async fn start_container(
         &self,
-        _req: Request<v1::LifecycleRequest>,
+        req: Request<v1::LifecycleRequest>,
     ) -> GrpcResult<v1::LifecycleResponse> {
-        Err(Status::unimplemented("WIP"))
+        let r = req.get_ref();
+        let status = self
+            .service
+            .start_container(&r.container_id, Some(&r.instance_id))
+            .await?;
+        Ok(Response::new(v1::LifecycleResponse {
+            status: status.to_owned(),
+        }))
     }
+
+    #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
     async fn restart_container(
         &self,
-        _req: Request<v1::LifecycleRequest>,
+        req: Request<v1::LifecycleRequest>,
     ) -> GrpcResult<v1::LifecycleResponse> {
-        Err(Status::unimplemented("WIP"))
+        let r = req.get_ref();
+        let status = self
+            .service
+            .restart_container(&r.container_id, Some(&r.instance_id))
+            .await?;
+        Ok(Response::new(v1::LifecycleResponse {
+            status: status.to_owned(),
+        }))
     }
+
+    #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
     async fn update_container(
         &self,
-        _req: Request<v1::UpdateContainerRequest>,
+        req: Request<v1::UpdateContainerRequest>,
     ) -> GrpcResult<v1::UpdateContainerResponse> {
-        Err(Status::unimplemented("WIP"))
+        let r = req.into_inner();
+        // proto3 strings have no presence: empty means "keep".
+        let given = |s: String| (!s.is_empty()).then_some(s);
+        let update = UpdateContainer {
+            image: given(r.image),
+            cpu: given(r.cpu),
+            memory: given(r.memory),
+            env: r.env.map(|e| e.env.into_iter().collect()),
+            command: r.command.map(|c| c.command),
+            max_unavailable: r.max_unavailable,
+        };
+        let (status, revision) = self
+            .service
+            .update_container(&r.container_id, update)
+            .await?;
+        Ok(Response::new(v1::UpdateContainerResponse {
+            status: status.to_owned(),
+            revision,
+        }))
     }
+
+    #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
     async fn rollback_container(
         &self,
-        _req: Request<v1::RollbackContainerRequest>,
+        req: Request<v1::RollbackContainerRequest>,
     ) -> GrpcResult<v1::UpdateContainerResponse> {
-        Err(Status::unimplemented("WIP"))
+        let r = req.get_ref();
+        let (status, revision) = self
+            .service
+            .rollback_container(&r.container_id, Some(r.revision))
+            .await?;
+        Ok(Response::new(v1::UpdateContainerResponse {
+            status: status.to_owned(),
+            revision,
+        }))
     }
+
+    #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
     async fn list_revisions(
         &self,
-        _req: Request<v1::ListRevisionsRequest>,
+        req: Request<v1::ListRevisionsRequest>,
     ) -> GrpcResult<v1::ListRevisionsResponse> {
-        Err(Status::unimplemented("WIP"))
+        Ok(Response::new(v1::ListRevisionsResponse {
+            revisions: self
+                .service
+                .list_revisions(&req.get_ref().container_id)
+                .await?,
+        }))
     }
 }
 
@@ -268,6 +335,7 @@ impl AgentService for Grpc {
                 cpu_millis: r.cpu_millis,
                 memory_bytes: r.memory_bytes,
                 wireguard_public_key: r.wireguard_public_key,
+                api_addr: r.api_addr,
             })
             .await?;
         Ok(Response::new(v1::RegisterResponse {

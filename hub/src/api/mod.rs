@@ -3,6 +3,7 @@
 pub mod events;
 pub mod grpc;
 pub mod grpc_events;
+pub mod lifecycle;
 pub mod logs;
 pub mod rest;
 mod rest_types;

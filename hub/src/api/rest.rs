@@ -37,6 +37,17 @@ pub fn router(service: Service) -> Router {
             get(get_container).delete(delete_container),
         )
         .route("/v1/containers/{id}/scale", post(scale_container))
+        .route("/v1/containers/{id}/stop", post(super::lifecycle::stop))
+        .route("/v1/containers/{id}/start", post(super::lifecycle::start))
+        .route("/v1/containers/{id}/restart", post(super::lifecycle::restart))
+        .route("/v1/containers/{id}/update", post(super::lifecycle::update))
+        .route("/v1/containers/{id}/rollback", post(super::lifecycle::rollback))
+        .route(
+            "/v1/containers/{id}/revisions",
+            get(super::lifecycle::revisions),
+        )
+        .route("/v1/containers/{id}/logs", get(super::lifecycle::logs))
+        .route("/v1/containers/{id}/stats", get(super::lifecycle::stats))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/events", get(super::events::get_events))
@@ -69,7 +80,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+/// What a REST handler returns.
+pub type ApiResult = Result<Response, ApiError>;
 
 async fn trace_request(req: Request, next: Next) -> Response {
     let span = tracing::info_span!(

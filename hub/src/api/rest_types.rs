@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::service::view::status_from_proto;
-use crate::service::{CreateContainer, ServiceError};
+use crate::service::view::{health_from_proto, status_from_proto};
+use crate::service::{CreateContainer, ServiceError, UpdateContainer};
+use crate::store::records::{ExecProbeRecord, HealthRecord, HttpProbeRecord, TcpProbeRecord};
 use berth_proto::v1;
 
 /// `POST /v1/networks`
@@ -64,6 +65,153 @@ pub struct CreateContainerBody {
     /// With "on-failure": restarts allowed per instance (0: no limit).
     #[serde(default)]
     pub max_restarts: Option<i64>,
+    /// Health probe.
+    #[serde(default)]
+    pub health: Option<HealthBody>,
+    /// "SIGTERM", "TERM", "15"; default: the image's StopSignal, else SIGTERM.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+    /// Grace between the stop signal and SIGKILL; default "10s".
+    #[serde(default)]
+    pub stop_timeout: Option<String>,
+}
+
+/// `health` of a create body: exactly one of `http`, `tcp`, `exec`; the rest optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthBody {
+    /// `{"path": "/healthz", "port": 8080}`
+    #[serde(default)]
+    pub http: Option<HttpProbeRecord>,
+    /// `{"port": 5432}`
+    #[serde(default)]
+    pub tcp: Option<TcpProbeRecord>,
+    /// `{"command": ["cat", "/ready"]}`
+    #[serde(default)]
+    pub exec: Option<ExecProbeRecord>,
+    /// Default "10s".
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Default "1s".
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Default 3.
+    #[serde(default)]
+    pub failure_threshold: Option<u32>,
+    /// Default "0s".
+    #[serde(default)]
+    pub start_period: Option<String>,
+}
+
+impl From<HealthBody> for HealthRecord {
+    fn from(b: HealthBody) -> Self {
+        HealthRecord {
+            http: b.http,
+            tcp: b.tcp,
+            exec: b.exec,
+            interval: b.interval.unwrap_or_default(),
+            timeout: b.timeout.unwrap_or_default(),
+            failure_threshold: b.failure_threshold.unwrap_or_default(),
+            start_period: b.start_period.unwrap_or_default(),
+        }
+    }
+}
+
+/// `POST /v1/containers/{id}/stop|start|restart` (the body is optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleBody {
+    /// One replica; absent: all of them.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+}
+
+/// `POST /v1/containers/{id}/update`: absent fields keep their value.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBody {
+    /// New image.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// New cpu per replica.
+    #[serde(default)]
+    pub cpu: Option<String>,
+    /// New memory per replica.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Replaces the environment.
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Replaces the command (`[]`: the image's).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Replicas out of service at once; default 1.
+    #[serde(default)]
+    pub max_unavailable: Option<i64>,
+}
+
+impl From<UpdateBody> for UpdateContainer {
+    fn from(b: UpdateBody) -> Self {
+        UpdateContainer {
+            image: b.image,
+            cpu: b.cpu,
+            memory: b.memory,
+            env: b.env,
+            command: b.command,
+            max_unavailable: b.max_unavailable.unwrap_or(0),
+        }
+    }
+}
+
+/// `POST /v1/containers/{id}/rollback` (the body is optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// The revision to return to; absent: the one before the current one.
+    #[serde(default)]
+    pub revision: Option<u32>,
+}
+
+/// One revision of a container's spec.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct RevisionJson {
+    /// 1, 2, ...
+    pub revision: u32,
+    /// Image as given.
+    pub image: String,
+    /// `sha256:…` its replicas ran (empty until known); rollbacks pin the image to it.
+    pub image_digest: String,
+    /// cpu per replica.
+    pub cpu: String,
+    /// memory per replica.
+    pub memory: String,
+    /// Entrypoint override.
+    pub command: Vec<String>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// "create", "update", ...
+    pub cause: String,
+    /// The container's current revision.
+    pub current: bool,
+}
+
+impl From<v1::Revision> for RevisionJson {
+    fn from(r: v1::Revision) -> Self {
+        RevisionJson {
+            revision: r.revision,
+            image: r.image,
+            image_digest: r.image_digest,
+            cpu: r.cpu,
+            memory: r.memory,
+            command: r.command,
+            env: r.env.into_iter().collect(),
+            created_at: r.created_at,
+            cause: r.cause,
+            current: r.current,
+        }
+    }
 }
 
 impl From<CreateContainerBody> for CreateContainer {
@@ -79,6 +227,9 @@ impl From<CreateContainerBody> for CreateContainer {
             env: b.env.unwrap_or_default(),
             restart_policy: b.restart_policy.unwrap_or_default(),
             max_restarts: b.max_restarts,
+            health: b.health.map(HealthRecord::from),
+            stop_signal: b.stop_signal.unwrap_or_default(),
+            stop_timeout: b.stop_timeout.unwrap_or_default(),
         }
     }
 }
@@ -151,6 +302,15 @@ pub struct InstanceJson {
     /// RFC 3339: when its node last reported its status.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub updated_at: String,
+    /// The container revision it runs.
+    #[serde(default)]
+    pub revision: u32,
+    /// `sha256:…` of the image its node runs it from.
+    #[serde(default)]
+    pub image_digest: String,
+    /// Stopped on request.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// A container.
@@ -200,6 +360,54 @@ pub struct ContainerJson {
     /// With "on-failure": restarts allowed per instance (0: no limit).
     #[serde(default)]
     pub max_restarts: u32,
+    /// The health probe, defaults filled in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthRecord>,
+    /// Signal a stop sends first ("": the image's, else SIGTERM).
+    #[serde(default)]
+    pub stop_signal: String,
+    /// Grace before SIGKILL.
+    #[serde(default)]
+    pub stop_timeout: String,
+    /// Current revision.
+    #[serde(default)]
+    pub revision: u32,
+    /// The rolling update in progress.
+    #[serde(default)]
+    pub rollout: Option<RolloutJson>,
+    /// How the last rolling update ended.
+    #[serde(default)]
+    pub last_rollout: Option<RolloutResultJson>,
+}
+
+/// A rolling update in progress.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct RolloutJson {
+    /// "UPDATING" or "ROLLING_BACK".
+    pub state: String,
+    /// Target revision.
+    pub revision: u32,
+    /// The revision it replaces.
+    pub from_revision: u32,
+    /// Replicas out of service at once.
+    pub max_unavailable: u32,
+    /// Why a rollback started.
+    pub reason: String,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+/// How the last rolling update ended.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct RolloutResultJson {
+    /// The revision the replicas ended on.
+    pub revision: u32,
+    /// "COMPLETE" or "ROLLED_BACK".
+    pub result: String,
+    /// Why it was rolled back.
+    pub reason: String,
+    /// RFC 3339.
+    pub finished_at: String,
 }
 
 impl From<v1::Container> for ContainerJson {
@@ -228,6 +436,9 @@ impl From<v1::Container> for ContainerJson {
                     phases_ms: i.phases_ms.into_iter().collect(),
                     updated_at: i.updated_at,
                     restarts: i.restarts,
+                    revision: i.revision,
+                    image_digest: i.image_digest,
+                    stopped: i.stopped,
                 })
                 .collect(),
             command: c.command,
@@ -238,6 +449,24 @@ impl From<v1::Container> for ContainerJson {
             dns_name: c.dns_name,
             restart_policy: c.restart_policy,
             max_restarts: c.max_restarts,
+            health: c.health.as_ref().map(health_from_proto),
+            stop_signal: c.stop_signal,
+            stop_timeout: c.stop_timeout,
+            revision: c.revision,
+            rollout: c.rollout.map(|r| RolloutJson {
+                state: r.state,
+                revision: r.revision,
+                from_revision: r.from_revision,
+                max_unavailable: r.max_unavailable,
+                reason: r.reason,
+                started_at: r.started_at,
+            }),
+            last_rollout: c.last_rollout.map(|r| RolloutResultJson {
+                revision: r.revision,
+                result: r.result,
+                reason: r.reason,
+                finished_at: r.finished_at,
+            }),
         }
     }
 }
@@ -269,6 +498,9 @@ pub struct NodeJson {
     /// WireGuard public key (base64).
     #[serde(default)]
     pub wireguard_public_key: String,
+    /// `host:port` of the node's agent API.
+    #[serde(default)]
+    pub api_addr: String,
 }
 
 impl From<v1::Node> for NodeJson {
@@ -285,6 +517,7 @@ impl From<v1::Node> for NodeJson {
             instances: n.instances,
             tunnel_ip: n.tunnel_ip,
             wireguard_public_key: n.wireguard_public_key,
+            api_addr: n.api_addr,
         }
     }
 }

@@ -8,13 +8,20 @@ use std::time::{Duration, Instant};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use prost::Message;
 
+use crate::events::{types, Event, Events, EventsConfig};
 use crate::ipam;
 use crate::netview;
 use crate::scheduler::{self, Decision, NodeCapacity, Placed, Request};
 use crate::service::lifecycle::{finalize_container_record, release_instance};
+use crate::service::revisions::{apply_revision, stable_revision};
+use crate::service::view::{
+    instance_status, STATUS_ROLLING_BACK, STATUS_UPDATING,
+};
 use crate::service::NetConfig;
 use crate::service::{new_id, now_rfc3339};
-use crate::store::records::{ContainerRecord, InstanceRecord};
+use crate::store::records::{
+    ContainerRecord, InstanceRecord, NetworkRecord, RevisionRecord, RolloutResultRecord,
+};
 use crate::store::{keys, to_json, Snapshot, Store, StoreError, StoredInstance, Versioned};
 use berth_proto::v1;
 
@@ -50,12 +57,25 @@ pub struct PassReport {
     pub views: usize,
     /// Instances moved off DOWN nodes (stopped there; replacements are created and placed).
     pub evacuated: usize,
+    /// Instances of an older revision stopped by a rolling update (their replacements follow).
+    pub replaced: usize,
+    /// Rollouts that started a rollback, or finished.
+    pub rollouts: usize,
+    /// Assignments rewritten because their instance's desired state changed (stop, start, restart).
+    pub resynced: usize,
 }
 
 impl PassReport {
     /// Whether the pass wrote anything.
     pub fn changed(&self) -> bool {
-        self.created + self.stopped + self.released + self.finalized + self.placed + self.evacuated
+        self.created
+            + self.stopped
+            + self.released
+            + self.finalized
+            + self.placed
+            + self.evacuated
+            + self.replaced
+            + self.rollouts
             > 0
     }
 }
@@ -68,18 +88,27 @@ pub struct Reconciler {
     down_after: Duration,
     unhealthy_since: HashMap<String, Instant>,
     net: NetConfig,
+    events: Events,
 }
 
 impl Reconciler {
     /// A reconciler releasing instances of dead nodes `grace` after their liveness lapsed.
     pub fn new(store: Store, grace: Duration) -> Self {
+        let events = Events::new(store.clone(), EventsConfig::default());
         Reconciler {
             store,
             grace,
             down_after: crate::service::NODE_DOWN_AFTER,
             unhealthy_since: HashMap::new(),
             net: NetConfig::default(),
+            events,
         }
+    }
+
+    /// Records what the passes do through `events` (the hub's writer, `--event-ttl`).
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
     }
 
     /// Declares a node DOWN (and moves its instances) this long after its liveness lapsed.
@@ -110,7 +139,8 @@ impl Reconciler {
         let snap = self.store.snapshot().await?;
         self.track_health(&snap);
         self.evacuate(&snap, &mut report).await?;
-        let snap = if report.evacuated > 0 {
+        self.rollouts(&snap, &mut report).await?;
+        let snap = if report.evacuated + report.replaced + report.rollouts > 0 {
             self.store.snapshot().await?
         } else {
             snap
@@ -128,8 +158,275 @@ impl Reconciler {
         } else {
             snap
         };
+        self.sync_assignments(&snap, &mut report).await?;
+        self.learn_digests(&snap).await?;
         self.publish_views(&snap, &mut report).await?;
         Ok(report)
+    }
+
+    /// Drives rolling updates: replaces instances of older revisions while at most `max_unavailable`
+    /// replicas are out of service, rolls back by itself when a replica of the new revision fails
+    /// (FAILED, UNHEALTHY), and closes the rollout once every replica runs the current revision.
+    async fn rollouts(&self, snap: &Snapshot, report: &mut PassReport) -> Result<(), StoreError> {
+        for container in snap.containers.values() {
+            let c = &container.value;
+            let Some(rollout) = &c.rollout else { continue };
+            if c.deleting {
+                continue;
+            }
+            let target = c.revision.max(1);
+            let active: Vec<&StoredInstance> = snap
+                .instances_of(&c.container_id)
+                .into_iter()
+                .filter(|i| !i.record.value.stopping)
+                .collect();
+            let placed = |i: &&&StoredInstance| !i.record.value.node_id.is_empty();
+            let status = |i: &StoredInstance| instance_status(i).0;
+            if rollout.state == STATUS_UPDATING {
+                let failed = active
+                    .iter()
+                    .filter(placed)
+                    .filter(|i| i.record.value.revision == target)
+                    .find(|i| matches!(status(i).as_str(), "FAILED" | "UNHEALTHY"));
+                if let Some(bad) = failed {
+                    let (s, why) = instance_status(bad);
+                    let reason = format!(
+                        "instance {} of revision {target} is {s}{}",
+                        bad.record.value.instance_id,
+                        if why.is_empty() { String::new() } else { format!(": {why}") }
+                    );
+                    if self.start_rollback(snap, container, &reason).await? {
+                        report.rollouts += 1;
+                    }
+                    continue;
+                }
+            }
+            let outdated: Vec<&StoredInstance> = active
+                .iter()
+                .filter(placed)
+                .copied()
+                .filter(|i| i.record.value.revision != target)
+                .collect();
+            let running = active.iter().filter(|i| status(i) == "RUNNING").count();
+            if outdated.is_empty() {
+                let current_running = active
+                    .iter()
+                    .filter(placed)
+                    .filter(|i| i.record.value.revision == target && status(i) == "RUNNING")
+                    .count();
+                if active.len() == c.replicas as usize && current_running == c.replicas as usize {
+                    if self.finish_rollout(container).await? {
+                        report.rollouts += 1;
+                    }
+                }
+                continue;
+            }
+            // Replicas that do not serve anyway go first and cost nothing; serving ones go while the
+            // budget of unavailable replicas allows.
+            let unavailable = (c.replicas as usize).saturating_sub(running);
+            let budget = (rollout.max_unavailable.max(1) as usize).saturating_sub(unavailable);
+            let (serving, idle): (Vec<&StoredInstance>, Vec<&StoredInstance>) =
+                outdated.into_iter().partition(|i| status(i) == "RUNNING");
+            let mut victims = idle;
+            let mut serving = serving;
+            serving.sort_by_key(|i| std::cmp::Reverse(i.record.value.ordinal));
+            victims.extend(serving.into_iter().take(budget));
+            if !victims.is_empty() {
+                let replaced = self.stop(container, &victims).await?;
+                if replaced > 0 {
+                    tracing::info!(container_id = %c.container_id, revision = target, replaced,
+                        unavailable, "rolling update: replacing instances");
+                }
+                report.replaced += replaced;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points the container back at the revision that ran before the update.
+    async fn start_rollback(
+        &self,
+        snap: &Snapshot,
+        container: &Versioned<ContainerRecord>,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let c = &container.value;
+        let Some(rollout) = &c.rollout else {
+            return Ok(false);
+        };
+        let back_to = stable_revision(c);
+        let rev = snap.revision_of(c, back_to);
+        let mut record = c.clone();
+        apply_revision(&mut record, &rev);
+        record.rollout = Some(crate::store::records::RolloutRecord {
+            state: STATUS_ROLLING_BACK.to_owned(),
+            revision: back_to,
+            from_revision: rollout.revision,
+            max_unavailable: rollout.max_unavailable,
+            reason: reason.to_owned(),
+            started_at: now_rfc3339(),
+        });
+        let done = self.put_container(container, &record).await?;
+        if done {
+            tracing::warn!(container_id = %c.container_id, from_revision = rollout.revision,
+                revision = back_to, reason, "rolling update failed: rolling back");
+            self.events.emit(
+                Event::container(&c.container_id, types::ROLLBACK)
+                    .with_status(STATUS_ROLLING_BACK)
+                    .with_reason(format!("to revision {back_to}: {reason}")),
+            );
+        }
+        Ok(done)
+    }
+
+    /// Every replica runs the current revision: the rollout is over.
+    async fn finish_rollout(
+        &self,
+        container: &Versioned<ContainerRecord>,
+    ) -> Result<bool, StoreError> {
+        let c = &container.value;
+        let Some(rollout) = &c.rollout else {
+            return Ok(false);
+        };
+        let result = if rollout.state == STATUS_UPDATING {
+            "COMPLETE"
+        } else {
+            "ROLLED_BACK"
+        };
+        let mut record = c.clone();
+        record.rollout = None;
+        record.last_rollout = Some(RolloutResultRecord {
+            revision: c.revision.max(1),
+            result: result.to_owned(),
+            reason: rollout.reason.clone(),
+            finished_at: now_rfc3339(),
+        });
+        let done = self.put_container(container, &record).await?;
+        if done {
+            tracing::info!(container_id = %c.container_id, revision = c.revision, result, "rollout finished");
+            self.events.emit(
+                Event::container(&c.container_id, types::ROLLOUT_DONE)
+                    .with_status(result)
+                    .with_reason(format!("revision {}", c.revision.max(1))),
+            );
+        }
+        Ok(done)
+    }
+
+    /// Writes a container record if it did not change since it was read.
+    async fn put_container(
+        &self,
+        found: &Versioned<ContainerRecord>,
+        record: &ContainerRecord,
+    ) -> Result<bool, StoreError> {
+        let key = keys::container(&record.container_id);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                found.mod_revision,
+            )])
+            .and_then([TxnOp::put(key, to_json(record), None)]);
+        Ok(self.store.txn(txn).await?.succeeded())
+    }
+
+    /// Rewrites the assignments whose instance's desired state changed since they were written (stop,
+    /// start, restart, a digest learnt for its revision). Comparing decoded messages, not bytes: the
+    /// env map encodes in no fixed order.
+    async fn sync_assignments(
+        &self,
+        snap: &Snapshot,
+        report: &mut PassReport,
+    ) -> Result<(), StoreError> {
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        for inst in snap.all_instances() {
+            let r = &inst.record.value;
+            if r.stopping || r.node_id.is_empty() {
+                continue;
+            }
+            let key = (r.node_id.clone(), r.instance_id.clone());
+            let Some(stored) = snap.assignments.get(&key) else {
+                continue;
+            };
+            let Some(c) = snap.containers.get(&r.container_id) else {
+                continue;
+            };
+            let Some(network) = snap.networks.get(&c.value.network_id) else {
+                continue;
+            };
+            let rev = snap.revision_of(&c.value, r.revision.max(1));
+            let want = assignment(&c.value, &rev, &network.value, r);
+            if v1::Assignment::decode(stored.as_slice()).ok().as_ref() == Some(&want) {
+                continue;
+            }
+            let akey = keys::assign(&r.node_id, &r.instance_id);
+            compares.push(Compare::mod_revision(
+                keys::instance(&r.container_id, &r.instance_id),
+                CompareOp::Equal,
+                inst.record.mod_revision,
+            ));
+            // Never recreate an assignment a concurrent stop just deleted.
+            compares.push(Compare::version(akey.clone(), CompareOp::Greater, 0));
+            ops.push(TxnOp::put(akey, want.encode_to_vec(), None));
+            if ops.len() >= BATCH {
+                report.resynced += self.commit_resync(&mut compares, &mut ops).await?;
+            }
+        }
+        report.resynced += self.commit_resync(&mut compares, &mut ops).await?;
+        Ok(())
+    }
+
+    async fn commit_resync(
+        &self,
+        compares: &mut Vec<Compare>,
+        ops: &mut Vec<TxnOp>,
+    ) -> Result<usize, StoreError> {
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        let n = ops.len();
+        let txn = Txn::new()
+            .when(std::mem::take(compares))
+            .and_then(std::mem::take(ops));
+        // A lost race is retried by the next pass, which sees the change that won.
+        let done = if self.store.txn(txn).await?.succeeded() {
+            n
+        } else {
+            0
+        };
+        if done > 0 {
+            tracing::debug!(assignments = done, "assignments rewritten");
+        }
+        Ok(done)
+    }
+
+    /// Records the manifest digest a revision's replicas pulled, so that a rollback to it gets the
+    /// very image that ran, even if its tag has moved since.
+    async fn learn_digests(&self, snap: &Snapshot) -> Result<(), StoreError> {
+        for (cid, revisions) in &snap.revisions {
+            for rev in revisions.values().filter(|r| r.image_digest.is_empty()) {
+                let digest = snap
+                    .instances_of(cid)
+                    .into_iter()
+                    .filter(|i| i.record.value.revision == rev.revision)
+                    .filter_map(|i| i.status.as_ref())
+                    .find(|s| s.status == "RUNNING" && !s.image_digest.is_empty())
+                    .map(|s| s.image_digest.clone());
+                let Some(digest) = digest else { continue };
+                let learnt = RevisionRecord {
+                    image_digest: digest.clone(),
+                    ..rev.clone()
+                };
+                let key = keys::revision(cid, rev.revision);
+                let txn = Txn::new()
+                    .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+                    .and_then([TxnOp::put(key, to_json(&learnt), None)]);
+                self.store.txn(txn).await?;
+                tracing::info!(container_id = %cid, revision = rev.revision, %digest, "revision pinned to its digest");
+            }
+        }
+        Ok(())
     }
 
     /// Writes each node's network view where it changed, and removes the views of nodes gone.
@@ -169,12 +466,23 @@ impl Reconciler {
                 .map(|i| i.record.value.node_id.as_str())
                 .filter(|n| !n.is_empty()),
         );
-        self.unhealthy_since
-            .retain(|n, _| referenced.contains(n.as_str()) && !snap.alive.contains(n));
+        let events = &self.events;
+        self.unhealthy_since.retain(|n, _| {
+            let back = snap.alive.contains(n);
+            if back {
+                events.emit(Event::node(n, types::HEALTHY).with_status("HEALTHY"));
+            }
+            referenced.contains(n.as_str()) && !back
+        });
         for node in referenced {
             if !snap.alive.contains(node) && !self.unhealthy_since.contains_key(node) {
                 tracing::warn!(node_id = node, "node liveness lapsed");
                 self.unhealthy_since.insert(node.to_owned(), now);
+                self.events.emit(
+                    Event::node(node, types::UNHEALTHY)
+                        .with_status("UNHEALTHY")
+                        .with_reason("heartbeats stopped"),
+                );
             }
         }
     }
@@ -196,6 +504,11 @@ impl Reconciler {
                 self.store
                     .txn(Txn::new().and_then([TxnOp::put(keys::down(node), "", None)]))
                     .await?;
+                self.events.emit(
+                    Event::node(node, types::DOWN)
+                        .with_status("DOWN")
+                        .with_reason(format!("no heartbeat for {:?}", self.down_after)),
+                );
             }
         }
         for container in snap.containers.values() {
@@ -245,6 +558,8 @@ impl Reconciler {
                 && finalize_container_record(&self.store, container).await?
             {
                 report.finalized += 1;
+                self.events
+                    .emit(Event::container(&c.container_id, types::DELETED));
             }
         }
         for inst in snap.all_instances().filter(|i| i.record.value.stopping) {
@@ -256,6 +571,12 @@ impl Reconciler {
                 }
                 if release_instance(&self.store, &inst.record).await? {
                     report.released += 1;
+                    let r = &inst.record.value;
+                    self.events.emit(
+                        Event::instance(&r.container_id, &r.instance_id, types::REMOVED)
+                            .with_node(r.node_id.clone())
+                            .with_reason("released without the node's confirmation"),
+                    );
                 }
             }
         }
@@ -321,6 +642,13 @@ impl Reconciler {
                 break;
             }
             tracing::info!(container_id = %c.container_id, count = chunk.len(), "instances stopping");
+            for inst in chunk {
+                let r = &inst.record.value;
+                self.events.emit(
+                    Event::instance(&r.container_id, &r.instance_id, types::STOPPING)
+                        .with_node(r.node_id.clone()),
+                );
+            }
             done += chunk.len();
             // The container record did not change, so its mod_revision still guards the next chunk.
         }
@@ -340,6 +668,7 @@ impl Reconciler {
             let n = (count - done).min(BATCH);
             let key = keys::container(&record.container_id);
             let mut ops = Vec::with_capacity(2 * n + 1);
+            let mut created = Vec::with_capacity(n);
             let now = now_rfc3339();
             for _ in 0..n {
                 let inst = InstanceRecord {
@@ -353,8 +682,12 @@ impl Reconciler {
                     stopping: false,
                     created_at: now.clone(),
                     placed_at: String::new(),
+                    revision: record.revision.max(1),
+                    stopped: record.stopped,
+                    restart_generation: 0,
                 };
                 record.next_ordinal += 1;
+                created.push(inst.instance_id.clone());
                 ops.push(TxnOp::put(
                     keys::instance(&inst.container_id, &inst.instance_id),
                     to_json(&inst),
@@ -376,6 +709,13 @@ impl Reconciler {
             }
             mod_revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             done += n;
+            for iid in created {
+                self.events.emit(
+                    Event::instance(&record.container_id, iid, types::CREATED)
+                        .with_status("PENDING")
+                        .with_reason(format!("revision {}", record.revision.max(1))),
+                );
+            }
         }
         if done > 0 {
             tracing::info!(container_id = %record.container_id, count = done, "instances created");
@@ -400,11 +740,18 @@ impl Reconciler {
             .filter(|i| !i.record.value.node_id.is_empty())
             .filter_map(|i| {
                 let c = container_of(i)?;
+                // During a rolling update older replicas still hold what their revision asked for.
+                let (cpu_millis, memory_bytes) = if i.record.value.revision.max(1) == c.value.revision.max(1) {
+                    (c.value.cpu_millis, c.value.memory_bytes)
+                } else {
+                    let rev = snap.revision_of(&c.value, i.record.value.revision.max(1));
+                    (rev.cpu_millis, rev.memory_bytes)
+                };
                 Some(Placed {
                     node_id: i.record.value.node_id.clone(),
                     container_id: c.value.container_id.clone(),
-                    cpu_millis: c.value.cpu_millis,
-                    memory_bytes: c.value.memory_bytes,
+                    cpu_millis,
+                    memory_bytes,
                 })
             })
             .collect();
@@ -532,35 +879,17 @@ impl Reconciler {
             )));
         };
         let r = &inst.record.value;
+        // Whatever revision it was created for, it starts with the container's current spec.
         let placed = InstanceRecord {
             node_id: node_id.to_owned(),
             ip: ip.to_string(),
             reason: String::new(),
             placed_at: now_rfc3339(),
+            revision: c.revision.max(1),
             ..r.clone()
         };
-        let assignment = v1::Assignment {
-            instance_id: r.instance_id.clone(),
-            container_id: c.container_id.clone(),
-            container_name: c.name.clone(),
-            image: c.image.clone(),
-            cpu_millis: c.cpu_millis,
-            memory_bytes: c.memory_bytes,
-            command: c.command.clone(),
-            env: c.env.clone().into_iter().collect(),
-            network: Some(v1::NetworkAttachment {
-                network_id: network.value.network_id.clone(),
-                name: network.value.name.clone(),
-                cidr: network.value.cidr.clone(),
-                gateway: network.value.gateway.clone(),
-                vni: network.value.vni,
-                encrypted: network.value.encrypted,
-            }),
-            ip: ip.to_string(),
-            restart_policy: c.restart_policy.clone(),
-            max_restarts: c.max_restarts,
-            ..Default::default()
-        };
+        let rev = snap.revision_of(c, placed.revision);
+        let assignment = assignment(c, &rev, &network.value, &placed);
         let instance_key = keys::instance(&r.container_id, &r.instance_id);
         let claim_key = keys::ipam(&c.network_id, &placed.ip);
         let txn = Txn::new()
@@ -592,6 +921,11 @@ impl Reconciler {
         let resp = self.store.txn(txn).await?;
         if resp.succeeded() {
             tracing::info!(instance_id = %r.instance_id, container_id = %c.container_id, node_id, %ip, "instance placed");
+            self.events.emit(
+                Event::instance(&c.container_id, &r.instance_id, types::PLACED)
+                    .with_node(node_id)
+                    .with_reason(format!("ip {ip}")),
+            );
             let revision = resp.header().map_or(node_rev, |h| h.revision());
             Ok(Outcome::Placed(ip, revision))
         } else {
@@ -607,6 +941,11 @@ impl Reconciler {
             return Ok(());
         }
         tracing::info!(instance_id = %r.instance_id, container_id = %r.container_id, reason, "instance unschedulable");
+        self.events.emit(
+            Event::instance(&r.container_id, &r.instance_id, types::PENDING)
+                .with_status("PENDING")
+                .with_reason(reason),
+        );
         let key = keys::instance(&r.container_id, &r.instance_id);
         let record = InstanceRecord {
             reason: reason.to_owned(),
@@ -621,5 +960,45 @@ impl Reconciler {
             .and_then([TxnOp::put(key, to_json(&record), None)]);
         self.store.txn(txn).await?;
         Ok(())
+    }
+}
+
+/// What the node of `inst` must run: the spec of its revision (image pinned to the revision's digest
+/// once known), the container's probe and stop settings, and the instance's own desired state.
+pub fn assignment(
+    c: &ContainerRecord,
+    rev: &RevisionRecord,
+    network: &NetworkRecord,
+    inst: &InstanceRecord,
+) -> v1::Assignment {
+    v1::Assignment {
+        instance_id: inst.instance_id.clone(),
+        container_id: c.container_id.clone(),
+        container_name: c.name.clone(),
+        image: rev.pinned_image(),
+        cpu_millis: rev.cpu_millis,
+        memory_bytes: rev.memory_bytes,
+        command: rev.command.clone(),
+        env: rev.env.clone().into_iter().collect(),
+        network: Some(v1::NetworkAttachment {
+            network_id: network.network_id.clone(),
+            name: network.name.clone(),
+            cidr: network.cidr.clone(),
+            gateway: network.gateway.clone(),
+            vni: network.vni,
+            encrypted: network.encrypted,
+        }),
+        ip: inst.ip.clone(),
+        restart_policy: c.restart_policy.clone(),
+        max_restarts: c.max_restarts,
+        health: c
+            .health
+            .as_ref()
+            .map(crate::service::view::health_to_proto),
+        stop_signal: c.stop_signal.clone(),
+        stop_timeout_ms: crate::service::view::stop_timeout(c).as_millis() as u64,
+        stopped: inst.stopped,
+        restart_generation: inst.restart_generation,
+        revision: rev.revision,
     }
 }

@@ -15,6 +15,7 @@ use super::{
     now_rfc3339, validate, RegisterNode, Service, ServiceError, CONFLICT_RETRIES,
     NODE_LEASE_TTL_SECS,
 };
+use crate::events::{types, Event};
 use crate::store::records::{InstanceRecord, NodeRecord, StatusRecord};
 use crate::store::{keys, to_json, Store, StoreError, Versioned};
 use berth_proto::v1;
@@ -37,6 +38,12 @@ impl Service {
         }
         if !req.wireguard_public_key.is_empty() {
             validate::wireguard_key("wireguard_public_key", &req.wireguard_public_key)?;
+        }
+        if !req.api_addr.is_empty() && req.api_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ServiceError::invalid(
+                "api_addr",
+                format!("{:?} is not an address like 10.0.0.5:9750", req.api_addr),
+            ));
         }
         let mut client = self.store.client();
         let lease = client
@@ -66,6 +73,7 @@ impl Service {
                 registered_at: now_rfc3339(),
                 tunnel_ip: tunnel_ip.clone(),
                 wireguard_public_key: req.wireguard_public_key.clone(),
+                api_addr: req.api_addr.clone(),
             };
             let mut compares = vec![];
             let mut ops = vec![
@@ -102,6 +110,8 @@ impl Service {
             tracing::info!(node_id = %record.node_id, ip = %record.ip, cpu_millis = record.cpu_millis,
                 memory_bytes = record.memory_bytes, lease_id = record.lease_id, tunnel_ip = %record.tunnel_ip,
                 "node registered");
+            self.events
+                .emit(Event::node(&record.node_id, types::REGISTERED).with_reason(record.ip.clone()));
             return Ok(());
         }
         Err(ServiceError::Conflict(
@@ -196,17 +206,29 @@ impl Service {
                 .iter()
                 .map(|(k, v)| (k.clone(), *v))
                 .collect();
+            let previous = self
+                .store
+                .get_json::<StatusRecord>(&keys::status(
+                    &inst.value.container_id,
+                    &inst.value.instance_id,
+                ))
+                .await?
+                .map(|p| p.value);
             if phases_ms.is_empty() {
                 // Later reports (e.g. STOPPED) carry no phases: keep the deploy's.
-                let previous = self
-                    .store
-                    .get_json::<StatusRecord>(&keys::status(
-                        &inst.value.container_id,
-                        &inst.value.instance_id,
-                    ))
-                    .await?;
-                phases_ms = previous.map(|p| p.value.phases_ms).unwrap_or_default();
+                phases_ms = previous
+                    .as_ref()
+                    .map(|p| p.phases_ms.clone())
+                    .unwrap_or_default();
             }
+            let image_digest = if report.image_digest.is_empty() {
+                previous
+                    .as_ref()
+                    .map(|p| p.image_digest.clone())
+                    .unwrap_or_default()
+            } else {
+                report.image_digest.clone()
+            };
             let record = StatusRecord {
                 status: status_from_proto(status).to_owned(),
                 reason: report.reason.clone(),
@@ -214,7 +236,13 @@ impl Service {
                 updated_at: now_rfc3339(),
                 phases_ms,
                 restarts: report.restarts,
+                image_digest,
             };
+            let changed = previous.as_ref().is_none_or(|p| {
+                p.status != record.status
+                    || p.reason != record.reason
+                    || p.restarts != record.restarts
+            });
             let r = &inst.value;
             // Only for this incarnation of the instance: never resurrect a status after a release.
             let txn = Txn::new()
@@ -228,7 +256,14 @@ impl Service {
                     to_json(&record),
                     None,
                 )]);
-            self.store.txn(txn).await?;
+            if self.store.txn(txn).await?.succeeded() && changed {
+                self.events.emit(
+                    Event::instance(&r.container_id, &r.instance_id, types::STATUS)
+                        .with_node(node_id)
+                        .with_status(record.status.clone())
+                        .with_reason(record.reason.clone()),
+                );
+            }
             tracing::debug!(node_id, instance_id = %r.instance_id, status = %record.status, "status reported");
         }
         for iid in removed {
@@ -241,7 +276,13 @@ impl Service {
                 continue;
             }
             if release_instance(&self.store, &inst).await? {
-                finalize_container(&self.store, &inst.value.container_id).await?;
+                self.events.emit(
+                    Event::instance(&inst.value.container_id, iid, types::REMOVED).with_node(node_id),
+                );
+                if finalize_container(&self.store, &inst.value.container_id).await? {
+                    self.events
+                        .emit(Event::container(&inst.value.container_id, types::DELETED));
+                }
             }
         }
         Ok(())

@@ -11,7 +11,10 @@ use super::{
     new_id, now_rfc3339, validate, CreateContainer, Service, ServiceError, CONFLICT_RETRIES,
 };
 use crate::ipam;
-use crate::store::records::{ContainerRecord, InstanceRecord, NetworkRecord, StatusRecord};
+use crate::events::{types, Event};
+use crate::store::records::{
+    ContainerRecord, InstanceRecord, NetworkRecord, RevisionRecord, StatusRecord,
+};
 use crate::store::{keys, to_json, StoredInstance, Versioned};
 use berth_proto::v1;
 
@@ -29,6 +32,9 @@ impl Service {
         validate::env(&req.env)?;
         let (restart_policy, max_restarts) =
             validate::restart_policy(&req.restart_policy, req.max_restarts)?;
+        let health = req.health.as_ref().map(validate::health).transpose()?;
+        let stop_signal = validate::stop_signal(&req.stop_signal)?;
+        let stop_timeout_ms = validate::stop_timeout(&req.stop_timeout)?;
         let network = if req.network_id.is_empty() {
             self.default_network().await?
         } else {
@@ -60,8 +66,19 @@ impl Service {
                 service_ip: service_ip.to_string(),
                 restart_policy: restart_policy.clone(),
                 max_restarts,
+                health: health.clone(),
+                stop_signal: stop_signal.clone(),
+                stop_timeout_ms,
+                stopped: false,
+                revision: 1,
+                rollout: None,
+                last_rollout: None,
             };
             let id = record.container_id.clone();
+            let first = RevisionRecord {
+                cause: "create".to_owned(),
+                ..crate::store::current_revision(&record)
+            };
             let vip_key = keys::vip(&record.service_ip);
             let mut compares = vec![
                 Compare::mod_revision(
@@ -75,6 +92,7 @@ impl Service {
                 TxnOp::put(keys::container(&id), to_json(&record), None),
                 TxnOp::put(keys::netuse(&record.network_id, &id), "", None),
                 TxnOp::put(vip_key.clone(), id.clone(), None),
+                TxnOp::put(keys::revision(&id, 1), to_json(&first), None),
             ];
             if !record.name.is_empty() {
                 compares.push(Compare::create_revision(
@@ -96,6 +114,10 @@ impl Service {
             {
                 tracing::info!(container_id = %id, image = %record.image, replicas, network_id = %record.network_id,
                     service_ip = %record.service_ip, "container created");
+                self.events.emit(
+                    Event::container(&id, types::CREATED)
+                        .with_reason(format!("{} x{replicas}", record.image)),
+                );
                 return Ok(id);
             }
             if !record.name.is_empty()
@@ -256,7 +278,7 @@ impl Service {
         replicas: i64,
     ) -> Result<(), ServiceError> {
         let replicas = validate::replicas(replicas)?;
-        self.update_container(id_or_name, |c| {
+        let id = self.change_container(id_or_name, |c| {
             if c.deleting {
                 return Err(ServiceError::Conflict(format!(
                     "container {} is being deleted",
@@ -267,23 +289,27 @@ impl Service {
             Ok(())
         })
         .await?;
+        self.events.emit(
+            Event::container(id, types::SCALED).with_reason(format!("{replicas} replicas")),
+        );
         Ok(())
     }
 
     /// Marks a container for deletion; its replicas are stopped and released, then the record goes.
     pub async fn delete_container(&self, id_or_name: &str) -> Result<(), ServiceError> {
         let id = self
-            .update_container(id_or_name, |c| {
+            .change_container(id_or_name, |c| {
                 c.deleting = true;
                 Ok(())
             })
             .await?;
         tracing::info!(container_id = %id, "container marked for deletion");
+        self.events.emit(Event::container(id, types::DELETING));
         Ok(())
     }
 
     /// Read-modify-write of a container record under optimistic concurrency.
-    async fn update_container(
+    pub(super) async fn change_container(
         &self,
         id_or_name: &str,
         change: impl Fn(&mut ContainerRecord) -> Result<(), ServiceError>,

@@ -77,6 +77,10 @@ pub async fn finalize_container_record(
             keys::status_prefix(&c.container_id),
             Some(DeleteOptions::new().with_prefix()),
         ),
+        TxnOp::delete(
+            keys::revisions_prefix(&c.container_id),
+            Some(DeleteOptions::new().with_prefix()),
+        ),
     ];
     if !c.name.is_empty() {
         ops.push(TxnOp::delete(keys::container_name(&c.name), None));

@@ -3,12 +3,15 @@
 //! Requests come in as the small input structs below (each edge converts its wire form into them) and
 //! answers go out as `berth_proto::v1` messages, which REST turns into JSON at its edge.
 
+mod actions;
 mod agent;
 mod containers;
 mod error;
 pub mod lifecycle;
 mod networks;
 mod nodes;
+pub mod revisions;
+pub mod endpoints;
 pub mod validate;
 pub mod view;
 
@@ -17,6 +20,8 @@ use std::collections::BTreeMap;
 use ipnet::Ipv4Net;
 use rand::RngCore;
 
+use crate::events::{Events, EventsConfig};
+use crate::store::records::HealthRecord;
 use crate::store::Store;
 
 pub use error::ServiceError;
@@ -58,6 +63,29 @@ pub struct CreateContainer {
     pub restart_policy: String,
     /// With "on-failure": restarts allowed per instance; `None`: no limit.
     pub max_restarts: Option<i64>,
+    /// Health probe (defaults not yet filled in).
+    pub health: Option<HealthRecord>,
+    /// "SIGTERM", "TERM", "15"; empty: the image's.
+    pub stop_signal: String,
+    /// "10s"; empty: the default.
+    pub stop_timeout: String,
+}
+
+/// Input of [`Service::update_container`]: `None` keeps a field.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpdateContainer {
+    /// New image reference.
+    pub image: Option<String>,
+    /// New cpu quantity.
+    pub cpu: Option<String>,
+    /// New memory quantity.
+    pub memory: Option<String>,
+    /// Replaces the whole environment.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Replaces the command (empty: the image's).
+    pub command: Option<Vec<String>>,
+    /// Replicas out of service at once (0: 1).
+    pub max_unavailable: i64,
 }
 
 /// Input of [`Service::register_node`].
@@ -75,6 +103,8 @@ pub struct RegisterNode {
     pub memory_bytes: u64,
     /// Base64 WireGuard public key (may be empty: the node then takes no part in encrypted networks).
     pub wireguard_public_key: String,
+    /// `host:port` of the agent API (logs, stats); may be empty.
+    pub api_addr: String,
 }
 
 /// Address ranges of the cluster's data plane. Every hub replica must be started with the same ones.
@@ -106,6 +136,7 @@ impl Default for NetConfig {
 pub struct Service {
     store: Store,
     net: NetConfig,
+    events: Events,
 }
 
 impl Service {
@@ -116,7 +147,19 @@ impl Service {
 
     /// A service over `store` with the given address ranges.
     pub fn with_config(store: Store, net: NetConfig) -> Self {
-        Service { store, net }
+        let events = Events::new(store.clone(), EventsConfig::default());
+        Service { store, net, events }
+    }
+
+    /// Records state changes through `events` (shared with the reconciler, `--event-ttl`).
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// The event log writer.
+    pub fn events(&self) -> &Events {
+        &self.events
     }
 
     /// The address ranges this hub hands out from.

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use berth_proto::units::{format_cpu, format_memory};
 use berth_proto::v1;
 
-use crate::store::records::{ContainerRecord, NodeRecord};
+use crate::store::records::{
+    ContainerRecord, ExecProbeRecord, HealthRecord, HttpProbeRecord, NodeRecord, RevisionRecord,
+    TcpProbeRecord,
+};
 use crate::store::StoredInstance;
 
 /// Container status while replicas are on their way.
@@ -17,13 +20,38 @@ pub const STATUS_RUNNING: &str = "RUNNING";
 pub const STATUS_FAILED: &str = "FAILED";
 /// Container status after a delete.
 pub const STATUS_DELETING: &str = "DELETING";
+/// Container status while replicas are being stopped on request.
+pub const STATUS_STOPPING: &str = "STOPPING";
+/// Container status when every replica was stopped on request.
+pub const STATUS_STOPPED: &str = "STOPPED";
+/// Container status while stopped replicas are started again.
+pub const STATUS_STARTING: &str = "STARTING";
+/// Container status during a rolling update.
+pub const STATUS_UPDATING: &str = "UPDATING";
+/// Container status while a failed update is undone (or during a requested rollback).
+pub const STATUS_ROLLING_BACK: &str = "ROLLING_BACK";
+/// Container status when replicas run but some fail their health probe.
+pub const STATUS_DEGRADED: &str = "DEGRADED";
 
-/// Status of one instance as users see it ("PENDING" until its node reports).
+/// The reason an agent gives for an instance it stopped on request (what tells a stop from an exit).
+pub const STOPPED_ON_REQUEST: &str = "stopped on request";
+
+/// Status of one instance as users see it ("PENDING" until its node reports). A stop or start the
+/// node has not carried out yet shows as STOPPING or STARTING, so a replica being stopped leaves the
+/// service routing before its process gets the signal.
 pub fn instance_status(inst: &StoredInstance) -> (String, String) {
-    match &inst.status {
+    let r = &inst.record.value;
+    let (status, reason) = match &inst.status {
         Some(s) => (s.status.clone(), s.reason.clone()),
-        None => ("PENDING".to_owned(), inst.record.value.reason.clone()),
+        None => ("PENDING".to_owned(), r.reason.clone()),
+    };
+    if r.stopped && !r.node_id.is_empty() && status != "STOPPED" && status != "PENDING" {
+        return ("STOPPING".to_owned(), STOPPED_ON_REQUEST.to_owned());
     }
+    if !r.stopped && status == "STOPPED" && reason == STOPPED_ON_REQUEST {
+        return ("STARTING".to_owned(), String::new());
+    }
+    (status, reason)
 }
 
 /// Deploy phase durations of an instance: "schedule" (created → placed, measured by the hub) plus what its
@@ -59,20 +87,40 @@ pub fn status_from_proto(status: v1::InstanceStatus) -> &'static str {
     status.as_str_name().trim_start_matches("INSTANCE_STATUS_")
 }
 
-/// The container-level status: DELETING if marked; RUNNING when `replicas` instances run; FAILED when any
-/// failed; DEPLOYING otherwise.
-pub fn container_status(deleting: bool, replicas: u32, instance_statuses: &[&str]) -> &'static str {
-    if deleting {
+/// The container-level status, first match wins: DELETING if marked; UPDATING or ROLLING_BACK during a
+/// rollout; STOPPED when stopped on request and every replica is, STOPPING until then; RUNNING when
+/// `replicas` instances run; FAILED when any failed; DEGRADED when any is UNHEALTHY; STARTING when any
+/// is being started again; DEPLOYING otherwise.
+pub fn container_status(c: &ContainerRecord, instance_statuses: &[&str]) -> &'static str {
+    if c.deleting {
         return STATUS_DELETING;
     }
-    let running = instance_statuses
-        .iter()
-        .filter(|s| **s == "RUNNING")
-        .count();
-    if running == replicas as usize && instance_statuses.len() == replicas as usize {
+    if let Some(r) = &c.rollout {
+        return if r.state == STATUS_ROLLING_BACK {
+            STATUS_ROLLING_BACK
+        } else {
+            STATUS_UPDATING
+        };
+    }
+    if c.stopped {
+        return if instance_statuses.iter().all(|s| *s == "STOPPED") {
+            STATUS_STOPPED
+        } else {
+            STATUS_STOPPING
+        };
+    }
+    let count = |status: &str| instance_statuses.iter().filter(|s| **s == status).count();
+    let replicas = c.replicas as usize;
+    if count("RUNNING") == replicas && instance_statuses.len() == replicas {
         STATUS_RUNNING
-    } else if instance_statuses.contains(&"FAILED") {
+    } else if count("FAILED") > 0 {
         STATUS_FAILED
+    } else if count("UNHEALTHY") > 0 {
+        STATUS_DEGRADED
+    } else if count("STOPPING") > 0 {
+        STATUS_STOPPING
+    } else if count("STARTING") > 0 {
+        STATUS_STARTING
     } else {
         STATUS_DEPLOYING
     }
@@ -110,7 +158,13 @@ pub fn container_to_proto(
                     .map(|s| s.updated_at.clone())
                     .unwrap_or_default(),
                 restarts: i.status.as_ref().map(|s| s.restarts).unwrap_or_default(),
-                ..Default::default()
+                revision: r.revision,
+                image_digest: i
+                    .status
+                    .as_ref()
+                    .map(|s| s.image_digest.clone())
+                    .unwrap_or_default(),
+                stopped: r.stopped,
             }
         })
         .collect();
@@ -125,7 +179,7 @@ pub fn container_to_proto(
         container_id: c.container_id.clone(),
         name: c.name.clone(),
         image: c.image.clone(),
-        status: container_status(c.deleting, c.replicas, &status_refs).to_owned(),
+        status: container_status(c, &status_refs).to_owned(),
         node_id: first_running.map(|i| i.node_id.clone()).unwrap_or_default(),
         ip: first_running.map(|i| i.ip.clone()).unwrap_or_default(),
         network_id: c.network_id.clone(),
@@ -150,7 +204,85 @@ pub fn container_to_proto(
             c.restart_policy.clone()
         },
         max_restarts: c.max_restarts,
-        ..Default::default()
+        health: c.health.as_ref().map(health_to_proto),
+        stop_signal: c.stop_signal.clone(),
+        stop_timeout: berth_proto::duration::format(stop_timeout(c)),
+        revision: c.revision.max(1),
+        rollout: c.rollout.as_ref().map(|r| v1::Rollout {
+            state: r.state.clone(),
+            revision: r.revision,
+            from_revision: r.from_revision,
+            max_unavailable: r.max_unavailable,
+            reason: r.reason.clone(),
+            started_at: r.started_at.clone(),
+        }),
+        last_rollout: c.last_rollout.as_ref().map(|r| v1::RolloutResult {
+            revision: r.revision,
+            result: r.result.clone(),
+            reason: r.reason.clone(),
+            finished_at: r.finished_at.clone(),
+        }),
+    }
+}
+
+/// The grace a stop of the container's replicas gives (the default for records that predate it).
+pub fn stop_timeout(c: &ContainerRecord) -> std::time::Duration {
+    if c.stop_timeout_ms == 0 {
+        super::validate::DEFAULT_STOP_TIMEOUT
+    } else {
+        std::time::Duration::from_millis(c.stop_timeout_ms)
+    }
+}
+
+/// The wire form of a stored probe.
+pub fn health_to_proto(h: &HealthRecord) -> v1::HealthCheck {
+    v1::HealthCheck {
+        http: h.http.as_ref().map(|p| v1::HttpProbe {
+            path: p.path.clone(),
+            port: p.port,
+        }),
+        tcp: h.tcp.as_ref().map(|p| v1::TcpProbe { port: p.port }),
+        exec: h.exec.as_ref().map(|p| v1::ExecProbe {
+            command: p.command.clone(),
+        }),
+        interval: h.interval.clone(),
+        timeout: h.timeout.clone(),
+        failure_threshold: h.failure_threshold,
+        start_period: h.start_period.clone(),
+    }
+}
+
+/// A probe from its wire form (not validated yet).
+pub fn health_from_proto(h: &v1::HealthCheck) -> HealthRecord {
+    HealthRecord {
+        http: h.http.as_ref().map(|p| HttpProbeRecord {
+            path: p.path.clone(),
+            port: p.port,
+        }),
+        tcp: h.tcp.as_ref().map(|p| TcpProbeRecord { port: p.port }),
+        exec: h.exec.as_ref().map(|p| ExecProbeRecord {
+            command: p.command.clone(),
+        }),
+        interval: h.interval.clone(),
+        timeout: h.timeout.clone(),
+        failure_threshold: h.failure_threshold,
+        start_period: h.start_period.clone(),
+    }
+}
+
+/// A revision's wire form; `current` marks the container's current one.
+pub fn revision_to_proto(r: &RevisionRecord, current: bool) -> v1::Revision {
+    v1::Revision {
+        revision: r.revision,
+        image: r.image.clone(),
+        image_digest: r.image_digest.clone(),
+        cpu: format_cpu(r.cpu_millis),
+        memory: format_memory(r.memory_bytes),
+        command: r.command.clone(),
+        env: r.env.clone().into_iter().collect(),
+        created_at: r.created_at.clone(),
+        cause: r.cause.clone(),
+        current,
     }
 }
 
@@ -213,7 +345,7 @@ pub fn node_to_proto(
         instances: u32::try_from(placed.len()).unwrap_or(u32::MAX),
         tunnel_ip: n.tunnel_ip.clone(),
         wireguard_public_key: n.wireguard_public_key.clone(),
-        api_addr: String::new(),
+        api_addr: n.api_addr.clone(),
     }
 }
 

@@ -21,6 +21,7 @@ fn container(replicas: u32, deleting: bool) -> ContainerRecord {
         service_ip: "10.96.0.9".into(),
         restart_policy: "on-failure".into(),
         max_restarts: 3,
+        ..Default::default()
     }
 }
 
@@ -52,6 +53,7 @@ fn instance(
                 } else {
                     "2026-01-01T00:00:00.25Z".into()
                 },
+                ..Default::default()
             },
             mod_revision: 1,
             create_revision: 1,
@@ -63,27 +65,55 @@ fn instance(
             updated_at: String::new(),
             phases_ms: BTreeMap::from([("pull".to_owned(), 12.5)]),
             restarts: 2,
+            image_digest: "sha256:abc".into(),
         }),
     }
 }
 
 #[test]
 fn status_derivation() {
-    assert_eq!(container_status(true, 1, &["RUNNING"]), "DELETING");
-    assert_eq!(
-        container_status(false, 2, &["RUNNING", "RUNNING"]),
-        "RUNNING"
-    );
-    assert_eq!(
-        container_status(false, 3, &["RUNNING", "RUNNING"]),
-        "DEPLOYING"
-    );
-    assert_eq!(container_status(false, 2, &["RUNNING", "FAILED"]), "FAILED");
-    assert_eq!(
-        container_status(false, 2, &["PENDING", "PULLING"]),
-        "DEPLOYING"
-    );
-    assert_eq!(container_status(false, 0, &[]), "RUNNING");
+    let c = |replicas: u32| container(replicas, false);
+    assert_eq!(container_status(&container(1, true), &["RUNNING"]), "DELETING");
+    assert_eq!(container_status(&c(2), &["RUNNING", "RUNNING"]), "RUNNING");
+    assert_eq!(container_status(&c(3), &["RUNNING", "RUNNING"]), "DEPLOYING");
+    assert_eq!(container_status(&c(2), &["RUNNING", "FAILED"]), "FAILED");
+    assert_eq!(container_status(&c(2), &["PENDING", "PULLING"]), "DEPLOYING");
+    assert_eq!(container_status(&c(0), &[]), "RUNNING");
+    assert_eq!(container_status(&c(2), &["RUNNING", "UNHEALTHY"]), "DEGRADED");
+    assert_eq!(container_status(&c(2), &["RUNNING", "STARTING"]), "STARTING");
+    let stopped = ContainerRecord {
+        stopped: true,
+        ..c(2)
+    };
+    assert_eq!(container_status(&stopped, &["STOPPED", "STOPPING"]), "STOPPING");
+    assert_eq!(container_status(&stopped, &["STOPPED", "STOPPED"]), "STOPPED");
+    let updating = ContainerRecord {
+        rollout: Some(crate::store::records::RolloutRecord {
+            state: "UPDATING".into(),
+            revision: 2,
+            from_revision: 1,
+            max_unavailable: 1,
+            reason: String::new(),
+            started_at: String::new(),
+        }),
+        ..c(2)
+    };
+    assert_eq!(container_status(&updating, &["RUNNING", "RUNNING"]), "UPDATING");
+}
+
+#[test]
+fn stop_and_start_requests_show_until_the_node_carries_them_out() {
+    let mut running = instance(0, "n1", "10.0.0.2", Some("RUNNING"), false);
+    running.record.value.stopped = true;
+    assert_eq!(instance_status(&running).0, "STOPPING");
+    let mut halted = instance(1, "n1", "10.0.0.3", Some("STOPPED"), false);
+    halted.status.as_mut().unwrap().reason = STOPPED_ON_REQUEST.into();
+    assert_eq!(instance_status(&halted).0, "STARTING");
+    halted.record.value.stopped = true;
+    assert_eq!(instance_status(&halted).0, "STOPPED");
+    // An exit under restart policy "never" is a plain STOPPED.
+    let exited = instance(2, "n1", "10.0.0.4", Some("STOPPED"), false);
+    assert_eq!(instance_status(&exited).0, "STOPPED");
 }
 
 #[test]
@@ -138,6 +168,7 @@ fn node_capacity_left() {
         registered_at: String::new(),
         tunnel_ip: String::new(),
         wireguard_public_key: String::new(),
+        api_addr: String::new(),
     };
     let c = container(1, false);
     let i = instance(0, "n1", "10.0.0.2", None, false);

@@ -19,6 +19,7 @@
 //! /berth/tunnels/{ip}                           node_id           (a WireGuard address claim)
 //! /berth/netview/{node_id}                      berth.v1.NetworkView (protobuf), written by the leader
 //! /berth/down/{node_id}                         ""  the leader declared the node DOWN (its instances moved)
+//! /berth/revisions/{container_id}/{rev:010}     RevisionRecord (JSON): one version of a container's spec
 //! /berth/election/scheduler                     etcd election: the hub replica that schedules
 //! ```
 
@@ -180,4 +181,17 @@ pub const DOWN: &str = "/berth/down/";
 /// `/berth/down/{node_id}`
 pub fn down(node_id: &str) -> String {
     format!("{DOWN}{node_id}")
+}
+
+/// Prefix of revision records (then `{container_id}/`).
+pub const REVISIONS: &str = "/berth/revisions/";
+
+/// `/berth/revisions/{container_id}/`
+pub fn revisions_prefix(container_id: &str) -> String {
+    format!("{REVISIONS}{container_id}/")
+}
+
+/// `/berth/revisions/{container_id}/{revision:010}` (zero-padded so keys sort by revision).
+pub fn revision(container_id: &str, revision: u32) -> String {
+    format!("{REVISIONS}{container_id}/{revision:010}")
 }

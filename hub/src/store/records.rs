@@ -30,7 +30,7 @@ pub struct NetworkRecord {
 }
 
 /// `/berth/containers/{id}`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRecord {
     /// `ctr-` + 12 hex digits.
     pub container_id: String,
@@ -70,10 +70,159 @@ pub struct ContainerRecord {
     /// With "on-failure": restarts allowed per instance (0: no limit).
     #[serde(default)]
     pub max_restarts: u32,
+    /// The health probe, defaults filled in (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthRecord>,
+    /// Signal a stop sends first (empty: the image's, else SIGTERM).
+    #[serde(default)]
+    pub stop_signal: String,
+    /// Milliseconds between the stop signal and SIGKILL (0 in older records: the default).
+    #[serde(default)]
+    pub stop_timeout_ms: u64,
+    /// Every replica was stopped on request (POST .../stop without an instance): new replicas are
+    /// placed stopped too, until a start.
+    #[serde(default)]
+    pub stopped: bool,
+    /// Current revision of the spec; image, cpu, memory, command and env above are its values.
+    /// 0 in records older than revisions (treated as revision 1 without a revision record).
+    #[serde(default)]
+    pub revision: u32,
+    /// The rolling update in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutRecord>,
+    /// How the last rolling update ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollout: Option<RolloutResultRecord>,
+}
+
+/// A health probe as stored: exactly one of `http`, `tcp`, `exec`, durations in the user's notation
+/// with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthRecord {
+    /// `GET http://<ip>:<port><path>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbeRecord>,
+    /// A TCP connect to `<ip>:<port>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbeRecord>,
+    /// A command inside the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecProbeRecord>,
+    /// Time between probes ("10s").
+    pub interval: String,
+    /// Time one probe may take ("1s").
+    pub timeout: String,
+    /// Consecutive failures that make a replica UNHEALTHY.
+    pub failure_threshold: u32,
+    /// Grace after start before failures count ("0s").
+    pub start_period: String,
+}
+
+/// HTTP probe target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbeRecord {
+    /// Absolute path, e.g. "/healthz".
+    pub path: String,
+    /// 1..=65535.
+    pub port: u32,
+}
+
+/// TCP probe target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProbeRecord {
+    /// 1..=65535.
+    pub port: u32,
+}
+
+/// Exec probe command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecProbeRecord {
+    /// argv, non-empty.
+    pub command: Vec<String>,
+}
+
+/// A rolling update in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    /// "UPDATING" or "ROLLING_BACK".
+    pub state: String,
+    /// The revision replicas are moved to (the container's current one).
+    pub revision: u32,
+    /// The last revision that ran everywhere; an automatic rollback returns to it.
+    pub from_revision: u32,
+    /// Replicas allowed out of service at once.
+    pub max_unavailable: u32,
+    /// Why a rollback started.
+    #[serde(default)]
+    pub reason: String,
+    /// RFC 3339.
+    pub started_at: String,
+}
+
+/// How a rolling update ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutResultRecord {
+    /// The revision the replicas ended on.
+    pub revision: u32,
+    /// "COMPLETE" or "ROLLED_BACK".
+    pub result: String,
+    /// Why it was rolled back (empty when complete).
+    #[serde(default)]
+    pub reason: String,
+    /// RFC 3339.
+    pub finished_at: String,
+}
+
+/// `/berth/revisions/{container_id}/{revision:010}`: one version of a container's spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionRecord {
+    /// 1, 2, ...
+    pub revision: u32,
+    /// Image reference as given.
+    pub image: String,
+    /// `sha256:…` of the manifest its replicas pulled (learnt from their nodes' reports).
+    #[serde(default)]
+    pub image_digest: String,
+    /// cpu per replica.
+    pub cpu_millis: u64,
+    /// memory per replica.
+    pub memory_bytes: u64,
+    /// Entrypoint override.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// "create", "update", "rollback to N", ...
+    #[serde(default)]
+    pub cause: String,
+}
+
+impl RevisionRecord {
+    /// The image reference replicas of this revision run: pinned to the digest once one is known, so
+    /// a rollback gets the bytes that ran before even if the tag moved since.
+    pub fn pinned_image(&self) -> String {
+        pin_image(&self.image, &self.image_digest)
+    }
+}
+
+/// `image@digest` (replacing a digest the reference already carries); the image as is without one.
+pub fn pin_image(image: &str, digest: &str) -> String {
+    if digest.is_empty() {
+        return image.to_owned();
+    }
+    let base = image.split_once('@').map_or(image, |(b, _)| b);
+    format!("{base}@{digest}")
 }
 
 /// `/berth/instances/{container_id}/{instance_id}`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRecord {
     /// `ins-` + 12 hex digits.
     pub instance_id: String,
@@ -100,10 +249,19 @@ pub struct InstanceRecord {
     /// RFC 3339, when it was placed; empty while unplaced.
     #[serde(default)]
     pub placed_at: String,
+    /// The container revision it runs (set when it is placed; 0 in older records).
+    #[serde(default)]
+    pub revision: u32,
+    /// Stopped on request: placed (address and resources kept) but not running.
+    #[serde(default)]
+    pub stopped: bool,
+    /// Bumped by each restart request; its node restarts the process when it changes.
+    #[serde(default)]
+    pub restart_generation: u32,
 }
 
 /// `/berth/status/{container_id}/{instance_id}`: the last status its node reported.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusRecord {
     /// "PENDING", "PULLING", "CREATING", "RUNNING", "FAILED" or "STOPPED".
     pub status: String,
@@ -120,10 +278,13 @@ pub struct StatusRecord {
     /// Times the node restarted the instance.
     #[serde(default)]
     pub restarts: u32,
+    /// `sha256:…` of the image manifest the node runs it from.
+    #[serde(default)]
+    pub image_digest: String,
 }
 
 /// `/berth/nodes/{node_id}`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     /// As the agent calls itself.
     pub node_id: String,
@@ -145,4 +306,7 @@ pub struct NodeRecord {
     /// Base64 WireGuard public key the agent published.
     #[serde(default)]
     pub wireguard_public_key: String,
+    /// `host:port` of the agent API (logs, stats); empty when it serves none.
+    #[serde(default)]
+    pub api_addr: String,
 }

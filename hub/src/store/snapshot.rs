@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use etcd_client::KeyValue;
 
 use super::keys;
-use super::records::{ContainerRecord, InstanceRecord, NetworkRecord, NodeRecord, StatusRecord};
+use super::records::{
+    ContainerRecord, InstanceRecord, NetworkRecord, NodeRecord, RevisionRecord, StatusRecord,
+};
 use super::{decode_string, decode_versioned, StoreError, Versioned};
 
 /// An instance with its reported status.
@@ -34,8 +36,10 @@ pub struct Snapshot {
     pub alive: BTreeSet<String>,
     /// By network id: claimed addresses → instance id.
     pub ipam: HashMap<String, BTreeMap<String, String>>,
-    /// (node id, instance id) of every assignment key.
-    pub assignments: BTreeSet<(String, String)>,
+    /// (node id, instance id) of every assignment → its encoded `berth.v1.Assignment`.
+    pub assignments: BTreeMap<(String, String), Vec<u8>>,
+    /// By container id, then revision number.
+    pub revisions: BTreeMap<String, BTreeMap<u32, RevisionRecord>>,
     /// By node id: the encoded network view last published.
     pub netviews: BTreeMap<String, Vec<u8>>,
     /// Nodes the leader declared DOWN (and moved the instances of).
@@ -89,7 +93,16 @@ impl Snapshot {
                 snap.netviews.insert(node.to_owned(), kv.value().to_vec());
             } else if let Some(rest) = key.strip_prefix(keys::ASSIGN) {
                 if let Some((node, iid)) = rest.split_once('/') {
-                    snap.assignments.insert((node.to_owned(), iid.to_owned()));
+                    snap.assignments
+                        .insert((node.to_owned(), iid.to_owned()), kv.value().to_vec());
+                }
+            } else if let Some(rest) = key.strip_prefix(keys::REVISIONS) {
+                if let Some((cid, _)) = rest.split_once('/') {
+                    let rev: Versioned<RevisionRecord> = decode_versioned(kv)?;
+                    snap.revisions
+                        .entry(cid.to_owned())
+                        .or_default()
+                        .insert(rev.value.revision, rev.value);
                 }
             }
         }
@@ -112,5 +125,30 @@ impl Snapshot {
             .get(container_id)
             .map(|m| m.values().collect())
             .unwrap_or_default()
+    }
+
+    /// The spec revision `revision` of a container: its record, or (pruned, or a record older than
+    /// revisions) the container's current spec.
+    pub fn revision_of(&self, c: &ContainerRecord, revision: u32) -> RevisionRecord {
+        self.revisions
+            .get(&c.container_id)
+            .and_then(|m| m.get(&revision))
+            .cloned()
+            .unwrap_or_else(|| current_revision(c))
+    }
+}
+
+/// The container's current spec as a revision record (no digest known).
+pub fn current_revision(c: &ContainerRecord) -> RevisionRecord {
+    RevisionRecord {
+        revision: c.revision.max(1),
+        image: c.image.clone(),
+        image_digest: String::new(),
+        cpu_millis: c.cpu_millis,
+        memory_bytes: c.memory_bytes,
+        command: c.command.clone(),
+        env: c.env.clone(),
+        created_at: c.created_at.clone(),
+        cause: String::new(),
     }
 }

@@ -222,6 +222,35 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// A node reports one instance with a reason and the image digest it runs.
+    pub async fn report_one(
+        &self,
+        node_id: &str,
+        instance_id: &str,
+        status: v1::InstanceStatus,
+        reason: &str,
+        image_digest: &str,
+    ) {
+        let req = v1::ReportStatusRequest {
+            node_id: node_id.into(),
+            reports: vec![v1::InstanceReport {
+                instance_id: instance_id.into(),
+                status: status as i32,
+                reason: reason.into(),
+                phases_ms: Default::default(),
+                restarts: 0,
+                image_digest: image_digest.into(),
+            }],
+            removed: vec![],
+        };
+        self.grpc
+            .report_status(tonic::Request::new(req))
+            .await
+            .unwrap();
+    }
+}
+
 impl Drop for Hub {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
