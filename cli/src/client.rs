@@ -43,6 +43,127 @@ pub struct Instance {
     #[serde(deserialize_with = "null_as_default")]
     pub reason: String,
     pub restarts: u32,
+    /// The spec revision this replica runs.
+    pub revision: u64,
+    #[serde(deserialize_with = "null_as_default")]
+    pub image_digest: String,
+    /// Stopped on purpose (`berth stop`), not failed.
+    pub stopped: bool,
+}
+
+/// A container's health probe (one of `http`, `tcp`, `exec`), with the hub's defaults filled in.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Health {
+    pub http: Option<HttpProbe>,
+    pub tcp: Option<TcpProbe>,
+    pub exec: Option<ExecProbe>,
+    pub interval: String,
+    pub timeout: String,
+    pub failure_threshold: u32,
+    pub start_period: String,
+}
+
+/// `GET http://<instance ip>:<port><path>`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct HttpProbe {
+    pub path: String,
+    pub port: u32,
+}
+
+/// A TCP connect to `<instance ip>:<port>`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct TcpProbe {
+    pub port: u32,
+}
+
+/// A command run inside the container.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ExecProbe {
+    pub command: Vec<String>,
+}
+
+/// The rollout under way (an update, or a rollback).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Rollout {
+    /// `UPDATING` or `ROLLING_BACK`.
+    pub state: String,
+    /// The revision being rolled out.
+    pub revision: u64,
+    pub from_revision: u64,
+    pub max_unavailable: u32,
+    #[serde(deserialize_with = "null_as_default")]
+    pub reason: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub started_at: String,
+}
+
+/// How the last rollout ended.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct LastRollout {
+    pub revision: u64,
+    /// `COMPLETE` or `ROLLED_BACK`.
+    pub result: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub reason: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub finished_at: String,
+}
+
+/// One revision of a container's spec, as `GET /v1/containers/{id}/revisions` lists it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Revision {
+    pub revision: u64,
+    pub image: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub image_digest: String,
+    pub cpu: String,
+    pub memory: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub command: Vec<String>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub env: BTreeMap<String, String>,
+    pub created_at: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub cause: String,
+    pub current: bool,
+}
+
+/// One replica's resource usage, as `GET /v1/containers/{id}/stats` reports it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct InstanceStats {
+    pub instance_id: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub node_id: String,
+    pub status: String,
+    pub cpu_percent: f64,
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+    /// 0: no limit known.
+    pub memory_limit_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub restarts: u32,
+    /// Set when the replica's node could not answer; the numbers are then meaningless.
+    #[serde(deserialize_with = "null_as_default")]
+    pub error: String,
+}
+
+/// `GET /v1/containers/{id}/stats`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct ContainerStats {
+    pub container_id: String,
+    pub instances: Vec<InstanceStats>,
 }
 
 /// A container, as `GET /v1/containers[/{id}]` returns it.
@@ -71,6 +192,15 @@ pub struct Container {
     #[serde(deserialize_with = "null_as_default")]
     pub restart_policy: String,
     pub max_restarts: u32,
+    pub health: Option<Health>,
+    #[serde(deserialize_with = "null_as_default")]
+    pub stop_signal: String,
+    #[serde(deserialize_with = "null_as_default")]
+    pub stop_timeout: String,
+    /// The current spec revision (1 at creation).
+    pub revision: u64,
+    pub rollout: Option<Rollout>,
+    pub last_rollout: Option<LastRollout>,
 }
 
 /// A node, as `GET /v1/nodes` lists it.
@@ -99,6 +229,11 @@ struct Containers {
 }
 
 #[derive(Deserialize)]
+struct Revisions {
+    revisions: Vec<Revision>,
+}
+
+#[derive(Deserialize)]
 struct Nodes {
     nodes: Vec<Node>,
 }
@@ -113,6 +248,7 @@ where
 }
 
 /// A connection to one hub's REST API.
+#[derive(Clone)]
 pub struct Hub {
     base: Url,
     http: reqwest::Client,
@@ -152,7 +288,19 @@ impl Hub {
         segments: &[&str],
         body: Option<&Value>,
     ) -> Result<Value> {
-        let url = self.url(segments)?;
+        self.call_url(method, self.url(segments)?, body).await
+    }
+
+    /// `GET` with query parameters.
+    pub async fn get_query(&self, segments: &[&str], query: &[(&str, &str)]) -> Result<Value> {
+        let mut url = self.url(segments)?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        self.call_url(Method::GET, url, None).await
+    }
+
+    async fn call_url(&self, method: Method, url: Url, body: Option<&Value>) -> Result<Value> {
         let mut request = self.http.request(method, url);
         if let Some(body) = body {
             request = request.json(body);
@@ -200,6 +348,24 @@ impl Hub {
             .await
     }
 
+    /// A container's parsed view.
+    pub async fn container_view(&self, id: &str) -> Result<Container> {
+        self.get(&["v1", "containers", id]).await
+    }
+
+    /// A container's spec revisions, oldest first.
+    pub async fn revisions(&self, id: &str) -> Result<Vec<Revision>> {
+        Ok(self
+            .get::<Revisions>(&["v1", "containers", id, "revisions"])
+            .await?
+            .revisions)
+    }
+
+    /// The resource usage of each replica of a container.
+    pub async fn stats(&self, id: &str) -> Result<ContainerStats> {
+        self.get(&["v1", "containers", id, "stats"]).await
+    }
+
     /// Every node.
     pub async fn nodes(&self) -> Result<Vec<Node>> {
         Ok(self.get::<Nodes>(&["v1", "nodes"]).await?.nodes)
@@ -230,11 +396,12 @@ impl Hub {
     }
 }
 
-/// The message of an error answer: the hub's `{"error":{"message"}}` when there is one, else the status
-/// and whatever body came back.
+/// The message of an error answer: the hub's `{"error":{"message"}}` (or `{"error":"..."}`) when
+/// there is one, else the status and whatever body came back.
 pub fn error_message(status: StatusCode, body: &str) -> String {
     let message = serde_json::from_str::<Value>(body).ok().and_then(|v| {
         v.pointer("/error/message")
+            .or_else(|| v.get("error").filter(|e| e.is_string()))
             .and_then(Value::as_str)
             .map(str::to_owned)
     });
@@ -255,6 +422,10 @@ mod tests {
         assert_eq!(
             error_message(StatusCode::BAD_REQUEST, body),
             r#"invalid memory "4XB": unknown unit"#
+        );
+        assert_eq!(
+            error_message(StatusCode::CONFLICT, r#"{"error":"ctr-1 is stopped"}"#),
+            "ctr-1 is stopped"
         );
         assert_eq!(
             error_message(StatusCode::BAD_GATEWAY, "upstream down\n"),

@@ -177,7 +177,7 @@ pub async fn follow(
 }
 
 /// Writes to stdout; `Ok(false)` when stdout is a closed pipe (`berth events | head`).
-fn write_out(text: &str) -> Result<bool> {
+pub fn write_out(text: &str) -> Result<bool> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Ok(()) => Ok(true),
@@ -186,10 +186,46 @@ fn write_out(text: &str) -> Result<bool> {
     }
 }
 
-/// `berth events [--since ID]`: one line per event until interrupted. Without `--since`, only events
-/// from now on; `--since 0` starts with every event the hub still keeps.
+/// `berth events --watch [--since ID]`: one line per event until interrupted. Without `--since`, only
+/// events from now on; `--since 0` starts with every event the hub still keeps.
 pub async fn events(base: &str, since: Option<String>) -> Result<()> {
     follow(base, since, || Ok(()), |e| write_out(&event_line(e))).await
+}
+
+/// One page of `GET /v1/events`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Page {
+    /// Oldest first.
+    pub events: Vec<Event>,
+    /// More events follow this page (when read with `since`).
+    pub more: bool,
+    /// The `since` that continues right after this page.
+    pub next: String,
+}
+
+/// `berth events [--since ID]` without `--watch`: the most recent events (the hub's default page), or
+/// every event after `since`, page by page; then exits.
+pub async fn list(hub: &Hub, since: Option<String>) -> Result<()> {
+    let mut since = since;
+    loop {
+        let mut query = vec![];
+        if let Some(s) = &since {
+            query.push(("since", s.as_str()));
+        }
+        let raw = hub.get_query(&["v1", "events"], &query).await?;
+        let page: Page = serde_json::from_value(raw).context("unexpected answer from the hub")?;
+        let text: String = page.events.iter().map(event_line).collect();
+        if !write_out(&text)? {
+            return Ok(());
+        }
+        // Without `since` the hub pages backwards (the most recent N): one page is what was asked.
+        if !page.more || since.is_none() || page.next.is_empty() || since == Some(page.next.clone())
+        {
+            return Ok(());
+        }
+        since = Some(page.next);
+    }
 }
 
 /// `berth ps --watch`: the `ps` table now and again after every event (a burst of events redraws once

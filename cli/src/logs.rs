@@ -14,14 +14,14 @@ use crate::client::{error_message, Hub};
 pub struct LogsArgs {
     /// Container id or name.
     pub container: String,
-    /// Which replica (an instance id from `berth inspect`); default: the hub picks one.
+    /// Which replica (an instance id from `berth inspect`); may be left out when there is one replica.
     #[arg(long = "instance", value_name = "ID")]
     pub instance: Option<String>,
     /// Keep printing new lines as the container writes them.
     #[arg(short, long)]
     pub follow: bool,
     /// Only the last N lines (then, with -f, what comes next).
-    #[arg(long, value_name = "N")]
+    #[arg(short = 'n', long, value_name = "N")]
     pub tail: Option<u64>,
 }
 
@@ -87,8 +87,20 @@ async fn stream(url: Url, out: &mut impl Write, err: &mut impl Write) -> Result<
         let text = answer.text().await.unwrap_or_default();
         bail!("{}", error_message(status, &text));
     }
+    // The hub relays the agent's NDJSON records; a plain-text answer is printed as it comes.
+    let plain = answer
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/plain"));
     let mut buf = Vec::new();
     while let Some(chunk) = answer.chunk().await.context("the log stream broke off")? {
+        if plain {
+            if !write_raw(&chunk, out)? {
+                return Ok(());
+            }
+            continue;
+        }
         buf.extend_from_slice(&chunk);
         while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
             let raw: Vec<u8> = buf.drain(..=nl).collect();
@@ -99,6 +111,15 @@ async fn stream(url: Url, out: &mut impl Write, err: &mut impl Write) -> Result<
         }
     }
     Ok(())
+}
+
+/// Writes bytes of a plain-text log; false once the output is closed.
+fn write_raw(bytes: &[u8], out: &mut impl Write) -> Result<bool> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing the log"),
+    }
 }
 
 /// Writes one NDJSON record to `out` or `err`; false once the output is closed.
@@ -198,6 +219,17 @@ mod tests {
         stream(url, &mut out, &mut err).await.unwrap();
         assert_eq!(out, b"a\n");
         assert_eq!(err, b"b\n");
+
+        let hub = fake_hub(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n\r\n\
+             plain 1\nplain 2\n",
+        )
+        .await;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let url = logs_url(&hub, "ctr-1", None, false, Some(2)).unwrap();
+        stream(url, &mut out, &mut err).await.unwrap();
+        assert_eq!(out, b"plain 1\nplain 2\n");
+        assert!(err.is_empty());
 
         let body = r#"{"error":{"code":"not_found","message":"no instance ins-0123456789ab"}}"#;
         let answer: &'static str = Box::leak(

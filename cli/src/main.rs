@@ -1,12 +1,17 @@
 //! `berth`: the operator's command line. Each command is one or two calls to the hub's REST API.
 //!
 //! Exit codes: 0 on success, 1 when the hub refused or could not be reached (`error: <message>` on stderr),
-//! 2 for a command line clap could not parse.
+//! when a local check refused a flag value, or when `update --wait` saw the rollout rolled back; 2 for a
+//! command line clap could not parse.
 
 mod client;
+mod events;
+mod lifecycle;
+mod logs;
 mod output;
+mod spec;
+mod stats;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -17,6 +22,8 @@ use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 
 use client::Hub;
+use lifecycle::Action;
+use spec::{cpu_flag, memory_flag, parse_env, HealthArgs, StopArgs};
 
 #[derive(Parser)]
 #[command(name = "berth", version, about = "Run containers on a berth cluster")]
@@ -39,9 +46,13 @@ enum Command {
     #[command(subcommand)]
     Network(NetworkCommand),
     /// Run a container: one or more replicas of an image.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List containers.
-    Ps,
+    Ps {
+        /// Redraw the list whenever something changes (until interrupted).
+        #[arg(short, long)]
+        watch: bool,
+    },
     /// Show a container and each of its replicas.
     Inspect {
         /// Container id or name.
@@ -64,6 +75,39 @@ enum Command {
     },
     /// List nodes with their capacity.
     Nodes,
+    /// Stop every replica (or one): the stop signal, then SIGKILL after the stop timeout.
+    Stop(lifecycle::TargetArgs),
+    /// Start the stopped replicas (or one) again.
+    Start(lifecycle::TargetArgs),
+    /// Stop and start every replica (or one).
+    Restart(lifecycle::TargetArgs),
+    /// Change a container's image, resources, env or command with a rolling update.
+    Update(lifecycle::UpdateArgs),
+    /// Return to an earlier revision (by default the one before the current one).
+    Rollback(lifecycle::RollbackArgs),
+    /// List a container's revisions, oldest first (the current one is marked *).
+    Revisions {
+        /// Container id or name.
+        id: String,
+    },
+    /// Show each replica's cpu, memory and network use once.
+    Stats {
+        /// Container id or name.
+        id: String,
+    },
+    /// Show each replica's cpu, memory and network use, refreshed (all containers by default).
+    Top(stats::TopArgs),
+    /// Print a replica's output.
+    Logs(logs::LogsArgs),
+    /// Print cluster events: recent ones, or with --watch every new one as it happens.
+    Events {
+        /// Only events after this event id (`0`: every event the hub keeps).
+        #[arg(long, value_name = "ID")]
+        since: Option<String>,
+        /// Keep printing events as they happen (until interrupted).
+        #[arg(short, long)]
+        watch: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -107,10 +151,10 @@ struct RunArgs {
     /// Image reference, like registry:5000/demo/httpd:1.
     image: String,
     /// Cpu per replica: cores ("0.5", "2") or millicores ("500m").
-    #[arg(long)]
+    #[arg(long, value_parser = cpu_flag)]
     cpu: Option<String>,
     /// Memory per replica, like "64MiB", "512MB", "4GB".
-    #[arg(long)]
+    #[arg(long, value_parser = memory_flag)]
     memory: Option<String>,
     /// How many replicas.
     #[arg(long)]
@@ -130,6 +174,10 @@ struct RunArgs {
     /// With `--restart on-failure`: restarts allowed per replica (0: no limit).
     #[arg(long)]
     max_restarts: Option<u32>,
+    #[command(flatten)]
+    health: HealthArgs,
+    #[command(flatten)]
+    stop: StopArgs,
     /// Command and arguments, replacing the image's entrypoint and cmd.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -147,7 +195,8 @@ enum Format {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -155,7 +204,8 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// Runs one command; `Ok(false)` when it ran but the outcome was a failure (a rolled-back update).
+async fn run(cli: Cli) -> Result<bool> {
     let hub = Hub::new(&cli.hub)?;
     match cli.command {
         Command::Network(NetworkCommand::Create {
@@ -240,7 +290,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .await?;
             emit(&format!("{}\n", str_field(&accepted, "container_id")?))?;
         }
-        Command::Ps => {
+        Command::Ps { watch: true } => events::ps_watch(&hub, &cli.hub).await?,
+        Command::Ps { watch: false } => {
             let containers = hub.containers().await?;
             let now = OffsetDateTime::now_utc();
             emit(&output::containers_table(&containers, now))?;
@@ -277,8 +328,29 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Nodes => {
             emit(&output::nodes_table(&hub.nodes().await?))?;
         }
+        Command::Stop(args) => emit(&lifecycle::action(&hub, Action::Stop, &args).await?)?,
+        Command::Start(args) => emit(&lifecycle::action(&hub, Action::Start, &args).await?)?,
+        Command::Restart(args) => emit(&lifecycle::action(&hub, Action::Restart, &args).await?)?,
+        Command::Update(args) => return lifecycle::update(&hub, &args).await,
+        Command::Rollback(args) => return lifecycle::rollback(&hub, &args).await,
+        Command::Revisions { id } => {
+            let id = hub.container_id(&id).await?;
+            let revisions = hub.revisions(&id).await?;
+            emit(&output::revisions_table(
+                &revisions,
+                OffsetDateTime::now_utc(),
+            ))?;
+        }
+        Command::Stats { id } => emit(&stats::stats(&hub, &id).await?)?,
+        Command::Top(args) => stats::top(&hub, &args).await?,
+        Command::Logs(args) => logs::run(&hub, &cli.hub, args).await?,
+        Command::Events { since, watch: true } => events::events(&cli.hub, since).await?,
+        Command::Events {
+            since,
+            watch: false,
+        } => events::list(&hub, since).await?,
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Writes to stdout. A closed pipe (`berth ps | head -1`) ends the output quietly instead of panicking
@@ -311,6 +383,7 @@ fn run_body(args: &RunArgs, network_id: Option<String>) -> Result<Value> {
         ("name", args.name.clone().map(Value::from)),
         ("restart_policy", args.restart.clone().map(Value::from)),
         ("max_restarts", args.max_restarts.map(Value::from)),
+        ("health", args.health.to_json()),
     ];
     for (key, value) in optional {
         if let Some(value) = value {
@@ -324,131 +397,9 @@ fn run_body(args: &RunArgs, network_id: Option<String>) -> Result<Value> {
         let env = parse_env(&args.env)?;
         body.insert("env".into(), serde_json::to_value(env)?);
     }
+    args.stop.add_to(&mut body);
     Ok(Value::Object(body))
 }
 
-/// Parses `KEY=VALUE` pairs; the value may contain `=` and be empty, the key may not.
-fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>> {
-    let mut env = BTreeMap::new();
-    for pair in pairs {
-        let Some((key, value)) = pair.split_once('=') else {
-            bail!("invalid --env {pair:?}: expected KEY=VALUE");
-        };
-        let valid_key = key
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid_key {
-            bail!("invalid --env {pair:?}: the name must be letters, digits and '_', not starting with a digit");
-        }
-        if value.contains('\0') {
-            bail!("invalid --env {pair:?}: the value contains a NUL byte");
-        }
-        if env.insert(key.to_owned(), value.to_owned()).is_some() {
-            bail!("invalid --env {pair:?}: {key} is given twice");
-        }
-    }
-    Ok(env)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Cli {
-        Cli::try_parse_from(std::iter::once("berth").chain(args.iter().copied()))
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-    }
-
-    #[test]
-    fn run_sends_only_what_was_given() {
-        let Command::Run(args) = parse(&["run", "reg:5000/demo/httpd:1"]).command else {
-            panic!("not run");
-        };
-        let body = run_body(&args, None).expect("body");
-        assert_eq!(body, json!({ "image": "reg:5000/demo/httpd:1" }));
-
-        let cli = parse(&[
-            "run",
-            "img",
-            "--cpu",
-            "0.5",
-            "--memory",
-            "64MB",
-            "--replicas",
-            "3",
-            "--name",
-            "web",
-            "--env",
-            "A=1",
-            "-e",
-            "B=x=y",
-            "--env",
-            "EMPTY=",
-            "--",
-            "httpd",
-            "-f",
-            "-p",
-            "80",
-        ]);
-        let Command::Run(args) = cli.command else {
-            panic!("not run");
-        };
-        let body = run_body(&args, Some("net-1".into())).expect("body");
-        assert_eq!(
-            body,
-            json!({
-                "image": "img", "cpu": "0.5", "memory": "64MB", "replicas": 3, "name": "web",
-                "network_id": "net-1", "command": ["httpd", "-f", "-p", "80"],
-                "env": { "A": "1", "B": "x=y", "EMPTY": "" },
-            })
-        );
-    }
-
-    #[test]
-    fn env_is_checked_locally() {
-        for bad in [
-            "NOEQUALS", "=value", "1A=x", "A B=x", "A-B=x", "A=\0", "É=x",
-        ] {
-            let err = parse_env(&[bad.to_owned()]).expect_err(bad);
-            assert!(err.to_string().contains("invalid --env"), "{err}");
-        }
-        let twice = parse_env(&["A=1".to_owned(), "A=2".to_owned()]).expect_err("duplicate");
-        assert!(twice.to_string().contains("given twice"), "{twice}");
-        let ok = parse_env(&["_A1=".to_owned(), "b=2".to_owned()]).expect("valid");
-        assert_eq!(ok.len(), 2);
-    }
-
-    #[test]
-    fn command_line_shapes() {
-        let cli = parse(&["--hub", "http://h:1", "inspect", "ctr-1", "-o", "json"]);
-        assert_eq!(cli.hub, "http://h:1");
-        assert!(matches!(
-            cli.command,
-            Command::Inspect {
-                output: Format::Json,
-                ..
-            }
-        ));
-        let cli = parse(&["scale", "web", "5", "--hub", "http://h:2"]);
-        assert_eq!(cli.hub, "http://h:2");
-        assert!(matches!(cli.command, Command::Scale { replicas: 5, .. }));
-        let cli = parse(&["network", "create", "payments", "--cidr", "10.10.0.0/16"]);
-        assert!(matches!(
-            cli.command,
-            Command::Network(NetworkCommand::Create { .. })
-        ));
-        for bad in [
-            &["scale", "web", "-1"][..],
-            &["network", "create", "x"],
-            &["inspect", "x", "-o", "yaml"],
-            &["run"],
-        ] {
-            let args = std::iter::once("berth").chain(bad.iter().copied());
-            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
-        }
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::client::{Container, Node};
+use crate::client::{Container, ContainerStats, Health, InstanceStats, Node, Revision};
 
 /// Shown in a cell that has nothing to show.
 const NONE: &str = "-";
@@ -181,6 +181,73 @@ fn restart_cell(c: &Container) -> String {
     }
 }
 
+/// The probe in one line: `http GET /healthz on port 8080, every 10s, timeout 1s, unhealthy after 3
+/// failures, start period 0s`.
+pub fn health_cell(h: &Health) -> String {
+    let probe = if let Some(http) = &h.http {
+        format!("http GET {} on port {}", http.path, http.port)
+    } else if let Some(tcp) = &h.tcp {
+        format!("tcp connect to port {}", tcp.port)
+    } else if let Some(exec) = &h.exec {
+        format!("exec {}", exec.command.join(" "))
+    } else {
+        "unknown probe".to_owned()
+    };
+    format!(
+        "{probe}, every {}, timeout {}, unhealthy after {} failures, start period {}",
+        cell(&h.interval),
+        cell(&h.timeout),
+        h.failure_threshold,
+        cell(&h.start_period)
+    )
+}
+
+/// How a stop goes: `SIGTERM, then SIGKILL after 10s`.
+fn stop_cell(c: &Container) -> String {
+    let signal = if c.stop_signal.is_empty() {
+        "the image's stop signal (else SIGTERM)"
+    } else {
+        &c.stop_signal
+    };
+    let timeout = if c.stop_timeout.is_empty() {
+        "10s"
+    } else {
+        &c.stop_timeout
+    };
+    format!("{signal}, then SIGKILL after {timeout}")
+}
+
+fn rollout_cell(c: &Container) -> String {
+    let Some(r) = &c.rollout else {
+        return NONE.to_owned();
+    };
+    let mut text = format!(
+        "{} to revision {} from {}, at most {} unavailable",
+        r.state, r.revision, r.from_revision, r.max_unavailable
+    );
+    if !r.started_at.is_empty() {
+        text.push_str(&format!(", started {}", r.started_at));
+    }
+    if !r.reason.is_empty() {
+        text.push_str(&format!(": {}", r.reason));
+    }
+    text
+}
+
+fn last_rollout_cell(c: &Container) -> String {
+    let Some(l) = &c.last_rollout else {
+        return NONE.to_owned();
+    };
+    let mut text = format!("revision {} {}", l.revision, l.result);
+    if !l.finished_at.is_empty() {
+        text.push_str(&format!(" at {}", l.finished_at));
+    }
+    if !l.reason.is_empty() {
+        text.push_str(&format!(": {}", l.reason));
+    }
+    text
+}
+
 /// The human view of `berth inspect`: one field per line, then one line per instance.
 pub fn container_details(c: &Container, now: OffsetDateTime) -> String {
     let command = if c.command.is_empty() {
@@ -211,7 +278,15 @@ pub fn container_details(c: &Container, now: OffsetDateTime) -> String {
         ("Network", cell(&c.network_id)),
         ("Service IP", cell(&c.service_ip)),
         ("DNS name", cell(&c.dns_name)),
+        ("Revision", c.revision.to_string()),
+        ("Rollout", rollout_cell(c)),
+        ("Last rollout", last_rollout_cell(c)),
         ("Restart", restart_cell(c)),
+        (
+            "Health",
+            c.health.as_ref().map_or(NONE.to_owned(), health_cell),
+        ),
+        ("Stop", stop_cell(c)),
         ("CPU", cell(&c.cpu)),
         ("Memory", cell(&c.memory)),
         ("Command", command),
@@ -232,13 +307,22 @@ pub fn container_details(c: &Container, now: OffsetDateTime) -> String {
                 cell(&i.node_id),
                 cell(&i.ip),
                 cell(&i.status),
+                revision_cell(i.revision),
                 i.restarts.to_string(),
                 cell(&i.reason),
             ]
         })
         .collect();
     let instances = table(
-        &["INSTANCE ID", "NODE", "IP", "STATUS", "RESTARTS", "REASON"],
+        &[
+            "INSTANCE ID",
+            "NODE",
+            "IP",
+            "STATUS",
+            "REVISION",
+            "RESTARTS",
+            "REASON",
+        ],
         &rows,
     );
     for line in instances.lines() {
@@ -246,6 +330,134 @@ pub fn container_details(c: &Container, now: OffsetDateTime) -> String {
         out.push_str(line);
         out.push('\n');
     }
+    out
+}
+
+/// A revision number; 0 (not reported) shows as `"-"`.
+fn revision_cell(revision: u64) -> String {
+    if revision == 0 {
+        NONE.to_owned()
+    } else {
+        revision.to_string()
+    }
+}
+
+/// An image digest as people compare them: the first 12 hex digits, without `sha256:`.
+pub fn short_digest(digest: &str) -> String {
+    let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+    if hex.is_empty() {
+        return NONE.to_owned();
+    }
+    hex.chars().take(12).collect()
+}
+
+/// The `berth revisions` table, oldest first; the current revision is marked `*`.
+pub fn revisions_table(revisions: &[Revision], now: OffsetDateTime) -> String {
+    let rows: Vec<Vec<String>> = revisions
+        .iter()
+        .map(|r| {
+            let mark = if r.current { " *" } else { "" };
+            let created = match age_since(&r.created_at, now).as_str() {
+                NONE => NONE.to_owned(),
+                age => format!("{age} ago"),
+            };
+            vec![
+                format!("{}{mark}", r.revision),
+                cell(&r.image),
+                short_digest(&r.image_digest),
+                cell(&r.cpu),
+                cell(&r.memory),
+                cell(&r.cause),
+                created,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "REVISION", "IMAGE", "DIGEST", "CPU", "MEMORY", "CAUSE", "CREATED",
+        ],
+        &rows,
+    )
+}
+
+/// The measured cells of one replica: CPU%, MEM/LIMIT, NET RX/TX; `"-"` when its node did not answer.
+fn usage_cells(s: &InstanceStats) -> [String; 3] {
+    if !s.error.is_empty() {
+        return [NONE.to_owned(), NONE.to_owned(), NONE.to_owned()];
+    }
+    let limit = if s.memory_limit_bytes == 0 {
+        NONE.to_owned()
+    } else {
+        human_bytes(s.memory_limit_bytes)
+    };
+    [
+        format!("{:.2}%", s.cpu_percent),
+        format!("{}/{limit}", human_bytes(s.memory_bytes)),
+        format!("{}/{}", human_bytes(s.rx_bytes), human_bytes(s.tx_bytes)),
+    ]
+}
+
+const STATS_HEADER: [&str; 7] = [
+    "INSTANCE",
+    "NODE",
+    "STATUS",
+    "CPU%",
+    "MEM/LIMIT",
+    "NET RX/TX",
+    "RESTARTS",
+];
+
+fn stats_row(s: &InstanceStats) -> Vec<String> {
+    let [cpu, mem, net] = usage_cells(s);
+    vec![
+        s.instance_id.clone(),
+        cell(&s.node_id),
+        cell(&s.status),
+        cpu,
+        mem,
+        net,
+        s.restarts.to_string(),
+    ]
+}
+
+/// The replicas whose node did not answer, one line each.
+fn stats_errors<'a>(stats: impl Iterator<Item = &'a InstanceStats>) -> String {
+    stats
+        .filter(|s| !s.error.is_empty())
+        .map(|s| format!("{}: no stats: {}\n", s.instance_id, s.error))
+        .collect()
+}
+
+/// The `berth stats` table: one row per replica, then why some had no numbers.
+pub fn stats_table(stats: &ContainerStats) -> String {
+    let rows: Vec<Vec<String>> = stats.instances.iter().map(stats_row).collect();
+    let mut out = table(&STATS_HEADER, &rows);
+    out.push_str(&stats_errors(stats.instances.iter()));
+    out
+}
+
+/// One frame of `berth top`: a row per replica of each container (named by its name, else its id),
+/// then the containers and replicas that had no numbers, and why.
+pub fn top_frame(entries: &[(String, Result<ContainerStats, String>)]) -> String {
+    let mut header = vec!["CONTAINER"];
+    header.extend(STATS_HEADER);
+    let mut rows = Vec::new();
+    let mut notes = String::new();
+    for (name, stats) in entries {
+        match stats {
+            Ok(stats) => {
+                for s in &stats.instances {
+                    let mut row = vec![name.clone()];
+                    row.extend(stats_row(s));
+                    rows.push(row);
+                }
+                notes.push_str(&stats_errors(stats.instances.iter()));
+            }
+            Err(e) => notes.push_str(&format!("{name}: no stats: {e}\n")),
+        }
+    }
+    let mut out = table(&header, &rows);
+    out.push_str(&notes);
     out
 }
 

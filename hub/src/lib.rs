@@ -7,6 +7,7 @@
 // Tests may unwrap (COMMON.md): a failing test should point at the line.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod alerts;
 pub mod api;
 pub mod events;
 pub mod ipam;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use berth_hub::alerts::{self, DeliveryPolicy, Notifier};
 use berth_hub::service::{NetConfig, Service, DEFAULT_SERVICE_CIDR, DEFAULT_TUNNEL_CIDR};
 use berth_hub::store::Store;
 use berth_hub::{api, reconciler};
@@ -41,6 +42,35 @@ struct Args {
     /// Range the nodes' WireGuard addresses are allocated from; the same on every hub replica.
     #[arg(long, default_value = DEFAULT_TUNNEL_CIDR, value_parser = parse_range)]
     tunnel_cidr: Ipv4Net,
+    /// http(s) URL that receives alerts (NodeDown, InstanceCrashLooping, ProbeFailing) in the
+    /// Alertmanager webhook format; repeat for several. Only the scheduling leader posts; after a
+    /// leader change the new leader posts again what is firing.
+    #[arg(long = "alert-webhook", value_name = "URL", value_parser = parse_webhook)]
+    alert_webhooks: Vec<reqwest::Url>,
+    /// How long an instance stays UNHEALTHY (failing its probe) before ProbeFailing fires.
+    #[arg(
+        long,
+        default_value = "2m",
+        value_name = "DURATION",
+        value_parser = parse_user_duration
+    )]
+    alert_unhealthy_after: Duration,
+    /// How long the event log (`GET /v1/events`, `berth events`) keeps events.
+    #[arg(
+        long,
+        default_value = "1h",
+        value_name = "DURATION",
+        value_parser = parse_user_duration
+    )]
+    event_ttl: Duration,
+}
+
+fn parse_webhook(s: &str) -> Result<reqwest::Url, String> {
+    alerts::parse_webhook_url(s).map_err(|e| e.to_string())
+}
+
+fn parse_user_duration(s: &str) -> Result<Duration, String> {
+    berth_proto::duration::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_range(s: &str) -> Result<Ipv4Net, String> {
@@ -89,7 +119,17 @@ async fn main() -> anyhow::Result<()> {
         service_cidr: args.service_cidr,
         tunnel_cidr: args.tunnel_cidr,
     };
-    let service = Service::with_config(store.clone(), net);
+    if args.event_ttl < Duration::from_secs(1) {
+        anyhow::bail!("--event-ttl must be at least 1s");
+    }
+    let events = berth_hub::events::Events::new(
+        store.clone(),
+        berth_hub::events::EventsConfig {
+            ttl: args.event_ttl,
+            ..Default::default()
+        },
+    );
+    let service = Service::with_config(store.clone(), net).with_events(events.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -112,8 +152,27 @@ async fn main() -> anyhow::Result<()> {
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             stopped(stop_rx.clone()),
         );
+    let notifier = Notifier::new(&args.alert_webhooks, DeliveryPolicy::default())
+        .context("cannot set up alert webhooks")?;
+    if !args.alert_webhooks.is_empty() {
+        let targets: Vec<String> = args
+            .alert_webhooks
+            .iter()
+            .map(|u| u.origin().ascii_serialization())
+            .collect();
+        tracing::info!(webhooks = %targets.join(","), "alerts are posted to webhooks");
+    }
+    let alerting = reconciler::Alerting {
+        rules: alerts::AlertRules {
+            unhealthy_after: args.alert_unhealthy_after,
+            ..alerts::AlertRules::default()
+        },
+        notifier,
+        events: Some(events),
+    };
     let candidate = format!("{}@{}", hostname_or_pid(), args.listen_grpc);
-    let scheduler = reconciler::run_with_config(store, candidate, net, stopped(stop_rx.clone()));
+    let scheduler =
+        reconciler::run_with_alerting(store, candidate, net, alerting, stopped(stop_rx.clone()));
 
     let rest = tokio::spawn(async move { rest.await.context("REST server failed") });
     let grpc = tokio::spawn(async move { grpc.await.context("gRPC server failed") });

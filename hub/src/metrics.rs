@@ -21,6 +21,8 @@
 //! | `berth_hub_node_memory_capacity_bytes`, `berth_hub_node_memory_allocated_bytes` | gauge | `node_id` |
 //! | `berth_hub_node_status` | gauge (1) | `node_id`, `status` |
 //! | `berth_hub_instances` | gauge | `status` |
+//! | `berth_alert_deliveries_total` | counter | `result`: `delivered`, `failed`, `dropped` |
+//! | `berth_alerts_firing` | gauge | `alertname` (on the leader) |
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -117,6 +119,8 @@ pub struct HubMetrics {
     etcd_duration: HistogramFamily<OpLabels>,
     etcd_failures: Family<OpLabels, Counter>,
     leader: Gauge,
+    alert_deliveries: Family<[(&'static str, &'static str); 1], Counter>,
+    alerts_firing: Family<[(&'static str, &'static str); 1], Gauge>,
     cluster: Arc<Mutex<ClusterSnapshot>>,
 }
 
@@ -200,6 +204,18 @@ impl HubMetrics {
             "1 on the hub replica that holds the scheduler election, else 0",
             leader.clone(),
         );
+        let alert_deliveries = Family::default();
+        registry.register(
+            "berth_alert_deliveries",
+            "Alert webhook messages by outcome (delivered, failed after retries, dropped on a full queue)",
+            alert_deliveries.clone(),
+        );
+        let alerts_firing = Family::default();
+        registry.register(
+            "berth_alerts_firing",
+            "Alerts firing by name, as the scheduling leader evaluates them",
+            alerts_firing.clone(),
+        );
         let cluster = Arc::new(Mutex::new(ClusterSnapshot::default()));
         registry.register_collector(Box::new(ClusterCollector(cluster.clone())));
         HubMetrics {
@@ -212,6 +228,8 @@ impl HubMetrics {
             etcd_duration,
             etcd_failures,
             leader,
+            alert_deliveries,
+            alerts_firing,
             cluster,
         }
     }
@@ -265,12 +283,30 @@ impl HubMetrics {
         out
     }
 
+    /// Counts one alert webhook message by outcome (`delivered`, `failed`, `dropped`).
+    pub fn observe_alert_delivery(&self, result: &'static str) {
+        self.alert_deliveries
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// Sets the number of firing alerts per alert name (a fixed set of names).
+    pub fn set_alerts_firing(&self, counts: impl IntoIterator<Item = (&'static str, u64)>) {
+        for (name, n) in counts {
+            self.alerts_firing
+                .get_or_create(&[("alertname", name)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Whether this replica runs the reconciler. Losing the election also drops the cluster
     /// snapshot, so only the leader exports node and instance gauges.
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
         if !leader {
             *self.snapshot() = ClusterSnapshot::default();
+            // Only the leader evaluates alerts: a follower reports none firing.
+            self.alerts_firing.clear();
         }
     }
 
@@ -414,7 +450,7 @@ impl Collector for ClusterCollector {
                 ConstGauge::new(0i64).metric_type(),
             )?;
             for (status, n) in &snap.instances {
-                ConstGauge::new(*n as f64)
+                ConstGauge::new(i64::try_from(*n).unwrap_or(i64::MAX))
                     .encode(family.encode_family(&[("status", status.as_str())])?)?;
             }
         }

@@ -49,11 +49,7 @@ pub async fn start(State(svc): State<Service>, Path(id): Path<String>, body: Byt
 }
 
 /// `POST /v1/containers/{id}/restart`
-pub async fn restart(
-    State(svc): State<Service>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> ApiResult {
+pub async fn restart(State(svc): State<Service>, Path(id): Path<String>, body: Bytes) -> ApiResult {
     let b: LifecycleBody = optional_body(&body)?;
     let status = svc.restart_container(&id, b.instance_id.as_deref()).await?;
     accepted(json!({ "status": status }))

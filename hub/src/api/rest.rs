@@ -39,9 +39,15 @@ pub fn router(service: Service) -> Router {
         .route("/v1/containers/{id}/scale", post(scale_container))
         .route("/v1/containers/{id}/stop", post(super::lifecycle::stop))
         .route("/v1/containers/{id}/start", post(super::lifecycle::start))
-        .route("/v1/containers/{id}/restart", post(super::lifecycle::restart))
+        .route(
+            "/v1/containers/{id}/restart",
+            post(super::lifecycle::restart),
+        )
         .route("/v1/containers/{id}/update", post(super::lifecycle::update))
-        .route("/v1/containers/{id}/rollback", post(super::lifecycle::rollback))
+        .route(
+            "/v1/containers/{id}/rollback",
+            post(super::lifecycle::rollback),
+        )
         .route(
             "/v1/containers/{id}/revisions",
             get(super::lifecycle::revisions),

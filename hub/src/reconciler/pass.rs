@@ -14,9 +14,7 @@ use crate::netview;
 use crate::scheduler::{self, Decision, NodeCapacity, Placed, Request};
 use crate::service::lifecycle::{finalize_container_record, release_instance};
 use crate::service::revisions::{apply_revision, stable_revision};
-use crate::service::view::{
-    instance_status, STATUS_ROLLING_BACK, STATUS_UPDATING,
-};
+use crate::service::view::{instance_status, STATUS_ROLLING_BACK, STATUS_UPDATING};
 use crate::service::NetConfig;
 use crate::service::{new_id, now_rfc3339};
 use crate::store::records::{
@@ -193,7 +191,11 @@ impl Reconciler {
                     let reason = format!(
                         "instance {} of revision {target} is {s}{}",
                         bad.record.value.instance_id,
-                        if why.is_empty() { String::new() } else { format!(": {why}") }
+                        if why.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {why}")
+                        }
                     );
                     if self.start_rollback(snap, container, &reason).await? {
                         report.rollouts += 1;
@@ -214,10 +216,11 @@ impl Reconciler {
                     .filter(placed)
                     .filter(|i| i.record.value.revision == target && status(i) == "RUNNING")
                     .count();
-                if active.len() == c.replicas as usize && current_running == c.replicas as usize {
-                    if self.finish_rollout(container).await? {
-                        report.rollouts += 1;
-                    }
+                if active.len() == c.replicas as usize
+                    && current_running == c.replicas as usize
+                    && self.finish_rollout(container).await?
+                {
+                    report.rollouts += 1;
                 }
                 continue;
             }
@@ -741,12 +744,13 @@ impl Reconciler {
             .filter_map(|i| {
                 let c = container_of(i)?;
                 // During a rolling update older replicas still hold what their revision asked for.
-                let (cpu_millis, memory_bytes) = if i.record.value.revision.max(1) == c.value.revision.max(1) {
-                    (c.value.cpu_millis, c.value.memory_bytes)
-                } else {
-                    let rev = snap.revision_of(&c.value, i.record.value.revision.max(1));
-                    (rev.cpu_millis, rev.memory_bytes)
-                };
+                let (cpu_millis, memory_bytes) =
+                    if i.record.value.revision.max(1) == c.value.revision.max(1) {
+                        (c.value.cpu_millis, c.value.memory_bytes)
+                    } else {
+                        let rev = snap.revision_of(&c.value, i.record.value.revision.max(1));
+                        (rev.cpu_millis, rev.memory_bytes)
+                    };
                 Some(Placed {
                     node_id: i.record.value.node_id.clone(),
                     container_id: c.value.container_id.clone(),
@@ -991,10 +995,7 @@ pub fn assignment(
         ip: inst.ip.clone(),
         restart_policy: c.restart_policy.clone(),
         max_restarts: c.max_restarts,
-        health: c
-            .health
-            .as_ref()
-            .map(crate::service::view::health_to_proto),
+        health: c.health.as_ref().map(crate::service::view::health_to_proto),
         stop_signal: c.stop_signal.clone(),
         stop_timeout_ms: crate::service::view::stop_timeout(c).as_millis() as u64,
         stopped: inst.stopped,

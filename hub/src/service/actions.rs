@@ -228,7 +228,10 @@ mod tests {
         assert!(!Action::Start.apply(&placed(true, 0)).unwrap().stopped);
         assert_eq!(Action::Start.apply(&placed(false, 0)), None);
         let restarted = Action::Restart.apply(&placed(false, 4)).unwrap();
-        assert_eq!((restarted.stopped, restarted.restart_generation), (false, 5));
+        assert_eq!(
+            (restarted.stopped, restarted.restart_generation),
+            (false, 5)
+        );
         // Restarting a stopped replica starts it; its process was not running, so no new generation.
         let started = Action::Restart.apply(&placed(true, 4)).unwrap();
         assert_eq!((started.stopped, started.restart_generation), (false, 4));

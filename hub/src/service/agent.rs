@@ -110,8 +110,9 @@ impl Service {
             tracing::info!(node_id = %record.node_id, ip = %record.ip, cpu_millis = record.cpu_millis,
                 memory_bytes = record.memory_bytes, lease_id = record.lease_id, tunnel_ip = %record.tunnel_ip,
                 "node registered");
-            self.events
-                .emit(Event::node(&record.node_id, types::REGISTERED).with_reason(record.ip.clone()));
+            self.events.emit(
+                Event::node(&record.node_id, types::REGISTERED).with_reason(record.ip.clone()),
+            );
             return Ok(());
         }
         Err(ServiceError::Conflict(
@@ -277,7 +278,8 @@ impl Service {
             }
             if release_instance(&self.store, &inst).await? {
                 self.events.emit(
-                    Event::instance(&inst.value.container_id, iid, types::REMOVED).with_node(node_id),
+                    Event::instance(&inst.value.container_id, iid, types::REMOVED)
+                        .with_node(node_id),
                 );
                 if finalize_container(&self.store, &inst.value.container_id).await? {
                     self.events

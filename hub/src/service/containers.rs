@@ -10,8 +10,8 @@ use super::view::container_to_proto;
 use super::{
     new_id, now_rfc3339, validate, CreateContainer, Service, ServiceError, CONFLICT_RETRIES,
 };
-use crate::ipam;
 use crate::events::{types, Event};
+use crate::ipam;
 use crate::store::records::{
     ContainerRecord, InstanceRecord, NetworkRecord, RevisionRecord, StatusRecord,
 };
@@ -278,20 +278,20 @@ impl Service {
         replicas: i64,
     ) -> Result<(), ServiceError> {
         let replicas = validate::replicas(replicas)?;
-        let id = self.change_container(id_or_name, |c| {
-            if c.deleting {
-                return Err(ServiceError::Conflict(format!(
-                    "container {} is being deleted",
-                    c.container_id
-                )));
-            }
-            c.replicas = replicas;
-            Ok(())
-        })
-        .await?;
-        self.events.emit(
-            Event::container(id, types::SCALED).with_reason(format!("{replicas} replicas")),
-        );
+        let id = self
+            .change_container(id_or_name, |c| {
+                if c.deleting {
+                    return Err(ServiceError::Conflict(format!(
+                        "container {} is being deleted",
+                        c.container_id
+                    )));
+                }
+                c.replicas = replicas;
+                Ok(())
+            })
+            .await?;
+        self.events
+            .emit(Event::container(id, types::SCALED).with_reason(format!("{replicas} replicas")));
         Ok(())
     }
 

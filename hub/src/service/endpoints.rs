@@ -27,10 +27,8 @@ impl Service {
         let found = self.resolve_container(id_or_name).await?;
         let cid = found.value.container_id.clone();
         let (kvs, _) = self.store.get_prefix(&keys::instances_prefix(&cid)).await?;
-        let mut instances: Vec<Versioned<InstanceRecord>> = kvs
-            .iter()
-            .map(decode_versioned)
-            .collect::<Result<_, _>>()?;
+        let mut instances: Vec<Versioned<InstanceRecord>> =
+            kvs.iter().map(decode_versioned).collect::<Result<_, _>>()?;
         instances.retain(|i| !i.value.stopping || found.value.deleting);
         instances.sort_by_key(|i| i.value.ordinal);
         let mut out = Vec::with_capacity(instances.len());
@@ -73,9 +71,12 @@ impl Service {
     ) -> Result<InstanceEndpoint, ServiceError> {
         let (cid, all) = self.instance_endpoints(id_or_name).await?;
         let chosen = match instance_id.filter(|i| !i.is_empty()) {
-            Some(iid) => all.into_iter().find(|e| e.instance_id == iid).ok_or_else(|| {
-                ServiceError::NotFound(format!("instance {iid} of container {cid} not found"))
-            })?,
+            Some(iid) => all
+                .into_iter()
+                .find(|e| e.instance_id == iid)
+                .ok_or_else(|| {
+                    ServiceError::NotFound(format!("instance {iid} of container {cid} not found"))
+                })?,
             None => {
                 let running = all.iter().position(|e| e.status == "RUNNING");
                 match (all.len(), running) {

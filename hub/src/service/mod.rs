@@ -6,12 +6,12 @@
 mod actions;
 mod agent;
 mod containers;
+pub mod endpoints;
 mod error;
 pub mod lifecycle;
 mod networks;
 mod nodes;
 pub mod revisions;
-pub mod endpoints;
 pub mod validate;
 pub mod view;
 

@@ -201,7 +201,10 @@ impl Service {
     }
 
     /// A container's revisions, oldest first.
-    pub async fn list_revisions(&self, id_or_name: &str) -> Result<Vec<v1::Revision>, ServiceError> {
+    pub async fn list_revisions(
+        &self,
+        id_or_name: &str,
+    ) -> Result<Vec<v1::Revision>, ServiceError> {
         let found = self.resolve_container(id_or_name).await?;
         let c = &found.value;
         let history = self.revisions(&c.container_id).await?;

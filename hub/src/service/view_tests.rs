@@ -73,20 +73,41 @@ fn instance(
 #[test]
 fn status_derivation() {
     let c = |replicas: u32| container(replicas, false);
-    assert_eq!(container_status(&container(1, true), &["RUNNING"]), "DELETING");
+    assert_eq!(
+        container_status(&container(1, true), &["RUNNING"]),
+        "DELETING"
+    );
     assert_eq!(container_status(&c(2), &["RUNNING", "RUNNING"]), "RUNNING");
-    assert_eq!(container_status(&c(3), &["RUNNING", "RUNNING"]), "DEPLOYING");
+    assert_eq!(
+        container_status(&c(3), &["RUNNING", "RUNNING"]),
+        "DEPLOYING"
+    );
     assert_eq!(container_status(&c(2), &["RUNNING", "FAILED"]), "FAILED");
-    assert_eq!(container_status(&c(2), &["PENDING", "PULLING"]), "DEPLOYING");
+    assert_eq!(
+        container_status(&c(2), &["PENDING", "PULLING"]),
+        "DEPLOYING"
+    );
     assert_eq!(container_status(&c(0), &[]), "RUNNING");
-    assert_eq!(container_status(&c(2), &["RUNNING", "UNHEALTHY"]), "DEGRADED");
-    assert_eq!(container_status(&c(2), &["RUNNING", "STARTING"]), "STARTING");
+    assert_eq!(
+        container_status(&c(2), &["RUNNING", "UNHEALTHY"]),
+        "DEGRADED"
+    );
+    assert_eq!(
+        container_status(&c(2), &["RUNNING", "STARTING"]),
+        "STARTING"
+    );
     let stopped = ContainerRecord {
         stopped: true,
         ..c(2)
     };
-    assert_eq!(container_status(&stopped, &["STOPPED", "STOPPING"]), "STOPPING");
-    assert_eq!(container_status(&stopped, &["STOPPED", "STOPPED"]), "STOPPED");
+    assert_eq!(
+        container_status(&stopped, &["STOPPED", "STOPPING"]),
+        "STOPPING"
+    );
+    assert_eq!(
+        container_status(&stopped, &["STOPPED", "STOPPED"]),
+        "STOPPED"
+    );
     let updating = ContainerRecord {
         rollout: Some(crate::store::records::RolloutRecord {
             state: "UPDATING".into(),
@@ -98,7 +119,10 @@ fn status_derivation() {
         }),
         ..c(2)
     };
-    assert_eq!(container_status(&updating, &["RUNNING", "RUNNING"]), "UPDATING");
+    assert_eq!(
+        container_status(&updating, &["RUNNING", "RUNNING"]),
+        "UPDATING"
+    );
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! etcd access: the key layout ([`keys`]), the records stored there ([`records`]) and a thin typed
 //! client ([`Store`]). Writes that go together are built by the callers as one [`etcd_client::Txn`]
 //! guarded by compares, and committed with [`Store::txn`].
+//!
+//! Every request made through [`Store`] is timed into `berth_hub_etcd_request_duration_seconds{op}`
+//! (`get`, `range`, `snapshot`, `txn`, `watch`); failures also count in `berth_hub_etcd_failures_total`.
 
 pub mod keys;
 pub mod records;
@@ -8,11 +11,15 @@ mod snapshot;
 
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, KeyValue, Txn, TxnResponse};
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, KeyValue, Txn, TxnResponse, WatchOptions, WatchStream,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use snapshot::{Snapshot, StoredInstance};
+use crate::metrics;
+
+pub use snapshot::{current_revision, Snapshot, StoredInstance};
 
 /// Failures talking to etcd or decoding what it holds.
 #[derive(Debug, thiserror::Error)]
@@ -112,15 +119,26 @@ impl Store {
     /// Reads one key's raw value.
     pub async fn get_raw(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let mut kv = self.client.kv_client();
-        let mut resp = kv.get(key, None).await?;
+        let mut resp = metrics::global()
+            .time_etcd("get", kv.get(key, None))
+            .await?;
         Ok(resp.take_kvs().into_iter().next())
     }
 
     /// Reads every key under `prefix`, with the revision the read happened at.
     pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        self.read_prefix("range", prefix).await
+    }
+
+    /// [`Store::get_prefix`], timed under `op`.
+    async fn read_prefix(
+        &self,
+        op: &'static str,
+        prefix: &str,
+    ) -> Result<(Vec<KeyValue>, i64), StoreError> {
         let mut kv = self.client.kv_client();
-        let mut resp = kv
-            .get(prefix, Some(GetOptions::new().with_prefix()))
+        let mut resp = metrics::global()
+            .time_etcd(op, kv.get(prefix, Some(GetOptions::new().with_prefix())))
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
         Ok((resp.take_kvs(), revision))
@@ -157,12 +175,24 @@ impl Store {
     /// Commits a transaction.
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         let mut kv = self.client.kv_client();
-        Ok(kv.txn(txn).await?)
+        Ok(metrics::global().time_etcd("txn", kv.txn(txn)).await?)
+    }
+
+    /// Opens a watch stream (timed until etcd accepted the stream).
+    pub async fn watch(
+        &self,
+        key: &str,
+        options: Option<WatchOptions>,
+    ) -> Result<WatchStream, StoreError> {
+        let mut client = self.client.clone();
+        Ok(metrics::global()
+            .time_etcd("watch", client.watch(key, options))
+            .await?)
     }
 
     /// Reads all of berth's state at one revision.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let (kvs, revision) = self.get_prefix(keys::ROOT).await?;
+        let (kvs, revision) = self.read_prefix("snapshot", keys::ROOT).await?;
         Snapshot::from_kvs(&kvs, revision)
     }
 }
