@@ -6,26 +6,44 @@
 //! then does the process start, so an application never sees its network missing.
 //!
 //! Per-instance files live in `<data>/instances/<id>/`: `instance.json` (the spec, for recovery after
-//! an agent restart), `container.log` (stdout and stderr), and the overlay rootfs with its upper and
-//! work dirs.
+//! an agent restart), `image.json` (the manifest digest it runs and the image's stop signal, so an
+//! adopted instance reports its digest and is stopped the image's way without a pull),
+//! `restarts`, `container.log` (stdout and stderr), and the overlay rootfs with its upper and work
+//! dirs.
+//!
+//! Stops are graceful: the instance's stop signal (the user's `stop_signal`, else the image's
+//! `StopSignal`, else SIGTERM), up to its stop timeout, then SIGKILL. A halt (stop on request,
+//! restart) stops the process and releases the container, network plumbing and rootfs like a
+//! removal, but keeps the instance dir's records; a start rebuilds the rest.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use berth_proto::v1::InstanceStatus;
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::dataplane::{network_mtu, NodeDataPlane};
+use crate::health::{Check, ExecCheck, HttpCheck, ProbeCheck, ProbeSpec, TcpCheck};
 use crate::image::{ImageConfig, ImageStore};
 use crate::network::{host_veth_name, NetworkManager, NetworkPlan};
 use crate::reconcile::{Host, InstanceSpec, Liveness, Recovered, Started};
-use crate::runtime::{ContainerConfig, Runtime, Status};
+use crate::runtime::{parse_signal, ContainerConfig, Exec, Runtime, Status};
 
-/// How long a container gets between SIGTERM and SIGKILL when it is removed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// What an instance runs from, recorded at its start in `image.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFacts {
+    /// `sha256:…` of the image manifest.
+    pub digest: String,
+    /// The image config's `StopSignal`, as written.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
+}
 
 /// The node's real host operations.
 pub struct NodeHost {
@@ -40,6 +58,8 @@ pub struct NodeHost {
     /// Where containers join the cgroup2 hierarchy themselves (hybrid hosts only; on unified
     /// hosts libcgroups already puts them there).
     cgroup2: Option<PathBuf>,
+    /// Runs exec probes inside containers (the runtime's helper binary).
+    exec: Option<Exec>,
 }
 
 impl NodeHost {
@@ -56,7 +76,9 @@ impl NodeHost {
         std::fs::create_dir_all(&instances_dir)?;
         let cgroup2 = crate::runtime::cgroup::cgroup2_mount()?;
         let cgroup2 = (!crate::runtime::cgroup::is_unified(&cgroup2)).then_some(cgroup2);
+        let exec = runtime.exec_helper();
         Ok(Self {
+            exec,
             images: Arc::new(images),
             runtime: Arc::new(runtime),
             network,
@@ -65,6 +87,12 @@ impl NodeHost {
             plumbing,
             cgroup2,
         })
+    }
+
+    /// Runs exec probes through `exec` instead of the runtime's create helper binary.
+    pub fn with_exec(mut self, exec: Exec) -> Self {
+        self.exec = Some(exec);
+        self
     }
 
     fn instance_dir(&self, id: &str) -> PathBuf {
@@ -88,7 +116,7 @@ impl NodeHost {
         spec: &InstanceSpec,
         progress: &(dyn Fn(InstanceStatus) + Send + Sync),
         phases: &mut HashMap<String, f64>,
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         let id = spec.instance_id.clone();
         let dir = self.instance_dir(&id);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -102,6 +130,13 @@ impl NodeHost {
             .await
             .map_err(|e| format!("pull {}: {e}", spec.image))?;
         phases.insert("pull".into(), ms(t));
+        write_image_facts(
+            &dir,
+            &ImageFacts {
+                digest: image.digest.clone(),
+                stop_signal: image.config.stop_signal.clone(),
+            },
+        )?;
 
         progress(InstanceStatus::Creating);
         let t = Instant::now();
@@ -169,7 +204,7 @@ impl NodeHost {
         self.blocking("start", move |rt| rt.start(&start_id))
             .await?;
         phases.insert("start".into(), ms(t));
-        Ok(())
+        Ok(image.digest)
     }
 
     /// Removes every piece of an instance, continuing past failures so one stuck piece does not
@@ -178,8 +213,12 @@ impl NodeHost {
         let id = spec.instance_id.clone();
         let mut errors = Vec::new();
         let rm_id = id.clone();
+        let signal = stop_signal_for(spec, &self.instance_dir(&id));
+        let grace = spec.stop_timeout;
         if let Err(e) = self
-            .blocking("remove container", move |rt| rt.remove(&rm_id, STOP_GRACE))
+            .blocking("remove container", move |rt| {
+                rt.remove_with_signal(&rm_id, signal, grace)
+            })
             .await
         {
             errors.push(e);
@@ -229,12 +268,44 @@ fn write_resolv_conf(dir: &Path, spec: &InstanceSpec) -> Result<PathBuf, String>
     Ok(path)
 }
 
+/// The signal that stops `spec`'s process first: the user's, else the image's (recorded at start
+/// in `dir`'s `image.json`), else SIGTERM. An image signal that does not parse falls back to
+/// SIGTERM with a warning.
+pub fn stop_signal_for(spec: &InstanceSpec, dir: &Path) -> Signal {
+    if let Some(sig) = parse_signal(&spec.stop_signal) {
+        return sig;
+    }
+    match read_image_facts(dir).and_then(|f| f.stop_signal) {
+        Some(text) => parse_signal(&text).unwrap_or_else(|| {
+            warn!(instance_id = %spec.instance_id, stop_signal = %text,
+                "image stop signal not understood; using SIGTERM");
+            Signal::SIGTERM
+        }),
+        None => Signal::SIGTERM,
+    }
+}
+
 fn write_record(dir: &Path, spec: &InstanceSpec) -> Result<(), String> {
-    let json = serde_json::to_vec_pretty(spec).map_err(|e| format!("encode record: {e}"))?;
-    let tmp = dir.join("instance.json.tmp");
+    write_json(dir, "instance.json", spec)
+}
+
+fn write_image_facts(dir: &Path, facts: &ImageFacts) -> Result<(), String> {
+    write_json(dir, "image.json", facts)
+}
+
+/// What `image.json` says; `None` when absent or unreadable (instances of older agents).
+fn read_image_facts(dir: &Path) -> Option<ImageFacts> {
+    let bytes = std::fs::read(dir.join("image.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Writes `name` in `dir` through a temp file and a rename: readers see the old or the new one.
+fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), String> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| format!("encode {name}: {e}"))?;
+    let tmp = dir.join(format!("{name}.tmp"));
     std::fs::write(&tmp, json).map_err(|e| format!("write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join("instance.json"))
-        .map_err(|e| format!("write {}: {e}", dir.display()))
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 fn hostname_for(spec: &InstanceSpec) -> String {
@@ -256,7 +327,10 @@ impl Host for NodeHost {
         }
         let mut phases = HashMap::new();
         match self.try_start(spec, progress.as_ref(), &mut phases).await {
-            Ok(()) => Ok(Started { phases_ms: phases }),
+            Ok(image_digest) => Ok(Started {
+                phases_ms: phases,
+                image_digest,
+            }),
             Err(reason) => {
                 if let Err(cleanup) = self.teardown(spec, false).await {
                     warn!(instance_id = %spec.instance_id, %cleanup, "cleanup after failed start failed too");
@@ -267,8 +341,26 @@ impl Host for NodeHost {
         }
     }
 
+    async fn halt(&self, spec: &InstanceSpec) -> Result<(), String> {
+        // Never started here (placed already stopped): nothing to stop.
+        if !self.instance_dir(&spec.instance_id).exists() {
+            return Ok(());
+        }
+        self.teardown(spec, false).await
+    }
+
     async fn stop(&self, spec: &InstanceSpec) -> Result<(), String> {
         self.teardown(spec, true).await
+    }
+
+    fn probe_check(
+        &self,
+        spec: &InstanceSpec,
+        probe: &ProbeSpec,
+    ) -> Result<Arc<dyn Check>, String> {
+        probe_check_for(spec, probe, self.exec.as_ref(), || {
+            self.runtime.state_dir(&spec.instance_id)
+        })
     }
 
     fn liveness(&self, instance_id: &str) -> Liveness {
@@ -322,6 +414,9 @@ impl Host for NodeHost {
                 .ok()
                 .and_then(|t| t.trim().parse().ok())
                 .unwrap_or(0);
+            let image_digest = read_image_facts(&entry.path())
+                .map(|f| f.digest)
+                .unwrap_or_default();
             info!(instance_id = %spec.instance_id, ?liveness, restarts, "found instance from an earlier run");
             // Its tc filters still run the previous agent's program: swap in this one's (in place,
             // counters kept), so policy and counting never stop.
@@ -335,10 +430,36 @@ impl Host for NodeHost {
                 spec,
                 liveness,
                 restarts,
+                image_digest,
             });
         }
         found
     }
+}
+
+/// The check carrying out `probe` for `spec`'s instance: HTTP and TCP to its IP (the node reaches
+/// it over its network's bridge), exec inside its container through `exec` and the container's
+/// youki state dir.
+pub fn probe_check_for(
+    spec: &InstanceSpec,
+    probe: &ProbeSpec,
+    exec: Option<&Exec>,
+    state_dir: impl FnOnce() -> PathBuf,
+) -> Result<Arc<dyn Check>, String> {
+    // Ports are validated to 1..=65535 with the assignment.
+    let addr = |port: u32| {
+        u16::try_from(port)
+            .map(|p| SocketAddr::new(IpAddr::V4(spec.ip), p))
+            .map_err(|_| format!("probe port {port} out of range"))
+    };
+    Ok(match &probe.check {
+        ProbeCheck::Http { path, port } => Arc::new(HttpCheck::new(addr(*port)?, path.clone())),
+        ProbeCheck::Tcp { port } => Arc::new(TcpCheck::new(addr(*port)?)),
+        ProbeCheck::Exec { command } => {
+            let exec = exec.ok_or("exec probes need the runtime's helper binary")?;
+            Arc::new(ExecCheck::new(exec.clone(), state_dir(), command.clone()))
+        }
+    })
 }
 
 /// The process an instance runs: Kubernetes semantics, where `command` replaces both the image's
@@ -486,6 +607,12 @@ mod tests {
             },
             ip: "10.1.0.2".parse().expect("ip"),
             restart_policy: Default::default(),
+            health: None,
+            stop_signal: String::new(),
+            stop_timeout: crate::reconcile::DEFAULT_STOP_TIMEOUT,
+            stopped: false,
+            restart_generation: 0,
+            revision: 0,
         }
     }
 
@@ -496,6 +623,7 @@ mod tests {
             env: vec!["MODE=dev".into(), "PATH=/bin".into()],
             working_dir: Some("/www".into()),
             user: None,
+            stop_signal: None,
         }
     }
 
@@ -526,6 +654,76 @@ mod tests {
             .contains("no entrypoint"));
         let p = resolve_process(&img, &spec(&["true"]), Path::new("/x")).expect("ok");
         assert!(p.env.iter().any(|e| e == DEFAULT_PATH));
+    }
+
+    #[test]
+    fn the_stop_signal_is_the_users_then_the_images_then_sigterm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = spec(&[]);
+        assert_eq!(
+            stop_signal_for(&s, dir.path()),
+            Signal::SIGTERM,
+            "nothing recorded"
+        );
+        write_image_facts(
+            dir.path(),
+            &ImageFacts {
+                digest: "sha256:aa".into(),
+                stop_signal: Some("SIGQUIT".into()),
+            },
+        )
+        .expect("write");
+        assert_eq!(
+            stop_signal_for(&s, dir.path()),
+            Signal::SIGQUIT,
+            "the image's"
+        );
+        s.stop_signal = "INT".into();
+        assert_eq!(
+            stop_signal_for(&s, dir.path()),
+            Signal::SIGINT,
+            "the user's wins"
+        );
+        s.stop_signal = String::new();
+        write_image_facts(
+            dir.path(),
+            &ImageFacts {
+                digest: "sha256:aa".into(),
+                stop_signal: Some("SIGRTMIN+3".into()),
+            },
+        )
+        .expect("write");
+        assert_eq!(
+            stop_signal_for(&s, dir.path()),
+            Signal::SIGTERM,
+            "unknown: SIGTERM"
+        );
+        assert_eq!(
+            read_image_facts(dir.path()).map(|f| f.digest).as_deref(),
+            Some("sha256:aa")
+        );
+    }
+
+    #[test]
+    fn probe_checks_target_the_instance_ip_or_its_container() {
+        let s = spec(&[]);
+        let http = ProbeSpec::new(ProbeCheck::Http {
+            path: "/healthz".into(),
+            port: 8080,
+        });
+        let check = probe_check_for(&s, &http, None, || PathBuf::from("/x")).expect("http");
+        assert_eq!(check.describe(), "http GET 10.1.0.2:8080/healthz");
+        let tcp = ProbeSpec::new(ProbeCheck::Tcp { port: 53 });
+        let check = probe_check_for(&s, &tcp, None, || PathBuf::from("/x")).expect("tcp");
+        assert_eq!(check.describe(), "tcp 10.1.0.2:53");
+        let exec = ProbeSpec::new(ProbeCheck::Exec {
+            command: vec!["cat".into(), "/ok".into()],
+        });
+        assert!(probe_check_for(&s, &exec, None, || PathBuf::from("/x")).is_err());
+        let helper = Exec::new(PathBuf::from("/usr/bin/berth-agent"));
+        let check = probe_check_for(&s, &exec, Some(&helper), || PathBuf::from("/state/ins-1"))
+            .expect("exec");
+        assert!(check.describe().contains("cat"), "{}", check.describe());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! the node's desired state instead of emptying it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,6 +35,17 @@ pub struct NodeInfo {
     pub wireguard_public_key: String,
     /// `host:port` of the agent API the hub proxies logs and stats to ("" when none runs).
     pub api_addr: String,
+}
+
+/// The `host:port` the hub reaches an agent API bound to `bound` on ([`NodeInfo::api_addr`]): a
+/// wildcard bind (`0.0.0.0`, `::`) is reached on the node's advertise IP.
+pub fn reachable_api_addr(bound: SocketAddr, advertise_ip: IpAddr) -> String {
+    let ip = if bound.ip().is_unspecified() {
+        advertise_ip
+    } else {
+        bound.ip()
+    };
+    SocketAddr::new(ip, bound.port()).to_string()
 }
 
 /// Errors of the hub link.
@@ -388,6 +400,28 @@ mod tests {
         assert!(
             req.removed.is_empty(),
             "a newer status of c cancels its older removal"
+        );
+    }
+
+    #[test]
+    fn api_addr_is_the_bound_one_or_the_advertise_ip() {
+        let adv: IpAddr = "10.1.0.5".parse().expect("ip");
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            reachable_api_addr(addr("0.0.0.0:9750"), adv),
+            "10.1.0.5:9750"
+        );
+        assert_eq!(
+            reachable_api_addr(addr("[::]:41000"), adv),
+            "10.1.0.5:41000"
+        );
+        assert_eq!(
+            reachable_api_addr(addr("10.1.0.5:9750"), adv),
+            "10.1.0.5:9750"
+        );
+        assert_eq!(
+            reachable_api_addr(addr("[fd00::1]:9750"), adv),
+            "[fd00::1]:9750"
         );
     }
 

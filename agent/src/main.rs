@@ -6,23 +6,27 @@
 //! - 2: command-line usage error (from clap).
 //! - 3: the node could not be set up (data dir, runtime, netlink).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use berth_agent::api::AgentApi;
 use berth_agent::dataplane::{DataPlaneConfig, NodeDataPlane};
 use berth_agent::host::NodeHost;
 use berth_agent::image::ImageStore;
+use berth_agent::metrics::{BoardSource, NodeCapacity, NodeMetrics};
 use berth_agent::network::NetworkManager;
 use berth_agent::reconcile::Reconciler;
 use berth_agent::runtime::Runtime;
 use berth_agent::{hub, hub::NodeInfo};
 use clap::Parser;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
 
 #[derive(Debug, Parser)]
 #[command(name = "berth-agent", version, about = "berth node agent")]
@@ -64,6 +68,87 @@ struct Args {
     /// the host's /etc/resolv.conf.
     #[arg(long = "dns-upstream")]
     dns_upstreams: Vec<String>,
+    /// Where `GET /metrics` (Prometheus) listens: ADDR:PORT, or `none`; default: the advertise IP,
+    /// port 9751.
+    #[arg(long, value_name = "ADDR:PORT|none")]
+    listen_metrics: Option<String>,
+    /// Where the agent API (instance logs and stats, proxied by the hub) listens: ADDR:PORT, or
+    /// `none`; default: the advertise IP, port 9750. Registered with the hub (a wildcard address as
+    /// the advertise IP).
+    #[arg(long, value_name = "ADDR:PORT|none")]
+    listen_api: Option<String>,
+}
+
+/// A `--listen-*` flag: `none` turns the server off, no value means the advertise IP on
+/// `default_port`.
+fn listen_addr(
+    flag: &str,
+    value: Option<&str>,
+    advertise_ip: IpAddr,
+    default_port: u16,
+) -> anyhow::Result<Option<SocketAddr>> {
+    match value {
+        None => Ok(Some(SocketAddr::new(advertise_ip, default_port))),
+        Some("none") => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .with_context(|| format!("{flag} {v:?}: expected ADDR:PORT or none")),
+    }
+}
+
+/// Binds a `--listen-*` address (a port in use fails the start, not a background task).
+async fn bind(flag: &str, addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(a) => TcpListener::bind(a)
+            .await
+            .map(Some)
+            .with_context(|| format!("{flag}: bind {a}")),
+    }
+}
+
+/// Starts `/metrics` and the agent API on whichever listener is on; both stop (and answer their
+/// last requests) when `stop` turns true.
+fn spawn_servers(
+    metrics: Option<TcpListener>,
+    api: Option<TcpListener>,
+    node: &NodeInfo,
+    source: Arc<BoardSource>,
+    instances_dir: PathBuf,
+    stop: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let until = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = Vec::new();
+    if let Some(listener) = metrics {
+        let capacity = NodeCapacity {
+            cpu_millis: node.cpu_millis,
+            memory_bytes: node.memory_bytes,
+        };
+        let cgroups = source.cgroups().clone();
+        let metrics =
+            NodeMetrics::with_cgroups(node.node_id.clone(), capacity, source.clone(), cgroups);
+        let serve =
+            berth_agent::metrics::serve_listener(listener, Arc::new(metrics), until(stop.clone()));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                error!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+    }
+    if let Some(listener) = api {
+        let serve = AgentApi::new(instances_dir)
+            .with_stats(source)
+            .serve(listener, until(stop.clone()));
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                error!(error = %e, "agent api stopped");
+            }
+        }));
+    }
+    tasks
 }
 
 fn dns_upstreams(args: &Args) -> anyhow::Result<Vec<std::net::SocketAddr>> {
@@ -177,6 +262,20 @@ fn machine_memory() -> anyhow::Result<u64> {
 
 async fn run(args: Args) -> Result<(), Failure> {
     validate_node_id(&args.node_id).map_err(Failure::Config)?;
+    let metrics_addr = listen_addr(
+        "--listen-metrics",
+        args.listen_metrics.as_deref(),
+        args.advertise_ip,
+        berth_agent::metrics::DEFAULT_PORT,
+    )
+    .map_err(Failure::Config)?;
+    let api_addr = listen_addr(
+        "--listen-api",
+        args.listen_api.as_deref(),
+        args.advertise_ip,
+        berth_agent::api::DEFAULT_PORT,
+    )
+    .map_err(Failure::Config)?;
     let cpu_millis = match &args.cpu {
         Some(c) => berth_proto::units::parse_cpu(c)
             .with_context(|| format!("--cpu {c:?}"))
@@ -222,6 +321,7 @@ async fn run(args: Args) -> Result<(), Failure> {
         .context("runtime")
         .map_err(Failure::Setup)?
         .with_create_helper(helper);
+    let cgroup_parent = runtime.cgroup_parent().to_owned();
     let upstreams = dns_upstreams(&args).map_err(Failure::Config)?;
     let IpAddr::V4(advertise_v4) = args.advertise_ip else {
         return Err(Failure::Config(anyhow::anyhow!(
@@ -267,6 +367,12 @@ async fn run(args: Args) -> Result<(), Failure> {
         .context("instance dir")
         .map_err(Failure::Setup)?;
 
+    let metrics_listener = bind("--listen-metrics", metrics_addr)
+        .await
+        .map_err(Failure::Setup)?;
+    let api_listener = bind("--listen-api", api_addr)
+        .await
+        .map_err(Failure::Setup)?;
     let node = NodeInfo {
         node_id: args.node_id.clone(),
         hostname,
@@ -274,7 +380,11 @@ async fn run(args: Args) -> Result<(), Failure> {
         cpu_millis,
         memory_bytes,
         wireguard_public_key: dataplane.public_key(),
-        api_addr: String::new(),
+        api_addr: api_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| hub::reachable_api_addr(a, args.advertise_ip))
+            .unwrap_or_default(),
     };
     info!(node_id = %node.node_id, cpu_millis, memory_bytes, hub = %args.hub, "agent starting");
 
@@ -291,7 +401,25 @@ async fn run(args: Args) -> Result<(), Failure> {
         .context("SIGINT handler")
         .map_err(Failure::Setup)?;
 
-    let reconciler = Reconciler::new(Arc::new(host), reports_tx);
+    let board = berth_agent::status::InstanceBoard::new();
+    let prober = Arc::new(berth_agent::health::Prober::new());
+    let reconciler = Reconciler::new(Arc::new(host), reports_tx)
+        .with_board(board.clone())
+        .with_prober(prober.clone());
+    let source = Arc::new(
+        BoardSource::new(board.clone(), cgroup_parent)
+            .with_traffic(dataplane.clone())
+            .with_probes(prober.clone(), desired_rx.clone()),
+    );
+    let (stop_servers, servers_stop) = watch::channel(false);
+    let servers = spawn_servers(
+        metrics_listener,
+        api_listener,
+        &node,
+        source,
+        data.join("instances"),
+        &servers_stop,
+    );
     tokio::spawn(dataplane.clone().run(desired_rx.clone()));
     tokio::spawn(reconciler.run(desired_rx, children_rx));
     tokio::spawn(hub::run_membership(client.clone(), node.clone()));
@@ -321,6 +449,15 @@ async fn run(args: Args) -> Result<(), Failure> {
         _ = sigterm.recv() => info!("SIGTERM: stopping the agent, containers keep running"),
         _ = sigint.recv() => info!("SIGINT: stopping the agent, containers keep running"),
     }
+    let _ = stop_servers.send(true);
+    for server in servers {
+        if tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .is_err()
+        {
+            warn!("an HTTP server did not stop within 5 s");
+        }
+    }
     let instances_left = std::fs::read_dir(data.join("instances"))
         .map(|mut d| d.next().is_some())
         .unwrap_or(false);
@@ -330,7 +467,19 @@ async fn run(args: Args) -> Result<(), Failure> {
 
 #[cfg(test)]
 mod tests {
-    use super::validate_node_id;
+    use super::{listen_addr, validate_node_id};
+
+    #[test]
+    #[allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+    fn listen_flags_default_to_the_advertise_ip_and_none_turns_them_off() {
+        let adv: std::net::IpAddr = "10.1.0.5".parse().unwrap();
+        let got = |v| listen_addr("--listen-api", v, adv, 9750).unwrap();
+        assert_eq!(got(None), Some("10.1.0.5:9750".parse().unwrap()));
+        assert_eq!(got(Some("none")), None);
+        assert_eq!(got(Some("0.0.0.0:80")), Some("0.0.0.0:80".parse().unwrap()));
+        let err = listen_addr("--listen-api", Some("9750"), adv, 9750).unwrap_err();
+        assert!(err.to_string().contains("--listen-api \"9750\""), "{err}");
+    }
 
     #[test]
     fn node_ids_are_restricted_to_a_safe_alphabet() {

@@ -5,12 +5,33 @@
 //! needs a lock and a slow pull never blocks a removal. The kernel-facing work sits behind [`Host`] so
 //! this logic is tested without root (see the tests at the bottom).
 //!
+//! Life of one instance (phases of its table entry):
+//!
+//! ```text
+//!            start ok                       exit / probe restart        retry time
+//! Backoff ──────────▶ Starting ──────────▶ Running ──────────────────▶ Backoff ───▶ Starting …
+//!    ▲                   │ start failed       │ stopped=true or a new restart_generation
+//!    └───────────────────┘                    ▼
+//!                                          Halting ──▶ Halted (stopped on request, kept placed)
+//!                                                  └─▶ Backoff (restart: at once; probe: backoff)
+//! any phase but Starting/Halting, assignment gone ──▶ Stopping ──▶ removed from the table
+//! ```
+//!
+//! Reports: PULLING/CREATING while starting; STARTING while its health probe has not passed yet (or
+//! right before a start on request), then RUNNING; UNHEALTHY once the probe failed its threshold;
+//! STOPPING while a stop on request or a restart on request stops the process; STOPPED once halted.
+//! Every report is mirrored into the [`InstanceBoard`] for the metrics and the agent API.
+//!
 //! Invariants:
 //! - Before the first desired state arrives (hub unreachable at start), nothing is stopped: a node that
 //!   lost its hub keeps serving.
 //! - At most one task works on an instance at a time.
 //! - An instance is reported `Removed` only after `Host::stop` succeeded, so the hub never reuses an
-//!   address that is still plugged in somewhere.
+//!   address that is still plugged in somewhere. A halted instance keeps its address: it is still
+//!   placed, only its process is stopped.
+//! - An instance's probing stops before any stop of its process begins, so a probe never reports
+//!   on a process that is going away on purpose.
+//! - Probe events carry the start of the run they are about; events of an earlier run are dropped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -18,7 +39,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_proto::v1::{Assignment, DesiredState, InstanceReport, InstanceStatus};
+use berth_proto::v1::{Assignment, DesiredState, HealthCheck, InstanceReport, InstanceStatus};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -26,7 +47,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::health::{
+    parse_duration, Check, HealthEvent, HealthSpecError, ProbeCheck, ProbeSpec, Prober,
+    DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL, DEFAULT_START_PERIOD, DEFAULT_TIMEOUT,
+};
 use crate::hub::Report;
+use crate::status::{BoardEntry, InstanceBoard};
 
 /// The network an instance is plugged into.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +99,33 @@ pub struct InstanceSpec {
     /// What to do when its process exits.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// Its health probe; `None` for none. Validated.
+    #[serde(default)]
+    pub health: Option<ProbeSpec>,
+    /// The signal a stop sends first, as the user wrote it (`"SIGTERM"`, `"TERM"`, `"15"`);
+    /// `""` for the image's `StopSignal`, else SIGTERM. Validated.
+    #[serde(default)]
+    pub stop_signal: String,
+    /// Time between the stop signal and SIGKILL.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout: Duration,
+    /// Placed but kept not running (`POST .../stop`).
+    #[serde(default)]
+    pub stopped: bool,
+    /// Bumped by each `POST .../restart`; the generation a running process was started with is
+    /// the one in the spec it runs, persisted in `instance.json`.
+    #[serde(default)]
+    pub restart_generation: u32,
+    /// The container revision this instance runs.
+    #[serde(default)]
+    pub revision: u32,
+}
+
+/// Stop timeout when the hub gives none (and in records written before it existed).
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn default_stop_timeout() -> Duration {
+    DEFAULT_STOP_TIMEOUT
 }
 
 /// What the agent does when an instance's process exits.
@@ -135,6 +188,54 @@ pub enum AssignmentError {
         /// What it held.
         value: String,
     },
+    /// The health probe is unusable.
+    #[error("assignment {instance_id}: {source}")]
+    Health {
+        /// The instance concerned.
+        instance_id: String,
+        /// What is wrong with the probe (names the field, e.g. `health.http.port`).
+        #[source]
+        source: HealthSpecError,
+    },
+}
+
+/// The agent's probe from the hub's form: `""` durations and a 0 threshold take the defaults.
+pub fn probe_from_proto(h: HealthCheck) -> Result<ProbeSpec, HealthSpecError> {
+    let check = match (h.http, h.tcp, h.exec) {
+        (Some(http), None, None) => ProbeCheck::Http {
+            path: http.path,
+            port: http.port,
+        },
+        (None, Some(tcp), None) => ProbeCheck::Tcp { port: tcp.port },
+        (None, None, Some(exec)) => ProbeCheck::Exec {
+            command: exec.command,
+        },
+        _ => {
+            return Err(HealthSpecError::Invalid {
+                field: "health",
+                reason: "needs exactly one of http, tcp, exec".to_owned(),
+            })
+        }
+    };
+    let duration = |field, text: &str, default| {
+        if text.is_empty() {
+            Ok(default)
+        } else {
+            parse_duration(field, text)
+        }
+    };
+    let spec = ProbeSpec {
+        check,
+        interval: duration("health.interval", &h.interval, DEFAULT_INTERVAL)?,
+        timeout: duration("health.timeout", &h.timeout, DEFAULT_TIMEOUT)?,
+        failure_threshold: match h.failure_threshold {
+            0 => DEFAULT_FAILURE_THRESHOLD,
+            n => n,
+        },
+        start_period: duration("health.start_period", &h.start_period, DEFAULT_START_PERIOD)?,
+    };
+    spec.validate()?;
+    Ok(spec)
 }
 
 impl TryFrom<Assignment> for InstanceSpec {
@@ -179,6 +280,22 @@ impl TryFrom<Assignment> for InstanceSpec {
         if !cidr.contains(&gateway) {
             return Err(invalid("gateway", &net.gateway));
         }
+        let health = match a.health {
+            Some(h) => Some(
+                probe_from_proto(h).map_err(|source| AssignmentError::Health {
+                    instance_id: id.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        if !a.stop_signal.is_empty() && crate::runtime::parse_signal(&a.stop_signal).is_none() {
+            return Err(invalid("stop_signal", &a.stop_signal));
+        }
+        let stop_timeout = match a.stop_timeout_ms {
+            0 => DEFAULT_STOP_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
         Ok(Self {
             instance_id: a.instance_id,
             container_id: a.container_id,
@@ -198,6 +315,12 @@ impl TryFrom<Assignment> for InstanceSpec {
             },
             ip,
             restart_policy,
+            health,
+            stop_signal: a.stop_signal,
+            stop_timeout,
+            stopped: a.stopped,
+            restart_generation: a.restart_generation,
+            revision: a.revision,
         })
     }
 }
@@ -207,6 +330,8 @@ impl TryFrom<Assignment> for InstanceSpec {
 pub struct Started {
     /// Milliseconds per deploy phase ("pull", "rootfs", "create", "network", "start").
     pub phases_ms: HashMap<String, f64>,
+    /// `sha256:…` of the image manifest it runs.
+    pub image_digest: String,
 }
 
 /// What the host knows of an instance it ran.
@@ -229,6 +354,8 @@ pub struct Recovered {
     pub liveness: Liveness,
     /// Times it was restarted so far (kept across agent restarts).
     pub restarts: u32,
+    /// `sha256:…` of the image manifest it was started from ("" when unknown).
+    pub image_digest: String,
 }
 
 /// The node-side operations the reconciler needs. The real one composes `image`, `runtime` and
@@ -241,7 +368,13 @@ pub trait Host: Send + Sync + 'static {
         spec: &InstanceSpec,
         progress: Box<dyn Fn(InstanceStatus) + Send + Sync>,
     ) -> impl Future<Output = Result<Started, String>> + Send;
-    /// Removes everything of an instance (process, network plumbing, rootfs, records). Idempotent.
+    /// Stops an instance's process gracefully (its stop signal, up to its stop timeout, then
+    /// SIGKILL) and releases what a start makes again (container, network plumbing, rootfs), but
+    /// keeps its records (spec, restart count, image digest, logs): it stays placed and can be
+    /// started again or adopted. Idempotent.
+    fn halt(&self, spec: &InstanceSpec) -> impl Future<Output = Result<(), String>> + Send;
+    /// Removes everything of an instance (process, stopped gracefully like [`Host::halt`], network
+    /// plumbing, rootfs, records). Idempotent.
     fn stop(&self, spec: &InstanceSpec) -> impl Future<Output = Result<(), String>> + Send;
     /// Whether the instance's process still runs.
     fn liveness(&self, instance_id: &str) -> Liveness;
@@ -251,6 +384,10 @@ pub trait Host: Send + Sync + 'static {
     fn reap(&self) -> Vec<(String, i32)>;
     /// What an earlier agent process left on this node.
     fn recover(&self) -> Vec<Recovered>;
+    /// The check that carries out `probe` against the instance (HTTP/TCP to its IP, exec inside
+    /// its container).
+    fn probe_check(&self, spec: &InstanceSpec, probe: &ProbeSpec)
+        -> Result<Arc<dyn Check>, String>;
 }
 
 #[derive(Debug, Clone)]
@@ -264,21 +401,104 @@ enum Phase {
     Backoff {
         retry_at: Instant,
     },
-    /// A stop task is working on it.
+    /// A stop task is removing it.
     Stopping,
+    /// A halt task is stopping its process; then it goes on as `then` says.
+    Halting {
+        then: AfterHalt,
+    },
+    /// A halt failed: tried again (or started, if no longer stopped) at `retry_at`.
+    HaltFailed {
+        retry_at: Instant,
+    },
+    /// Stopped on request: placed, not running, until the assignment says otherwise.
+    Halted,
     /// Its process exited and its restart policy keeps it that way (until it is removed).
     Exited,
+}
+
+/// Where an instance goes once its halt is done.
+#[derive(Debug, Clone, PartialEq)]
+enum AfterHalt {
+    /// Stopped on request: stays halted.
+    Stay,
+    /// Restart on request: started again at once.
+    Restart,
+    /// Its probe failed: started again after `delay`, reported FAILED with `reason` meanwhile.
+    Recover { delay: Duration, reason: String },
+}
+
+/// What the instance's health probe said about its current run.
+#[derive(Debug, Clone, PartialEq)]
+enum Health {
+    /// No probe (or it could not be started): running is ready.
+    Unprobed,
+    /// Probed, no pass yet: reported STARTING.
+    Waiting,
+    /// The last transition was a pass.
+    Healthy,
+    /// The last transition was `failure_threshold` failures; the probe's words.
+    Unhealthy(String),
 }
 
 #[derive(Debug, Clone)]
 struct Local {
     spec: InstanceSpec,
     phase: Phase,
-    /// Consecutive failed starts or crashes, for backoff.
+    /// Consecutive failed starts, crashes or probe restarts, for backoff.
     failures: u32,
-    /// Times its process was restarted after exiting.
+    /// Times its process was restarted after exiting or failing its probe.
     restarts: u32,
     last_report: Option<(InstanceStatus, String)>,
+    /// The image manifest its current (or last) run came from.
+    image_digest: String,
+    /// Its probe's verdict on the current run.
+    health: Health,
+    /// The last start's phase timings, held back for the RUNNING report (after the probe passed).
+    phases_ms: HashMap<String, f64>,
+}
+
+impl Local {
+    fn new(spec: InstanceSpec, phase: Phase, restarts: u32, image_digest: String) -> Self {
+        Self {
+            spec,
+            phase,
+            failures: 0,
+            restarts,
+            last_report: None,
+            image_digest,
+            health: Health::Unprobed,
+            phases_ms: HashMap::new(),
+        }
+    }
+
+    /// What a running instance is reported as, per its probe.
+    fn running_status(&self) -> (InstanceStatus, String) {
+        match &self.health {
+            Health::Unprobed | Health::Healthy => (InstanceStatus::Running, String::new()),
+            Health::Waiting => (
+                InstanceStatus::Starting,
+                "waiting for the health probe to pass".to_owned(),
+            ),
+            Health::Unhealthy(reason) => (InstanceStatus::Unhealthy, reason.clone()),
+        }
+    }
+
+    /// The status to show for this entry before anything was reported (adoption).
+    fn board_status(&self) -> InstanceStatus {
+        if let Some((status, _)) = &self.last_report {
+            return *status;
+        }
+        match self.phase {
+            Phase::Running { .. } => self.running_status().0,
+            Phase::Halted => InstanceStatus::Stopped,
+            Phase::Halting { .. } | Phase::Stopping => InstanceStatus::Stopping,
+            Phase::Exited => InstanceStatus::Stopped,
+            Phase::Starting | Phase::Backoff { .. } | Phase::HaltFailed { .. } => {
+                InstanceStatus::Pending
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -286,8 +506,11 @@ enum Event {
     Progress(String, InstanceStatus),
     Started(String, Result<Started, String>),
     Stopped(String, Result<(), String>),
+    Halted(String, Result<(), String>),
     /// A liveness probe's findings: (instance, start of the run that was probed, what was seen).
     Probed(Vec<(String, Instant, Liveness)>),
+    /// A health probe's transition, with the start of the run it probed.
+    Health(Instant, HealthEvent),
 }
 
 /// Backoff before restarting after `failures` consecutive failures: 1 s doubling to 30 s.
@@ -299,10 +522,65 @@ pub fn restart_delay(failures: u32) -> Duration {
 /// A container that ran this long before crashing starts its backoff from scratch.
 const STABLE_RUN: Duration = Duration::from_secs(10);
 
+/// The reason a halted instance is reported STOPPED with.
+pub const STOPPED_ON_REQUEST: &str = "stopped on request";
+
+/// Where reports go: the hub (deduplicated) and the node's board (always).
+struct Out {
+    reports: mpsc::UnboundedSender<Report>,
+    board: InstanceBoard,
+}
+
+impl Out {
+    /// Sends a status unless it repeats the last one sent for the instance; mirrors it into the
+    /// board either way (restarts and digest may have changed under the same status).
+    fn report(
+        &self,
+        local: &mut Local,
+        status: InstanceStatus,
+        reason: String,
+        phases_ms: HashMap<String, f64>,
+    ) {
+        self.board.set(board_entry(local, status));
+        let key = (status, reason.clone());
+        if local.last_report.as_ref() == Some(&key) && phases_ms.is_empty() {
+            return;
+        }
+        local.last_report = Some(key);
+        // The reporter only goes away when the agent shuts down.
+        let _ = self.reports.send(Report::Status(InstanceReport {
+            instance_id: local.spec.instance_id.clone(),
+            status: status as i32,
+            reason,
+            phases_ms,
+            restarts: local.restarts,
+            image_digest: local.image_digest.clone(),
+        }));
+    }
+
+    fn send(&self, r: Report) {
+        let _ = self.reports.send(r);
+    }
+}
+
+fn board_entry(local: &Local, status: InstanceStatus) -> BoardEntry {
+    BoardEntry {
+        instance_id: local.spec.instance_id.clone(),
+        container_id: local.spec.container_id.clone(),
+        container_name: local.spec.container_name.clone(),
+        status,
+        restarts: local.restarts,
+        cpu_millis: local.spec.cpu_millis,
+        memory_bytes: local.spec.memory_bytes,
+        image_digest: local.image_digest.clone(),
+    }
+}
+
 /// Drives local instances toward the desired state.
 pub struct Reconciler<H: Host> {
     host: Arc<H>,
-    reports: mpsc::UnboundedSender<Report>,
+    out: Out,
+    prober: Arc<Prober>,
     locals: HashMap<String, Local>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
@@ -313,7 +591,8 @@ pub struct Reconciler<H: Host> {
 }
 
 impl<H: Host> Reconciler<H> {
-    /// A reconciler that adopts whatever the host recovered from an earlier agent process.
+    /// A reconciler that adopts whatever the host recovered from an earlier agent process, with
+    /// its own board and prober (see [`Reconciler::with_board`], [`Reconciler::with_prober`]).
     pub fn new(host: Arc<H>, reports: mpsc::UnboundedSender<Report>) -> Self {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut locals = HashMap::new();
@@ -327,29 +606,62 @@ impl<H: Host> Reconciler<H> {
                 {
                     Phase::Exited
                 }
-                // Restarted (or cleaned up) once the hub says whether it is still wanted.
+                // Restarted (or cleaned up, or halted) once the hub says what it wants.
                 Liveness::Exited(_) | Liveness::Unknown => Phase::Backoff { retry_at: now },
             };
             info!(instance_id = %r.spec.instance_id, liveness = ?r.liveness, "recovered instance");
-            locals.insert(
-                r.spec.instance_id.clone(),
-                Local {
-                    spec: r.spec,
-                    phase,
-                    failures: 0,
-                    restarts: r.restarts,
-                    last_report: None,
-                },
-            );
+            let mut local = Local::new(r.spec, phase, r.restarts, r.image_digest);
+            if matches!(local.phase, Phase::Running { .. }) && local.spec.health.is_some() {
+                // It served before this agent started: ready until its probe says otherwise, so
+                // an agent restart takes nothing out of the service routing.
+                local.health = Health::Healthy;
+            }
+            locals.insert(local.spec.instance_id.clone(), local);
         }
-        Self {
+        let this = Self {
             host,
-            reports,
+            out: Out {
+                reports,
+                board: InstanceBoard::new(),
+            },
+            prober: Arc::new(Prober::new()),
             locals,
             events_tx,
             events_rx,
             desired: None,
             probing: false,
+        };
+        this.mirror_all();
+        this
+    }
+
+    /// Mirrors every status, restart count and digest into `board` (shared with the metrics
+    /// endpoint and the agent API) instead of a private one.
+    pub fn with_board(mut self, board: InstanceBoard) -> Self {
+        self.out.board = board;
+        self.mirror_all();
+        self
+    }
+
+    /// Runs health probes on `prober` (shared with the metrics endpoint) instead of a private one.
+    pub fn with_prober(mut self, prober: Arc<Prober>) -> Self {
+        self.prober = prober;
+        self
+    }
+
+    /// The prober running this node's health probes (its snapshots feed the metrics).
+    pub fn prober(&self) -> Arc<Prober> {
+        self.prober.clone()
+    }
+
+    /// The board the reconciler mirrors its table into.
+    pub fn board(&self) -> InstanceBoard {
+        self.out.board.clone()
+    }
+
+    fn mirror_all(&self) {
+        for local in self.locals.values() {
+            self.out.board.set(board_entry(local, local.board_status()));
         }
     }
 
@@ -359,6 +671,21 @@ impl<H: Host> Reconciler<H> {
         mut desired: watch::Receiver<Option<DesiredState>>,
         mut children: mpsc::UnboundedReceiver<()>,
     ) {
+        // Adopted instances are probed again from now on (their start period is long past).
+        for local in self.locals.values_mut() {
+            if let Phase::Running { since } = local.phase {
+                if !start_probe(
+                    &self.host,
+                    &self.prober,
+                    &self.events_tx,
+                    local,
+                    since,
+                    true,
+                ) {
+                    local.health = Health::Unprobed;
+                }
+            }
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -390,7 +717,7 @@ impl<H: Host> Reconciler<H> {
                 }
                 Err(e) => {
                     warn!(instance_id = %id, error = %e, "rejecting assignment");
-                    self.send(Report::Status(InstanceReport {
+                    self.out.send(Report::Status(InstanceReport {
                         instance_id: id,
                         status: InstanceStatus::Failed as i32,
                         reason: e.to_string(),
@@ -406,7 +733,7 @@ impl<H: Host> Reconciler<H> {
         // while the hub still asks, so a lost report cannot strand an address.
         for id in &state.stopping {
             if !self.locals.contains_key(id) {
-                self.send(Report::Removed(id.clone()));
+                self.out.send(Report::Removed(id.clone()));
             }
         }
         // The hub may have restarted or missed reports: tell it again where every wanted instance is.
@@ -423,52 +750,21 @@ impl<H: Host> Reconciler<H> {
             Event::Progress(id, status) => {
                 if let Some(l) = self.locals.get_mut(&id) {
                     if matches!(l.phase, Phase::Starting) {
-                        report(&self.reports, l, status, String::new(), HashMap::new());
+                        self.out.report(l, status, String::new(), HashMap::new());
                     }
                 }
             }
-            Event::Started(id, result) => {
-                let Some(l) = self.locals.get_mut(&id) else {
-                    return;
-                };
-                match result {
-                    Ok(started) => {
-                        info!(instance_id = %id, phases = ?started.phases_ms, "instance running");
-                        l.phase = Phase::Running {
-                            since: Instant::now(),
-                        };
-                        report(
-                            &self.reports,
-                            l,
-                            InstanceStatus::Running,
-                            String::new(),
-                            started.phases_ms,
-                        );
-                    }
-                    Err(reason) => {
-                        l.failures += 1;
-                        let delay = restart_delay(l.failures);
-                        warn!(instance_id = %id, %reason, retry_in = ?delay, "start failed");
-                        l.phase = Phase::Backoff {
-                            retry_at: Instant::now() + delay,
-                        };
-                        let reason = format!("{reason} (retrying in {}s)", delay.as_secs());
-                        report(
-                            &self.reports,
-                            l,
-                            InstanceStatus::Failed,
-                            reason,
-                            HashMap::new(),
-                        );
-                    }
-                }
-            }
+            Event::Started(id, result) => self.on_started(&id, result),
             Event::Probed(seen) => self.on_probed(seen),
+            Event::Health(since, ev) => self.on_health(since, ev),
+            Event::Halted(id, result) => self.on_halted(&id, result),
             Event::Stopped(id, result) => match result {
                 Ok(()) => {
                     info!(instance_id = %id, "instance removed");
                     self.locals.remove(&id);
-                    self.send(Report::Removed(id));
+                    self.prober.stop(&id);
+                    self.out.board.remove(&id);
+                    self.out.send(Report::Removed(id));
                 }
                 Err(reason) => {
                     // Stays in the table; the next pass tries again after a pause.
@@ -484,6 +780,148 @@ impl<H: Host> Reconciler<H> {
         }
     }
 
+    fn on_started(&mut self, id: &str, result: Result<Started, String>) {
+        let Some(l) = self.locals.get_mut(id) else {
+            return;
+        };
+        match result {
+            Ok(started) => {
+                info!(instance_id = %id, phases = ?started.phases_ms, "instance running");
+                let since = Instant::now();
+                l.phase = Phase::Running { since };
+                if !started.image_digest.is_empty() {
+                    l.image_digest = started.image_digest;
+                }
+                l.health = Health::Unprobed;
+                if start_probe(&self.host, &self.prober, &self.events_tx, l, since, false) {
+                    // Not ready before its probe passed: the hub routes to RUNNING only.
+                    l.health = Health::Waiting;
+                    l.phases_ms = started.phases_ms;
+                    let (status, reason) = l.running_status();
+                    self.out.report(l, status, reason, HashMap::new());
+                } else {
+                    self.out
+                        .report(l, InstanceStatus::Running, String::new(), started.phases_ms);
+                }
+            }
+            Err(reason) => {
+                l.failures += 1;
+                let delay = restart_delay(l.failures);
+                warn!(instance_id = %id, %reason, retry_in = ?delay, "start failed");
+                l.phase = Phase::Backoff {
+                    retry_at: Instant::now() + delay,
+                };
+                let reason = format!("{reason} (retrying in {}s)", delay.as_secs());
+                self.out
+                    .report(l, InstanceStatus::Failed, reason, HashMap::new());
+            }
+        }
+    }
+
+    fn on_halted(&mut self, id: &str, result: Result<(), String>) {
+        let Some(l) = self.locals.get_mut(id) else {
+            return;
+        };
+        let Phase::Halting { then } = &l.phase else {
+            return;
+        };
+        let then = then.clone();
+        let now = Instant::now();
+        match result {
+            Ok(()) => match then {
+                AfterHalt::Stay => {
+                    info!(instance_id = %id, "instance stopped on request");
+                    l.phase = Phase::Halted;
+                    self.out.report(
+                        l,
+                        InstanceStatus::Stopped,
+                        STOPPED_ON_REQUEST.to_owned(),
+                        HashMap::new(),
+                    );
+                }
+                AfterHalt::Restart => {
+                    info!(instance_id = %id, "instance stopped for a restart on request");
+                    // The pass right after this event starts it (or halts it, if it was stopped
+                    // meanwhile).
+                    l.phase = Phase::Backoff { retry_at: now };
+                    self.out
+                        .report(l, InstanceStatus::Starting, String::new(), HashMap::new());
+                }
+                AfterHalt::Recover { delay, reason } => {
+                    l.phase = Phase::Backoff {
+                        retry_at: now + delay,
+                    };
+                    self.out
+                        .report(l, InstanceStatus::Failed, reason, HashMap::new());
+                }
+            },
+            Err(reason) => {
+                l.failures += 1;
+                let delay = restart_delay(l.failures);
+                warn!(instance_id = %id, %reason, retry_in = ?delay, "stop failed");
+                l.phase = Phase::HaltFailed {
+                    retry_at: now + delay,
+                };
+                let reason = format!("stop failed: {reason} (retrying in {}s)", delay.as_secs());
+                self.out
+                    .report(l, InstanceStatus::Failed, reason, HashMap::new());
+            }
+        }
+    }
+
+    fn on_health(&mut self, since: Instant, ev: HealthEvent) {
+        let id = ev.instance_id.as_str();
+        let Some(l) = self.locals.get_mut(id) else {
+            return;
+        };
+        // About an earlier run (restarted or stopped since): stale.
+        if !matches!(l.phase, Phase::Running { since: s } if s == since) {
+            return;
+        }
+        if ev.healthy {
+            if l.health != Health::Healthy {
+                info!(instance_id = %id, reason = %ev.reason, "instance healthy");
+            }
+            l.health = Health::Healthy;
+            let phases = std::mem::take(&mut l.phases_ms);
+            self.out
+                .report(l, InstanceStatus::Running, String::new(), phases);
+            return;
+        }
+        warn!(instance_id = %id, reason = %ev.reason, "instance unhealthy");
+        l.health = Health::Unhealthy(ev.reason.clone());
+        // Reported on its own before the stop begins, so the hub sees it (its reporter keeps only
+        // the latest status per instance): no STOPPING report on this path.
+        self.out.report(
+            l,
+            InstanceStatus::Unhealthy,
+            ev.reason.clone(),
+            HashMap::new(),
+        );
+        // A failing probe counts as a failure (exit status != 0) for the restart policy.
+        if !l.spec.restart_policy.restarts_after(1, l.restarts) {
+            // Stays probed: a pass makes it RUNNING again.
+            return;
+        }
+        if since.elapsed() >= STABLE_RUN {
+            l.failures = 0;
+        }
+        l.failures += 1;
+        l.restarts += 1;
+        self.host.save_restarts(id, l.restarts);
+        let delay = restart_delay(l.failures);
+        self.prober.stop(id);
+        let reason = format!(
+            "unhealthy: {}; restarting in {}s",
+            ev.reason,
+            delay.as_secs()
+        );
+        l.phase = Phase::Halting {
+            then: AfterHalt::Recover { delay, reason },
+        };
+        spawn_work(Work::Halt, &self.host, &self.events_tx, l.spec.clone());
+    }
+
     fn exited(&mut self, id: &str, code: i32) {
         let Some(l) = self.locals.get_mut(id) else {
             return;
@@ -491,6 +929,7 @@ impl<H: Host> Reconciler<H> {
         let Phase::Running { since } = l.phase else {
             return;
         };
+        self.prober.stop(id);
         if since.elapsed() >= STABLE_RUN {
             l.failures = 0;
         }
@@ -509,7 +948,7 @@ impl<H: Host> Reconciler<H> {
                 }
                 _ => format!("exited with status {code}"),
             };
-            report(&self.reports, l, status, reason, HashMap::new());
+            self.out.report(l, status, reason, HashMap::new());
             return;
         }
         l.failures += 1;
@@ -524,7 +963,7 @@ impl<H: Host> Reconciler<H> {
             "exited with status {code}; restarting in {}s",
             delay.as_secs()
         );
-        report(&self.reports, l, status, reason, HashMap::new());
+        self.out.report(l, status, reason, HashMap::new());
     }
 
     fn check_exits(&mut self) {
@@ -582,7 +1021,8 @@ impl<H: Host> Reconciler<H> {
         }
     }
 
-    /// One pass: start what is wanted and missing, stop what runs and is not wanted.
+    /// One pass: start what is wanted and missing, stop what runs and is not wanted, halt what is
+    /// wanted stopped, restart what was asked to.
     fn reconcile(&mut self) {
         let Some(desired) = &self.desired else {
             return;
@@ -592,13 +1032,12 @@ impl<H: Host> Reconciler<H> {
             if !self.locals.contains_key(id) {
                 self.locals.insert(
                     id.clone(),
-                    Local {
-                        spec: spec.clone(),
-                        phase: Phase::Backoff { retry_at: now },
-                        failures: 0,
-                        restarts: 0,
-                        last_report: None,
-                    },
+                    Local::new(
+                        spec.clone(),
+                        Phase::Backoff { retry_at: now },
+                        0,
+                        String::new(),
+                    ),
                 );
             }
         }
@@ -608,41 +1047,171 @@ impl<H: Host> Reconciler<H> {
             let Some(local) = self.locals.get_mut(&id) else {
                 continue;
             };
-            match (&local.phase, wanted) {
-                (Phase::Backoff { retry_at }, Some(spec)) if *retry_at <= now => {
-                    local.spec = spec.clone();
-                    local.phase = Phase::Starting;
-                    spawn_work(Work::Start, &self.host, &self.events_tx, local.spec.clone());
-                }
-                (Phase::Running { .. } | Phase::Backoff { .. } | Phase::Exited, None) => {
+            let work = match (&local.phase, wanted) {
+                // A task is on it; its event moves it on.
+                (Phase::Starting | Phase::Stopping | Phase::Halting { .. }, _) => None,
+                (_, None) => {
+                    self.prober.stop(&id);
                     local.phase = Phase::Stopping;
-                    spawn_work(Work::Stop, &self.host, &self.events_tx, local.spec.clone());
+                    Some(Work::Stop)
                 }
-                (Phase::Running { .. }, Some(_)) if local.last_report.is_none() => {
-                    report(
-                        &self.reports,
+                (Phase::Halted, Some(spec)) => {
+                    local.spec = spec.clone();
+                    if spec.stopped {
+                        if local.last_report.is_none() {
+                            let reason = STOPPED_ON_REQUEST.to_owned();
+                            self.out
+                                .report(local, InstanceStatus::Stopped, reason, HashMap::new());
+                        }
+                        None
+                    } else {
+                        info!(instance_id = %id, "starting a stopped instance on request");
+                        local.failures = 0;
+                        self.out.report(
+                            local,
+                            InstanceStatus::Starting,
+                            String::new(),
+                            HashMap::new(),
+                        );
+                        local.phase = Phase::Starting;
+                        Some(Work::Start)
+                    }
+                }
+                (Phase::Running { .. }, Some(spec)) if spec.stopped => {
+                    info!(instance_id = %id, "stopping on request");
+                    self.prober.stop(&id);
+                    self.out.report(
                         local,
-                        InstanceStatus::Running,
+                        InstanceStatus::Stopping,
                         String::new(),
                         HashMap::new(),
                     );
+                    local.phase = Phase::Halting {
+                        then: AfterHalt::Stay,
+                    };
+                    Some(Work::Halt)
                 }
-                // Starting or Stopping: the task's event moves it on; a Backoff waits for its time.
-                _ => {}
+                // Nothing runs (waiting to start, given up, or adopted without a process): clean
+                // whatever is left and call it stopped, without starting it first.
+                (Phase::Backoff { .. } | Phase::Exited, Some(spec)) if spec.stopped => {
+                    local.spec = spec.clone();
+                    local.phase = Phase::Halting {
+                        then: AfterHalt::Stay,
+                    };
+                    Some(Work::Halt)
+                }
+                (Phase::HaltFailed { retry_at }, Some(spec)) if *retry_at <= now => {
+                    if spec.stopped {
+                        local.phase = Phase::Halting {
+                            then: AfterHalt::Stay,
+                        };
+                        Some(Work::Halt)
+                    } else {
+                        // A start cleans up whatever the failed stop left.
+                        local.spec = spec.clone();
+                        local.phase = Phase::Starting;
+                        Some(Work::Start)
+                    }
+                }
+                (Phase::Running { .. }, Some(spec))
+                    if spec.restart_generation != local.spec.restart_generation =>
+                {
+                    info!(instance_id = %id, generation = spec.restart_generation, "restarting on request");
+                    self.prober.stop(&id);
+                    self.out.report(
+                        local,
+                        InstanceStatus::Stopping,
+                        "restarting on request".to_owned(),
+                        HashMap::new(),
+                    );
+                    // Halted with the spec it runs (its stop signal and timeout); started with
+                    // the new one.
+                    local.phase = Phase::Halting {
+                        then: AfterHalt::Restart,
+                    };
+                    Some(Work::Halt)
+                }
+                (Phase::Exited, Some(spec))
+                    if spec.restart_generation != local.spec.restart_generation =>
+                {
+                    info!(instance_id = %id, "starting an exited instance on request");
+                    local.spec = spec.clone();
+                    local.failures = 0;
+                    self.out.report(
+                        local,
+                        InstanceStatus::Starting,
+                        String::new(),
+                        HashMap::new(),
+                    );
+                    local.phase = Phase::Starting;
+                    Some(Work::Start)
+                }
+                (Phase::Backoff { retry_at }, Some(spec)) if *retry_at <= now => {
+                    local.spec = spec.clone();
+                    local.phase = Phase::Starting;
+                    Some(Work::Start)
+                }
+                (Phase::Running { .. }, Some(_)) if local.last_report.is_none() => {
+                    let (status, reason) = local.running_status();
+                    self.out.report(local, status, reason, HashMap::new());
+                    None
+                }
+                // A Backoff or a failed halt waits for its time; Exited stays.
+                _ => None,
+            };
+            if let Some(work) = work {
+                spawn_work(work, &self.host, &self.events_tx, local.spec.clone());
             }
         }
     }
+}
 
-    fn send(&self, r: Report) {
-        // The reporter only goes away when the agent shuts down.
-        let _ = self.reports.send(r);
+/// Starts probing `local`'s current run (begun at `since`) when its spec has a probe; `adopted`
+/// probes at once (the process has run for a while already). Returns whether probing started.
+fn start_probe<H: Host>(
+    host: &Arc<H>,
+    prober: &Prober,
+    events: &mpsc::UnboundedSender<Event>,
+    local: &Local,
+    since: Instant,
+    adopted: bool,
+) -> bool {
+    let Some(probe) = &local.spec.health else {
+        return false;
+    };
+    let id = &local.spec.instance_id;
+    let mut probe = probe.clone();
+    if adopted {
+        probe.start_period = Duration::ZERO;
     }
+    let check = match host.probe_check(&local.spec, &probe) {
+        Ok(check) => check,
+        Err(reason) => {
+            // Never probed rather than never ready: it runs, and the hub routes to it.
+            warn!(instance_id = %id, %reason, "cannot probe instance; treating it as ready");
+            return false;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    prober.start_check(id, check, &probe, tx);
+    // Tags each transition with the run it is about; ends when the prober task goes (stop or
+    // replacement drops its sender).
+    let events = events.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if events.send(Event::Health(since, ev)).is_err() {
+                return;
+            }
+        }
+    });
+    true
 }
 
 /// The slow work the loop hands to a task; its outcome comes back as an [`Event`].
 #[derive(Debug, Clone, Copy)]
 enum Work {
     Start,
+    Halt,
     Stop,
 }
 
@@ -666,35 +1235,13 @@ fn spawn_work<H: Host>(
                     });
                     Event::Started(id, host.start(&spec, progress).await)
                 }
+                Work::Halt => Event::Halted(id, host.halt(&spec).await),
                 Work::Stop => Event::Stopped(id, host.stop(&spec).await),
             };
             let _ = events.send(event);
         }
         .instrument(span),
     );
-}
-
-/// Sends a status unless it repeats the last one sent for the instance.
-fn report(
-    reports: &mpsc::UnboundedSender<Report>,
-    local: &mut Local,
-    status: InstanceStatus,
-    reason: String,
-    phases_ms: HashMap<String, f64>,
-) {
-    let key = (status, reason.clone());
-    if local.last_report.as_ref() == Some(&key) && phases_ms.is_empty() {
-        return;
-    }
-    local.last_report = Some(key);
-    let _ = reports.send(Report::Status(InstanceReport {
-        instance_id: local.spec.instance_id.clone(),
-        status: status as i32,
-        reason,
-        phases_ms,
-        restarts: local.restarts,
-        image_digest: String::new(),
-    }));
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use berth_proto::v1::NetworkAttachment;
+use berth_proto::v1::{ExecProbe, HttpProbe, NetworkAttachment, TcpProbe};
 
 use super::*;
 
@@ -11,19 +11,67 @@ use super::*;
 struct FakeState {
     running: HashSet<String>,
     starts: Vec<String>,
+    /// Specs of every start, in order (restart generation, stop settings).
+    started_specs: Vec<InstanceSpec>,
+    halts: Vec<String>,
     stops: Vec<String>,
     /// Instance ids whose next start fails.
     fail_next_start: HashSet<String>,
+    /// Instance ids whose next halt fails.
+    fail_next_halt: HashSet<String>,
     exits: Vec<(String, i32)>,
     recovered: Vec<Recovered>,
+    saved_restarts: Vec<(String, u32)>,
 }
 
+/// Whether each instance's (fake) probe passes; absent = passes.
+type ProbeVerdicts = Arc<Mutex<HashMap<String, bool>>>;
+
 #[derive(Default)]
-struct FakeHost(Mutex<FakeState>);
+struct FakeHost {
+    state: Mutex<FakeState>,
+    probes: ProbeVerdicts,
+}
 
 impl FakeHost {
     fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-        self.0.lock().expect("fake host lock")
+        self.state.lock().expect("fake host lock")
+    }
+
+    fn set_probe(&self, id: &str, passes: bool) {
+        self.probes
+            .lock()
+            .expect("probe lock")
+            .insert(id.into(), passes);
+    }
+}
+
+/// A probe that passes or fails as the test says, at once.
+struct FakeCheck {
+    id: String,
+    verdicts: ProbeVerdicts,
+}
+
+impl Check for FakeCheck {
+    fn run(&self, _timeout: Duration) -> crate::health::BoxCheckFuture {
+        let passes = self
+            .verdicts
+            .lock()
+            .expect("probe lock")
+            .get(&self.id)
+            .copied()
+            .unwrap_or(true);
+        Box::pin(async move {
+            if passes {
+                Ok("status 200".to_owned())
+            } else {
+                Err("status 500".to_owned())
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("fake probe of {}", self.id)
     }
 }
 
@@ -37,13 +85,25 @@ impl Host for FakeHost {
         progress(InstanceStatus::Creating);
         let mut s = self.state();
         s.starts.push(spec.instance_id.clone());
+        s.started_specs.push(spec.clone());
         if s.fail_next_start.remove(&spec.instance_id) {
             return Err("pull failed: registry unreachable".into());
         }
         s.running.insert(spec.instance_id.clone());
         Ok(Started {
             phases_ms: HashMap::from([("pull".to_string(), 1.0)]),
+            image_digest: DIGEST.into(),
         })
+    }
+
+    async fn halt(&self, spec: &InstanceSpec) -> Result<(), String> {
+        let mut s = self.state();
+        s.halts.push(spec.instance_id.clone());
+        if s.fail_next_halt.remove(&spec.instance_id) {
+            return Err("kill: container still has processes".into());
+        }
+        s.running.remove(&spec.instance_id);
+        Ok(())
     }
 
     async fn stop(&self, spec: &InstanceSpec) -> Result<(), String> {
@@ -61,6 +121,10 @@ impl Host for FakeHost {
         }
     }
 
+    fn save_restarts(&self, id: &str, restarts: u32) {
+        self.state().saved_restarts.push((id.into(), restarts));
+    }
+
     fn reap(&self) -> Vec<(String, i32)> {
         let mut s = self.state();
         let exits = std::mem::take(&mut s.exits);
@@ -73,7 +137,20 @@ impl Host for FakeHost {
     fn recover(&self) -> Vec<Recovered> {
         std::mem::take(&mut self.state().recovered)
     }
+
+    fn probe_check(
+        &self,
+        spec: &InstanceSpec,
+        _probe: &ProbeSpec,
+    ) -> Result<Arc<dyn Check>, String> {
+        Ok(Arc::new(FakeCheck {
+            id: spec.instance_id.clone(),
+            verdicts: self.probes.clone(),
+        }))
+    }
 }
+
+const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
 fn assignment(id: &str) -> Assignment {
     Assignment {
@@ -109,6 +186,8 @@ struct Harness {
     desired_tx: watch::Sender<Option<DesiredState>>,
     children_tx: mpsc::UnboundedSender<()>,
     reports: mpsc::UnboundedReceiver<Report>,
+    board: InstanceBoard,
+    prober: Arc<Prober>,
 }
 
 fn harness(host: FakeHost) -> Harness {
@@ -116,13 +195,19 @@ fn harness(host: FakeHost) -> Harness {
     let (reports_tx, reports) = mpsc::unbounded_channel();
     let (desired_tx, desired_rx) = watch::channel(None);
     let (children_tx, children_rx) = mpsc::unbounded_channel();
-    let rec = Reconciler::new(host.clone(), reports_tx);
+    let board = InstanceBoard::new();
+    let prober = Arc::new(Prober::new());
+    let rec = Reconciler::new(host.clone(), reports_tx)
+        .with_board(board.clone())
+        .with_prober(prober.clone());
     tokio::spawn(rec.run(desired_rx, children_rx));
     Harness {
         host,
         desired_tx,
         children_tx,
         reports,
+        board,
+        prober,
     }
 }
 
@@ -228,6 +313,7 @@ async fn nothing_is_stopped_before_the_hub_has_spoken() {
         spec: InstanceSpec::try_from(assignment("ins-old")).expect("valid"),
         liveness: Liveness::Running,
         restarts: 0,
+        image_digest: String::new(),
     });
     let h = harness(host);
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -244,6 +330,7 @@ async fn recovered_running_instance_is_adopted_not_restarted() {
         spec: InstanceSpec::try_from(assignment("ins-a")).expect("valid"),
         liveness: Liveness::Running,
         restarts: 0,
+        image_digest: String::new(),
     });
     let mut h = harness(host);
     h.desired_tx.send_replace(Some(desired(&["ins-a"])));
@@ -517,6 +604,7 @@ async fn a_recovered_instance_its_policy_left_exited_is_not_restarted() {
         spec: InstanceSpec::try_from(a.clone()).expect("valid"),
         liveness: Liveness::Exited(1),
         restarts: 0,
+        image_digest: String::new(),
     });
     let h = harness(host);
     h.desired_tx.send_replace(Some(DesiredState {
@@ -528,4 +616,690 @@ async fn a_recovered_instance_its_policy_left_exited_is_not_restarted() {
         h.host.state().starts.is_empty(),
         "never restarted after adoption"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifecycle: stop/start/restart on request, health probes, digests, the board
+// ---------------------------------------------------------------------------------------------
+
+fn send(h: &Harness, assignments: Vec<Assignment>) {
+    h.desired_tx.send_replace(Some(DesiredState {
+        assignments,
+        ..desired(&[])
+    }));
+}
+
+/// The statuses reported for `id`, in order.
+fn statuses(rs: &[Report], id: &str) -> Vec<InstanceStatus> {
+    rs.iter()
+        .filter_map(|r| match r {
+            Report::Status(s) if s.instance_id == id => InstanceStatus::try_from(s.status).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether `want` appears in `seen` in this order (other statuses may come between).
+fn in_order(seen: &[InstanceStatus], want: &[InstanceStatus]) -> bool {
+    let mut it = seen.iter();
+    want.iter().all(|w| it.any(|s| s == w))
+}
+
+fn with_http_probe(mut a: Assignment, threshold: u32) -> Assignment {
+    a.health = Some(HealthCheck {
+        http: Some(HttpProbe {
+            path: "/healthz".into(),
+            port: 8080,
+        }),
+        interval: "2s".into(),
+        timeout: "1s".into(),
+        failure_threshold: threshold,
+        ..Default::default()
+    });
+    a
+}
+
+#[test]
+fn health_stop_signal_and_timeout_convert_with_defaults() {
+    let spec = InstanceSpec::try_from(assignment("ins-a")).expect("valid");
+    assert_eq!(spec.health, None);
+    assert_eq!(spec.stop_signal, "");
+    assert_eq!(spec.stop_timeout, Duration::from_secs(10), "0 means 10 s");
+    assert!(!spec.stopped);
+
+    let mut a = assignment("ins-a");
+    a.health = Some(HealthCheck {
+        tcp: Some(TcpProbe { port: 80 }),
+        ..Default::default()
+    });
+    a.stop_signal = "QUIT".into();
+    a.stop_timeout_ms = 2500;
+    a.stopped = true;
+    a.restart_generation = 4;
+    a.revision = 7;
+    let spec = InstanceSpec::try_from(a).expect("valid");
+    let probe = spec.health.expect("probe");
+    assert_eq!(probe.check, ProbeCheck::Tcp { port: 80 });
+    assert_eq!(
+        (
+            probe.interval,
+            probe.timeout,
+            probe.failure_threshold,
+            probe.start_period
+        ),
+        (
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+            3,
+            Duration::ZERO
+        ),
+        "empty durations and a 0 threshold take the defaults"
+    );
+    assert_eq!(spec.stop_signal, "QUIT");
+    assert_eq!(spec.stop_timeout, Duration::from_millis(2500));
+    assert!(spec.stopped);
+    assert_eq!((spec.restart_generation, spec.revision), (4, 7));
+
+    let mut a = assignment("ins-a");
+    a.health = Some(HealthCheck {
+        exec: Some(ExecProbe {
+            command: vec!["cat".into(), "/ok".into()],
+        }),
+        interval: "500ms".into(),
+        timeout: "500ms".into(),
+        start_period: "1m".into(),
+        failure_threshold: 1,
+        ..Default::default()
+    });
+    let probe = InstanceSpec::try_from(a)
+        .expect("valid")
+        .health
+        .expect("probe");
+    assert_eq!(probe.start_period, Duration::from_secs(60));
+    assert_eq!(probe.interval, Duration::from_millis(500));
+}
+
+#[test]
+fn invalid_health_or_stop_signal_is_rejected_naming_the_field() {
+    type Change = Box<dyn Fn(&mut Assignment)>;
+    let cases: Vec<(Change, &str)> = vec![
+        (
+            Box::new(|a| {
+                a.health = Some(HealthCheck::default());
+            }),
+            "exactly one of http, tcp, exec",
+        ),
+        (
+            Box::new(|a| {
+                a.health = Some(HealthCheck {
+                    tcp: Some(TcpProbe { port: 0 }),
+                    ..Default::default()
+                });
+            }),
+            "health.tcp.port",
+        ),
+        (
+            Box::new(|a| {
+                a.health = Some(HealthCheck {
+                    tcp: Some(TcpProbe { port: 80 }),
+                    interval: "10".into(),
+                    ..Default::default()
+                });
+            }),
+            "health.interval",
+        ),
+        (
+            Box::new(|a| {
+                a.health = Some(HealthCheck {
+                    http: Some(HttpProbe {
+                        path: "healthz".into(),
+                        port: 80,
+                    }),
+                    ..Default::default()
+                });
+            }),
+            "health.http.path",
+        ),
+        (
+            Box::new(|a| a.stop_signal = "SIGNOPE".into()),
+            "stop_signal",
+        ),
+    ];
+    for (change, field) in cases {
+        let mut a = assignment("ins-a");
+        change(&mut a);
+        let e = InstanceSpec::try_from(a).expect_err(field).to_string();
+        assert!(e.contains(field) && e.contains("ins-a"), "{field}: {e}");
+    }
+    for ok in ["SIGTERM", "TERM", "15"] {
+        let mut a = assignment("ins-a");
+        a.stop_signal = ok.into();
+        InstanceSpec::try_from(a).expect(ok);
+    }
+}
+
+#[test]
+fn records_of_older_agents_load_with_defaults() {
+    let spec = InstanceSpec::try_from(assignment("ins-a")).expect("valid");
+    let mut json = serde_json::to_value(&spec).expect("encode");
+    let obj = json.as_object_mut().expect("object");
+    for new in [
+        "health",
+        "stop_signal",
+        "stop_timeout",
+        "stopped",
+        "restart_generation",
+        "revision",
+    ] {
+        assert!(obj.remove(new).is_some(), "{new} is recorded");
+    }
+    let old: InstanceSpec = serde_json::from_value(json).expect("old record loads");
+    assert_eq!(old, spec);
+    assert_eq!(old.stop_timeout, Duration::from_secs(10));
+
+    let mut probed = assignment("ins-b");
+    probed = with_http_probe(probed, 2);
+    let spec = InstanceSpec::try_from(probed).expect("valid");
+    let back: InstanceSpec =
+        serde_json::from_slice(&serde_json::to_vec(&spec).expect("encode")).expect("decode");
+    assert_eq!(back, spec, "the probe survives instance.json");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_on_request_halts_keeps_it_placed_and_start_brings_it_back() {
+    let mut h = running("ins-a").await;
+    let mut a = assignment("ins-a");
+    a.stopped = true;
+    send(&h, vec![a.clone()]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Stopped))
+        })
+        .await;
+    assert!(
+        in_order(
+            &statuses(&seen, "ins-a"),
+            &[InstanceStatus::Stopping, InstanceStatus::Stopped]
+        ),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|r| matches!(r, Report::Status(s) if s.reason == STOPPED_ON_REQUEST)),
+        "{seen:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    {
+        let s = h.host.state();
+        assert_eq!(s.halts, ["ins-a"]);
+        assert!(s.stops.is_empty(), "halted, not removed");
+        assert!(!s.running.contains("ins-a"));
+        assert_eq!(s.starts.len(), 1, "not restarted while stopped");
+    }
+    assert_eq!(
+        h.board.get("ins-a").map(|e| e.status),
+        Some(InstanceStatus::Stopped)
+    );
+    // Still placed: a new desired state gets STOPPED again, never Removed.
+    send(&h, vec![a.clone()]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Stopped))
+        })
+        .await;
+    assert!(!seen.iter().any(|r| matches!(r, Report::Removed(_))));
+
+    a.stopped = false;
+    send(&h, vec![a]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+        })
+        .await;
+    assert!(
+        in_order(
+            &statuses(&seen, "ins-a"),
+            &[
+                InstanceStatus::Starting,
+                InstanceStatus::Pulling,
+                InstanceStatus::Creating,
+                InstanceStatus::Running
+            ]
+        ),
+        "{seen:?}"
+    );
+    let s = h.host.state();
+    assert_eq!(s.starts.len(), 2);
+    assert!(s.running.contains("ins-a"));
+    assert!(
+        seen.iter()
+            .all(|r| !matches!(r, Report::Status(s) if s.restarts != 0)),
+        "a stop and start on request is not a restart: {seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_halted_instance_is_removed_when_its_assignment_goes() {
+    let mut h = running("ins-a").await;
+    let mut a = assignment("ins-a");
+    a.stopped = true;
+    send(&h, vec![a]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Stopped))
+    })
+    .await;
+    send(&h, vec![]);
+    h.until(|rs| rs.contains(&Report::Removed("ins-a".into())))
+        .await;
+    assert_eq!(h.host.state().stops, ["ins-a"], "everything cleaned");
+    assert_eq!(h.board.get("ins-a"), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovered_instance_wanted_stopped_is_halted_without_starting() {
+    let host = FakeHost::default();
+    let mut a = assignment("ins-a");
+    a.stopped = true;
+    host.state().recovered.push(Recovered {
+        spec: InstanceSpec::try_from(a.clone()).expect("valid"),
+        liveness: Liveness::Unknown,
+        restarts: 2,
+        image_digest: DIGEST.into(),
+    });
+    let mut h = harness(host);
+    send(&h, vec![a]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Stopped))
+        })
+        .await;
+    assert!(
+        !statuses(&seen, "ins-a").contains(&InstanceStatus::Stopping),
+        "nothing ran, so nothing was being stopped: {seen:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(h.host.state().starts.is_empty(), "never started");
+    assert!(seen.iter().any(|r| matches!(r, Report::Status(s)
+        if s.restarts == 2 && s.image_digest == DIGEST)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovered_running_instance_wanted_stopped_is_stopped() {
+    let host = FakeHost::default();
+    host.state().running.insert("ins-a".into());
+    host.state().recovered.push(Recovered {
+        spec: InstanceSpec::try_from(assignment("ins-a")).expect("valid"),
+        liveness: Liveness::Running,
+        restarts: 0,
+        image_digest: DIGEST.into(),
+    });
+    let mut h = harness(host);
+    let mut a = assignment("ins-a");
+    a.stopped = true;
+    send(&h, vec![a]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Stopped))
+        })
+        .await;
+    assert!(
+        in_order(
+            &statuses(&seen, "ins-a"),
+            &[InstanceStatus::Stopping, InstanceStatus::Stopped]
+        ),
+        "{seen:?}"
+    );
+    assert_eq!(h.host.state().halts, ["ins-a"]);
+    assert!(h.host.state().starts.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_on_request_stops_then_starts_without_counting_a_restart() {
+    let mut h = running("ins-a").await;
+    let mut a = assignment("ins-a");
+    a.restart_generation = 1;
+    send(&h, vec![a.clone()]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+        })
+        .await;
+    assert!(
+        in_order(
+            &statuses(&seen, "ins-a"),
+            &[
+                InstanceStatus::Stopping,
+                InstanceStatus::Starting,
+                InstanceStatus::Running
+            ]
+        ),
+        "{seen:?}"
+    );
+    assert!(reported_restarts(&seen).iter().all(|&n| n == 0), "{seen:?}");
+    {
+        let s = h.host.state();
+        assert_eq!(s.halts, ["ins-a"]);
+        assert_eq!(s.starts.len(), 2);
+        assert_eq!(
+            s.started_specs.last().map(|sp| sp.restart_generation),
+            Some(1),
+            "started with the new generation"
+        );
+        assert!(s.saved_restarts.is_empty());
+    }
+    // The same generation again restarts nothing.
+    send(&h, vec![a]);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(h.host.state().starts.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovered_instance_keeps_its_restart_generation_and_is_not_restarted() {
+    let host = FakeHost::default();
+    let mut a = assignment("ins-a");
+    a.restart_generation = 3;
+    host.state().running.insert("ins-a".into());
+    host.state().recovered.push(Recovered {
+        spec: InstanceSpec::try_from(a.clone()).expect("valid"),
+        liveness: Liveness::Running,
+        restarts: 0,
+        image_digest: DIGEST.into(),
+    });
+    let mut h = harness(host);
+    send(&h, vec![a.clone()]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(h.host.state().halts.is_empty());
+    assert!(h.host.state().starts.is_empty());
+    // A restart asked while the agent was away is carried out.
+    a.restart_generation = 4;
+    send(&h, vec![a]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    assert_eq!(h.host.state().halts, ["ins-a"]);
+    assert_eq!(h.host.state().starts.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probed_instance_is_starting_until_its_probe_passes() {
+    let host = FakeHost::default();
+    host.set_probe("ins-a", false);
+    let mut h = harness(host);
+    send(&h, vec![with_http_probe(assignment("ins-a"), 3)]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Starting))
+        })
+        .await;
+    assert!(h.prober.is_probing("ins-a"));
+    // Two failures (below the threshold of 3): still STARTING, never RUNNING.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut more = Vec::new();
+    while let Ok(r) = h.reports.try_recv() {
+        more.push(r);
+    }
+    assert!(
+        !statuses(&more, "ins-a").contains(&InstanceStatus::Running)
+            && !statuses(&seen, "ins-a").contains(&InstanceStatus::Running),
+        "{seen:?} {more:?}"
+    );
+    assert_eq!(
+        h.board.get("ins-a").map(|e| e.status),
+        Some(InstanceStatus::Starting)
+    );
+    h.host.set_probe("ins-a", true);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+        })
+        .await;
+    let phases = seen.iter().find_map(|r| match r {
+        Report::Status(s) if s.status == InstanceStatus::Running as i32 => {
+            Some(s.phases_ms.clone())
+        }
+        _ => None,
+    });
+    assert_eq!(
+        phases.and_then(|p| p.get("pull").copied()),
+        Some(1.0),
+        "the deploy timings come with RUNNING"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_probe_marks_unhealthy_and_restarts_per_policy() {
+    let mut h = harness(FakeHost::default());
+    send(&h, vec![with_http_probe(assignment("ins-a"), 2)]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    h.host.set_probe("ins-a", false);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Unhealthy))
+        })
+        .await;
+    let unhealthy = seen.iter().find_map(|r| match r {
+        Report::Status(s) if s.status == InstanceStatus::Unhealthy as i32 => Some(s.reason.clone()),
+        _ => None,
+    });
+    assert!(
+        unhealthy
+            .as_deref()
+            .is_some_and(|r| r.contains("status 500") && r.contains("2 consecutive failures")),
+        "{seen:?}"
+    );
+    h.host.set_probe("ins-a", true);
+    let seen = h
+        .until(|rs| {
+            rs.iter().any(|r| {
+                matches!(r, Report::Status(s) if s.status == InstanceStatus::Running as i32
+                    && s.restarts == 1)
+            })
+        })
+        .await;
+    assert!(
+        seen.iter().any(|r| matches!(r, Report::Status(s)
+            if s.status == InstanceStatus::Failed as i32
+                && s.reason.starts_with("unhealthy: ")
+                && s.reason.ends_with("restarting in 1s"))),
+        "{seen:?}"
+    );
+    let s = h.host.state();
+    assert_eq!(s.halts, ["ins-a"], "stopped gracefully before the restart");
+    assert_eq!(s.starts.len(), 2);
+    assert_eq!(s.saved_restarts, [("ins-a".to_string(), 1)]);
+    assert_eq!(h.board.get("ins-a").map(|e| e.restarts), Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn probe_restarts_count_toward_on_failure_limits() {
+    let host = FakeHost::default();
+    let mut h = harness(host);
+    let mut a = with_http_probe(assignment("ins-a"), 1);
+    a.restart_policy = "on-failure".into();
+    a.max_restarts = 1;
+    send(&h, vec![a]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    h.host.set_probe("ins-a", false);
+    // One restart allowed; the second failure leaves it UNHEALTHY, still running.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = h.host.state();
+    assert_eq!(s.starts.len(), 2, "{:?}", s.starts);
+    assert_eq!(s.halts.len(), 1);
+    assert!(s.running.contains("ins-a"));
+    drop(s);
+    assert_eq!(
+        h.board.get("ins-a").map(|e| (e.status, e.restarts)),
+        Some((InstanceStatus::Unhealthy, 1))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_never_an_unhealthy_instance_stays_and_recovers_when_the_probe_passes() {
+    let mut h = harness(FakeHost::default());
+    let mut a = with_http_probe(assignment("ins-a"), 2);
+    a.restart_policy = "never".into();
+    send(&h, vec![a]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    h.host.set_probe("ins-a", false);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Unhealthy))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(h.host.state().halts.is_empty(), "never restarted");
+    assert!(h.prober.is_probing("ins-a"), "still probed");
+    h.host.set_probe("ins-a", true);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    assert_eq!(h.host.state().starts.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_adopted_probed_instance_stays_running_and_is_probed() {
+    let host = FakeHost::default();
+    let a = with_http_probe(assignment("ins-a"), 2);
+    host.state().running.insert("ins-a".into());
+    host.state().recovered.push(Recovered {
+        spec: InstanceSpec::try_from(a.clone()).expect("valid"),
+        liveness: Liveness::Running,
+        restarts: 1,
+        image_digest: DIGEST.into(),
+    });
+    let mut h = harness(host);
+    send(&h, vec![a]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+        })
+        .await;
+    assert!(
+        !statuses(&seen, "ins-a").contains(&InstanceStatus::Starting),
+        "an agent restart takes nothing out of routing: {seen:?}"
+    );
+    assert!(seen.iter().any(|r| matches!(r, Report::Status(s)
+        if s.image_digest == DIGEST && s.restarts == 1)));
+    assert!(h.prober.is_probing("ins-a"));
+    assert!(h.host.state().starts.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn probing_stops_before_a_stop_or_removal() {
+    let mut h = harness(FakeHost::default());
+    let a = with_http_probe(assignment("ins-a"), 2);
+    send(&h, vec![a.clone()]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    assert!(h.prober.is_probing("ins-a"));
+    let mut stopped = a.clone();
+    stopped.stopped = true;
+    send(&h, vec![stopped]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Stopped))
+    })
+    .await;
+    assert!(!h.prober.is_probing("ins-a"));
+    send(&h, vec![a]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    assert!(h.prober.is_probing("ins-a"), "probed again after the start");
+    send(&h, vec![]);
+    h.until(|rs| rs.contains(&Report::Removed("ins-a".into())))
+        .await;
+    assert!(!h.prober.is_probing("ins-a"));
+    assert!(h.prober.snapshot("ins-a").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn image_digest_is_reported_and_mirrored_on_the_board() {
+    let mut h = harness(FakeHost::default());
+    h.desired_tx.send_replace(Some(desired(&["ins-a"])));
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+        })
+        .await;
+    let running = seen.iter().find_map(|r| match r {
+        Report::Status(s) if s.status == InstanceStatus::Running as i32 => Some(s.clone()),
+        _ => None,
+    });
+    assert_eq!(running.map(|s| s.image_digest).as_deref(), Some(DIGEST));
+    let entry = h.board.get("ins-a").expect("on the board");
+    assert_eq!(entry.image_digest, DIGEST);
+    assert_eq!(entry.status, InstanceStatus::Running);
+    assert_eq!(
+        (entry.container_id.as_str(), entry.cpu_millis),
+        ("ctr-1", 500)
+    );
+    // A crash: the later reports keep the digest, the board counts the restart.
+    h.host.state().exits.push(("ins-a".into(), 2));
+    h.children_tx.send(()).expect("reconciler alive");
+    let seen = h.until(|rs| failed_then_running(rs, "ins-a")).await;
+    assert!(seen
+        .iter()
+        .all(|r| matches!(r, Report::Status(s) if s.image_digest == DIGEST)));
+    assert_eq!(h.board.get("ins-a").map(|e| e.restarts), Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_halt_is_reported_and_retried() {
+    let mut h = running("ins-a").await;
+    h.host.state().fail_next_halt.insert("ins-a".into());
+    let mut a = assignment("ins-a");
+    a.stopped = true;
+    send(&h, vec![a]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-a", InstanceStatus::Stopped))
+        })
+        .await;
+    assert!(
+        seen.iter().any(|r| matches!(r, Report::Status(s)
+            if s.status == InstanceStatus::Failed as i32 && s.reason.starts_with("stop failed:"))),
+        "{seen:?}"
+    );
+    assert_eq!(h.host.state().halts.len(), 2);
+    assert_eq!(h.host.state().starts.len(), 1);
 }

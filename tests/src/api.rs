@@ -177,6 +177,93 @@ impl Api {
         })
     }
 
+    /// `POST /v1/containers/{id}/{action}` (`stop`, `start`, `restart`), for all replicas or the one
+    /// named; expects 202 and returns the `status` it answered (e.g. "STOPPING").
+    pub fn lifecycle(
+        &self,
+        id: &str,
+        action: &str,
+        instance_id: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let body = match instance_id {
+            Some(i) => json!({ "instance_id": i }),
+            None => json!({}),
+        };
+        let r = self
+            .post(&format!("/v1/containers/{id}/{action}"), &body)?
+            .expect_status(202, &format!("{action} {id}"))?;
+        Ok(r.body["status"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// `POST /v1/containers/{id}/update` (202); returns the new revision.
+    pub fn update(&self, id: &str, body: &Value) -> anyhow::Result<u64> {
+        let r = self
+            .post(&format!("/v1/containers/{id}/update"), body)?
+            .expect_status(202, &format!("updating {id}"))?;
+        if r.body["status"] != "UPDATING" {
+            bail!("update of {id} answered {}", r.text);
+        }
+        r.body["revision"]
+            .as_u64()
+            .with_context(|| format!("no revision in {}", r.text))
+    }
+
+    /// `POST /v1/containers/{id}/rollback` (202), to `revision` or the previous one; returns the
+    /// revision it rolls back to.
+    pub fn rollback(&self, id: &str, revision: Option<u64>) -> anyhow::Result<u64> {
+        let body = match revision {
+            Some(r) => json!({ "revision": r }),
+            None => json!({}),
+        };
+        let r = self
+            .post(&format!("/v1/containers/{id}/rollback"), &body)?
+            .expect_status(202, &format!("rolling back {id}"))?;
+        if r.body["status"] != "ROLLING_BACK" {
+            bail!("rollback of {id} answered {}", r.text);
+        }
+        r.body["revision"]
+            .as_u64()
+            .with_context(|| format!("no revision in {}", r.text))
+    }
+
+    /// `GET /v1/containers/{id}/revisions` → the `revisions` array (oldest first).
+    pub fn revisions(&self, id: &str) -> anyhow::Result<Vec<Value>> {
+        let r = self
+            .get(&format!("/v1/containers/{id}/revisions"))?
+            .expect_status(200, "listing revisions")?;
+        list(&r.body, "revisions")
+    }
+
+    /// `GET /v1/containers/{id}/stats`.
+    pub fn stats(&self, id: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .get(&format!("/v1/containers/{id}/stats"))?
+            .expect_status(200, "reading stats")?
+            .body)
+    }
+
+    /// Opens a streaming `GET path` (no overall timeout), e.g. `/v1/events?watch=true`.
+    pub fn stream(&self, path: &str) -> anyhow::Result<crate::stream::LineStream> {
+        crate::stream::LineStream::open(&self.url(path))
+    }
+
+    /// Waits until the container's JSON satisfies `done`; returns it. The timeout error shows the
+    /// last JSON seen.
+    pub fn wait_container(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        crate::wait_for(&format!("{id}: {what}"), timeout, || {
+            let Some(c) = self.container(id)? else {
+                bail!("container {id} is gone");
+            };
+            Ok(if done(&c) { Ok(c) } else { Err(c.to_string()) })
+        })
+    }
+
     /// `GET /v1/nodes` → the `nodes` array.
     pub fn nodes(&self) -> anyhow::Result<Vec<Value>> {
         let r = self.get("/v1/nodes")?.expect_status(200, "listing nodes")?;
@@ -235,4 +322,19 @@ pub fn placements(c: &Value) -> Vec<(String, String, String)> {
         .collect();
     v.sort();
     v
+}
+
+/// The instance `instance_id` of a container's JSON.
+pub fn instance(c: &Value, instance_id: &str) -> Option<Value> {
+    instances(c)
+        .into_iter()
+        .find(|i| i["instance_id"] == instance_id)
+}
+
+/// Instances of a container's JSON that count as available: RUNNING (not stopped).
+pub fn available(c: &Value) -> usize {
+    instances(c)
+        .iter()
+        .filter(|i| i["status"] == "RUNNING" && i["stopped"] != true)
+        .count()
 }

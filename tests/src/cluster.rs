@@ -298,7 +298,7 @@ impl Cluster {
             .topology
             .create()
             .context("creating the bridge and netns hosts")?;
-        self.start_etcd(etcd_port)?;
+        self.start_etcd_retrying(etcd_port)?;
         self.start_registry()?;
         if self.builder.push_demo {
             self.push_demo_image()?;
@@ -359,6 +359,19 @@ impl Cluster {
         Ok(reference)
     }
 
+    /// Pushes an image to this cluster's registry as `demo/httpd:TAG`: the demo image itself
+    /// (`variant` None) or one of its variants ([`crate::image::variant_layout`]); returns its
+    /// reference. Pushing another image under an existing tag moves the tag.
+    pub fn push_image(&self, tag: &str, variant: Option<&str>) -> anyhow::Result<String> {
+        let layout = match variant {
+            Some(v) => crate::image::variant_layout(v)?,
+            None => crate::image::demo_layout()?,
+        };
+        let reference = format!("{}/{}:{tag}", self.state.registry, crate::image::DEMO_REPO);
+        crate::image::push(&layout, crate::image::DEMO_TAG, &reference)?;
+        Ok(reference)
+    }
+
     fn log_path(&self, name: &str) -> PathBuf {
         self.state.run_dir.join("logs").join(format!("{name}.log"))
     }
@@ -382,6 +395,35 @@ impl Cluster {
             self.state.save()?;
         }
         Ok(())
+    }
+
+    /// Starts etcd, on other ports when the ones picked were taken meanwhile: a cluster booting at
+    /// the same moment can be handed the same free port before either binds it.
+    fn start_etcd_retrying(&mut self, mut port: u16) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.start_etcd(port) {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 5 && format!("{e:#}").contains("address already in use") => {
+                    eprintln!(
+                        "cluster {}: etcd port taken, retrying elsewhere",
+                        self.state.prefix
+                    );
+                    if let Some(mut d) = self.etcd.take() {
+                        d.stop(STOP_GRACE);
+                    }
+                    self.forget("etcd");
+                    let data = self.state.run_dir.join("etcd");
+                    let _ = std::fs::remove_dir_all(&data);
+                    std::fs::create_dir_all(&data)?;
+                    port = free_port()?;
+                    self.state.etcd_url = format!("http://127.0.0.1:{port}");
+                    self.save()?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn start_etcd(&mut self, port: u16) -> anyhow::Result<()> {
@@ -593,6 +635,55 @@ impl Cluster {
                 Ok(b) => Err(format!("body {b:?}")),
                 Err(e) => Err(format!("{e:#}")),
             })
+        })
+    }
+
+    /// `GET http://IP:PORT/PATH` from the host of `node_id` with extra curl arguments; returns
+    /// `(HTTP status, content type, body)`. Fails only when curl cannot connect or times out.
+    pub fn curl_on_host(
+        &self,
+        node_id: &str,
+        url: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<(u16, String, String)> {
+        // The last line curl prints (after the body) carries the status and the content type.
+        const MARK: &str = "\n@@berth-tests@@ %{http_code} %{content_type}";
+        let mut args = vec!["-sS", "--max-time", "5", "-w", MARK];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = ok_stdout(
+            &format!("curl {url} from {node_id}"),
+            self.on_host(node_id, "curl", &args)?,
+        )?;
+        let Some((body, meta)) = out.rsplit_once("\n@@berth-tests@@ ") else {
+            bail!("curl {url}: no status line in {out:?}");
+        };
+        let (code, ctype) = meta.trim().split_once(' ').unwrap_or((meta.trim(), ""));
+        let code = code
+            .parse::<u16>()
+            .with_context(|| format!("curl {url}: status {code:?}"))?;
+        Ok((code, ctype.to_owned(), body.to_owned()))
+    }
+
+    /// The address of the host of `node_id` (what its agent advertises).
+    pub fn host_ip(&self, node_id: &str) -> anyhow::Result<String> {
+        Ok(self.state.host(node_id)?.ip.to_string())
+    }
+
+    /// The first process of an instance's cgroup (its init), found in the v1 memory hierarchy or the
+    /// cgroup2 one; None when the instance has no process.
+    pub fn init_pid(&self, node_id: &str, instance_id: &str) -> Option<u32> {
+        [
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup",
+        ]
+        .iter()
+        .find_map(|root| {
+            let procs = format!("{root}/berth-{node_id}/{instance_id}/cgroup.procs");
+            std::fs::read_to_string(procs)
+                .ok()
+                .and_then(|t| t.lines().find_map(|l| l.trim().parse::<u32>().ok()))
         })
     }
 

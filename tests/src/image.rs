@@ -62,8 +62,26 @@ nslookup "$t" 2>/dev/null | awk '/^Name:/ { n = 1 } n && /^Address/ { a = $NF } 
 
 /// The cached OCI layout holding the demo image under tag [`DEMO_TAG`]; built on first use.
 pub fn demo_layout() -> anyhow::Result<PathBuf> {
+    cached_layout(&format!("httpd-{RECIPE}"), None)
+}
+
+/// The cached OCI layout of a variant of the demo image (tag [`DEMO_TAG`]): the same image plus
+/// `/etc/berth-variant` holding `variant`, so it has a digest of its own (a "new version" for
+/// rolling updates). `variant`: lower-case letters, digits and '-'.
+pub fn variant_layout(variant: &str) -> anyhow::Result<PathBuf> {
+    if variant.is_empty()
+        || !variant
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        bail!("image variant {variant:?}: use lower-case letters, digits and '-'");
+    }
+    cached_layout(&format!("httpd-{RECIPE}-{variant}"), Some(variant))
+}
+
+fn cached_layout(name: &str, variant: Option<&str>) -> anyhow::Result<PathBuf> {
     let cache = crate::paths::harness_dir().join("oci");
-    let layout = cache.join(format!("httpd-{RECIPE}"));
+    let layout = cache.join(name);
     if layout.join("index.json").exists() {
         return Ok(layout);
     }
@@ -73,9 +91,9 @@ pub fn demo_layout() -> anyhow::Result<PathBuf> {
         .prefix(".build-")
         .tempdir_in(&cache)?;
     let staged = tmp.path().join("layout");
-    build_image(&staged, DEMO_TAG, None)?;
+    build_image(&staged, DEMO_TAG, variant)?;
     if std::fs::rename(&staged, &layout).is_err() && !layout.join("index.json").exists() {
-        bail!("could not move the demo image into {}", layout.display());
+        bail!("could not move the image into {}", layout.display());
     }
     Ok(layout)
 }

@@ -16,6 +16,8 @@ pub mod image;
 pub mod netns;
 pub mod paths;
 pub mod process;
+pub mod prom;
+pub mod stream;
 
 pub use api::{Api, Reply};
 pub use cluster::{Cluster, ClusterBuilder, ClusterState};

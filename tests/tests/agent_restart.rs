@@ -109,3 +109,94 @@ fn agent_restarted_while_hub_is_down_keeps_containers_serving() {
     );
     assert_all_serve(&cluster, &placed, "hub back");
 }
+
+/// The bound: the next agent process reports the same instances RUNNING within 5 s.
+const READOPT_BOUND: Duration = Duration::from_secs(5);
+
+#[test]
+fn agent_killed_with_20_containers_restarts_nothing_and_readopts_them_quickly() {
+    let mut cluster = Cluster::builder()
+        .nodes(1)
+        .start()
+        .expect("starting the cluster");
+    let api = cluster.api().clone();
+    api.create_network("many", "10.82.0.0/24").expect("network");
+    let id = api
+        .create_container(&json!({
+            "image": cluster.demo_image(), "cpu": "0.05", "memory": "16MB",
+            "network_id": "many", "replicas": 20,
+        }))
+        .expect("deploy");
+    let c = api
+        .wait_running(&id, 20, Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let placed = placements(&c);
+    assert_all_serve(&cluster, &placed, "after deploy");
+    let pids_of = |cluster: &Cluster| -> Vec<Option<u32>> {
+        placed
+            .iter()
+            .map(|(iid, node, _)| cluster.init_pid(node, iid))
+            .collect()
+    };
+    let pids = pids_of(&cluster);
+    assert!(pids.iter().all(Option::is_some), "init pids: {pids:?}");
+
+    cluster.kill_agent(0);
+    assert_all_serve(&cluster, &placed, "agent killed");
+
+    let restarted_at = std::time::SystemTime::now();
+    let started = std::time::Instant::now();
+    cluster.start_agent(0).expect("restarting the agent");
+    let fresh = |c: &serde_json::Value| {
+        let inst = berth_tests::api::instances(c);
+        inst.len() == 20
+            && inst.iter().all(|i| {
+                i["status"] == "RUNNING"
+                    && i["updated_at"]
+                        .as_str()
+                        .and_then(|t| {
+                            time::OffsetDateTime::parse(
+                                t,
+                                &time::format_description::well_known::Rfc3339,
+                            )
+                            .ok()
+                        })
+                        .is_some_and(|t| std::time::SystemTime::from(t) >= restarted_at)
+            })
+    };
+    let after = wait_for(
+        "every instance reported RUNNING by the new agent",
+        Duration::from_secs(60),
+        || {
+            let c = api
+                .container(&id)?
+                .ok_or_else(|| anyhow::anyhow!("{id} is gone"))?;
+            Ok(if fresh(&c) { Ok(c) } else { Err(c.to_string()) })
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let took = started.elapsed();
+    eprintln!("the new agent reported all 20 RUNNING {took:?} after its start");
+    assert!(
+        took < READOPT_BOUND,
+        "the new agent reported all 20 RUNNING after {took:?} (bound {READOPT_BOUND:?})"
+    );
+    assert_eq!(
+        placements(&after),
+        placed,
+        "same instances and IPs: {after}"
+    );
+    assert!(
+        berth_tests::api::instances(&after)
+            .iter()
+            .all(|i| i["restarts"] == 0),
+        "restarts must stay 0: {after}"
+    );
+    assert_eq!(pids_of(&cluster), pids, "containers were restarted");
+    assert_all_serve(&cluster, &placed, "agent back");
+    // A late reconcile must not change anything either.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pids_of(&cluster), pids, "containers restarted later");
+    let later = api.container(&id).expect("get").expect("exists");
+    assert_eq!(placements(&later), placed, "{later}");
+}

@@ -8,11 +8,14 @@ use berth_tests::image::DEMO_BODY;
 use berth_tests::{wait_for, Cluster};
 use serde_json::json;
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
-/// Generous: the target (10 s) is measured by `cargo xtask bench heal`, not asserted here.
+/// Generous deadline for waits; the heal itself is held to [`HEAL_BOUND`].
 const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The bound: a killed node's replicas RUNNING elsewhere in under 10 s with default
+/// settings (`cargo xtask bench heal` measures it on release builds).
+const HEAL_BOUND: Duration = Duration::from_secs(10);
 
 #[test]
 fn a_killed_node_is_healed_around_and_does_not_duplicate_when_back() {
@@ -41,6 +44,7 @@ fn a_killed_node_is_healed_around_and_does_not_duplicate_when_back() {
         "a replica should run on {victim_id}: {before}"
     );
 
+    let killed = Instant::now();
     cluster.kill_node(victim).expect("killing the node");
 
     // The replicas come back on the other nodes and serve there.
@@ -58,6 +62,11 @@ fn a_killed_node_is_healed_around_and_does_not_duplicate_when_back() {
         },
     )
     .expect("healed");
+    let took = killed.elapsed();
+    assert!(
+        took < HEAL_BOUND,
+        "replicas RUNNING elsewhere {took:?} after the kill (bound {HEAL_BOUND:?})"
+    );
     let placed = placements(&healed);
     for (iid, node, ip) in &placed {
         if let Err(e) = cluster.wait_serving(node, ip, DEMO_BODY, Duration::from_secs(10)) {

@@ -15,6 +15,10 @@ pub struct ImageConfig {
     pub working_dir: Option<String>,
     /// `User` (`uid`, `uid:gid`, or names to resolve inside the rootfs); `None` when unset or empty.
     pub user: Option<String>,
+    /// `StopSignal` (`SIGQUIT`, `QUIT`, `3`…) as written; `None` when unset or empty (SIGTERM).
+    /// Defaulted so image records written before it existed still load.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
 }
 
 /// What the image config says about the image, beyond the process defaults.
@@ -47,6 +51,8 @@ struct RawConfig {
     working_dir: Option<String>,
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    stop_signal: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -66,6 +72,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<ParsedConfig, serde_json::Error> {
             env: c.env.unwrap_or_default(),
             working_dir: non_empty(c.working_dir),
             user: non_empty(c.user),
+            stop_signal: non_empty(c.stop_signal),
         },
         None => ImageConfig::default(),
     };
@@ -83,7 +90,7 @@ mod tests {
     #[test]
     fn parses_oci_and_docker_configs() {
         let oci = br#"{"architecture":"amd64","os":"linux",
-            "config":{"Entrypoint":["/bin/httpd"],"Cmd":["-f","-p","80"],"Env":["PATH=/bin"],"WorkingDir":"/www","User":"1000:1000"},
+            "config":{"Entrypoint":["/bin/httpd"],"Cmd":["-f","-p","80"],"Env":["PATH=/bin"],"WorkingDir":"/www","User":"1000:1000","StopSignal":"SIGQUIT"},
             "rootfs":{"type":"layers","diff_ids":["sha256:aa"]}}"#;
         let p = parse(oci).unwrap();
         assert_eq!(p.config.entrypoint, ["/bin/httpd"]);
@@ -91,6 +98,7 @@ mod tests {
         assert_eq!(p.config.env, ["PATH=/bin"]);
         assert_eq!(p.config.working_dir.as_deref(), Some("/www"));
         assert_eq!(p.config.user.as_deref(), Some("1000:1000"));
+        assert_eq!(p.config.stop_signal.as_deref(), Some("SIGQUIT"));
         assert_eq!(p.diff_ids, ["sha256:aa"]);
 
         let docker = br#"{"config":{"Entrypoint":null,"Cmd":["sh"],"Env":null,"WorkingDir":"","User":""},"rootfs":{"type":"layers","diff_ids":[]}}"#;
@@ -99,9 +107,18 @@ mod tests {
         assert_eq!(p.config.cmd, ["sh"]);
         assert_eq!(p.config.working_dir, None);
         assert_eq!(p.config.user, None);
+        assert_eq!(p.config.stop_signal, None);
 
         assert_eq!(parse(b"{}").unwrap().config, ImageConfig::default());
         assert!(parse(b"not json").is_err());
         assert!(parse(br#"{"config":{"Cmd":"sh"}}"#).is_err());
+    }
+
+    #[test]
+    fn records_written_before_stop_signal_still_load() {
+        let old = r#"{"entrypoint":[],"cmd":["sh"],"env":[],"working_dir":null,"user":null}"#;
+        let c: ImageConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(c.stop_signal, None);
+        assert_eq!(c.cmd, ["sh"]);
     }
 }

@@ -67,6 +67,31 @@ mod tests {
     }
 
     #[test]
+    fn pinned_references_keep_tag_and_digest_and_fetch_by_digest() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let pinned = parse(&format!("127.0.0.1:5000/app:v1@{digest}")).unwrap();
+        assert_eq!(pinned.registry(), "127.0.0.1:5000");
+        assert_eq!(pinned.repository(), "app");
+        assert_eq!(pinned.tag(), Some("v1"));
+        assert_eq!(pinned.digest(), Some(digest.as_str()));
+        // The cache key keeps both, so a pin never shares an entry with its moving tag.
+        assert_eq!(pinned.whole(), format!("127.0.0.1:5000/app:v1@{digest}"));
+
+        let bare = parse(&format!("127.0.0.1:5000/app@{digest}")).unwrap();
+        assert_eq!(bare.tag(), None);
+        assert_eq!(bare.digest(), Some(digest.as_str()));
+        assert_eq!(bare.whole(), format!("127.0.0.1:5000/app@{digest}"));
+
+        let nested = parse(&format!("localhost:5000/team/app:1.2@{digest}")).unwrap();
+        assert_eq!(nested.repository(), "team/app");
+        assert_eq!(nested.digest(), Some(digest.as_str()));
+
+        // A pin must be a full sha256.
+        assert!(validate("127.0.0.1:5000/app:v1@sha256:abc").is_err());
+        assert!(validate(&format!("127.0.0.1:5000/app:v1@{}", digest.to_uppercase())).is_err());
+    }
+
+    #[test]
     fn rejects_garbage_with_a_clear_message() {
         for bad in [
             "",

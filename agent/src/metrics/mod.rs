@@ -3,7 +3,8 @@
 //! Nothing is recorded per sample: every value is read at scrape time, from the instances' cgroups
 //! (CPU, memory) and from what the agent already keeps (restarts, probe state, the eBPF traffic
 //! counters), through [`InstanceSource`]. The agent aggregates on the node and the hub never sees
-//! a sample, so a scrape costs a few file reads per instance and etcd nothing.
+//! a sample, so a scrape costs a few file reads per instance and etcd nothing. The agent's source
+//! is [`BoardSource`] (the reconciler's instance board, the eBPF counters, the prober).
 //!
 //! Metric names (labels `instance_id`, `container_id`, `container_name`, `node_id` on every
 //! `berth_instance_*` series; `node_id` on every `berth_node_*` series):
@@ -23,6 +24,7 @@
 //! | `berth_node_memory_capacity_bytes`, `berth_node_memory_allocated_bytes` | gauge | offered / sum of requests |
 //! | `berth_node_instances` (+ `status`) | gauge | instances by status |
 
+pub mod board;
 pub mod cgroup;
 
 use std::collections::BTreeMap;
@@ -44,7 +46,11 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 pub use crate::ebpf::Counters;
+pub use board::{BoardSource, InstanceStats, ProbeStates, TrafficCounters};
 pub use cgroup::{CgroupReader, CgroupUsage};
+
+/// Port of `--listen-metrics` when only the address is defaulted (the advertise IP).
+pub const DEFAULT_PORT: u16 = 9751;
 
 /// `Content-Type` of the OpenMetrics text format.
 pub const OPENMETRICS_CONTENT_TYPE: &str =

@@ -11,12 +11,14 @@
 pub mod cgroup;
 pub mod exec;
 mod reaper;
+pub mod signal;
 mod spec;
 mod youki;
 
 use std::path::PathBuf;
 
 pub use exec::{run_exec_helper, Exec, EXEC_HELPER_ARG};
+pub use signal::parse_signal;
 pub use spec::{build_spec, CPU_PERIOD_US, NOFILE_LIMIT};
 pub use youki::{run_create_helper, Runtime, HELPER_ARG};
 

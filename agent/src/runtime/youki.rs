@@ -139,6 +139,13 @@ impl Runtime {
         self
     }
 
+    /// How to run commands inside this runtime's containers (health probes' `exec`): through the
+    /// create helper's executable, which is the agent binary and dispatches the exec helper too.
+    /// `None` without a create helper.
+    pub fn exec_helper(&self) -> Option<super::exec::Exec> {
+        self.create_helper.clone().map(super::exec::Exec::new)
+    }
+
     /// The cgroup parent this runtime puts its containers under.
     pub fn cgroup_parent(&self) -> &str {
         &self.cgroup_parent
@@ -415,7 +422,20 @@ impl Runtime {
     /// container's cgroups and the parent's when they became empty. Ok for unknown or
     /// half-deleted ids.
     pub fn remove(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
-        let span = tracing::info_span!("runtime_remove", id);
+        self.remove_with_signal(id, Signal::SIGTERM, grace)
+    }
+
+    /// [`Runtime::remove`] with another stop signal than SIGTERM (the image's `StopSignal` or the
+    /// user's `stop_signal`): `signal` first, up to `grace` for the processes to exit, then SIGKILL.
+    /// The grace is skipped when the container's init has no handler for `signal` (pid 1 of a
+    /// namespace ignores signals it does not catch, so waiting would only delay the SIGKILL).
+    pub fn remove_with_signal(
+        &self,
+        id: &str,
+        signal: Signal,
+        grace: Duration,
+    ) -> Result<(), RuntimeError> {
+        let span = tracing::info_span!("runtime_remove", id, signal = %signal);
         let _span = span.enter();
         if !is_valid_name(id) {
             // Never joined to a path: nothing of it can exist.
@@ -426,18 +446,20 @@ impl Runtime {
                 let _lock = libcontainer_lock();
                 match self.load(id) {
                     Ok(Some(mut c)) if c.status() == ContainerStatus::Running => {
-                        // The init is pid 1 of its namespace: without a handler it ignores SIGTERM,
-                        // and waiting out the grace would only delay the SIGKILL below.
-                        let init_listens = c.pid().is_none_or(|pid| catches_sigterm(pid.as_raw()));
+                        // The init is pid 1 of its namespace: without a handler it ignores the
+                        // signal, and waiting out the grace would only delay the SIGKILL below.
+                        let init_listens = c
+                            .pid()
+                            .is_none_or(|pid| super::signal::catches(pid.as_raw(), signal));
                         // `all`: signal through the cgroup, never a possibly reused pid.
-                        c.kill(Signal::SIGTERM, true).is_ok() && init_listens
+                        c.kill(signal, true).is_ok() && init_listens
                     }
                     _ => false,
                 }
             };
             // Wait without the lock: other containers keep being created meanwhile.
             if signalled && self.wait_exit(id, grace) {
-                tracing::debug!("exited after SIGTERM");
+                tracing::debug!("exited after the stop signal");
             }
         }
 
@@ -655,19 +677,6 @@ fn open_stdio(output: Output) -> Result<(File, OwnedFd, OwnedFd), RuntimeError> 
             Ok((stdin, stdout.into(), stderr.into()))
         }
     }
-}
-
-/// Whether process `pid` has a SIGTERM handler installed (`SigCgt` in /proc/PID/status). Unknown
-/// counts as yes, so a container is never denied its grace period by mistake.
-fn catches_sigterm(pid: i32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return true;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_none_or(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
 }
 
 /// The first argument that makes the agent binary act as a create helper.
