@@ -95,7 +95,11 @@ mod tests {
         board.set(entry("b", InstanceStatus::Running));
         board.set(entry("a", InstanceStatus::Pulling));
         board.set(entry("a", InstanceStatus::Running));
-        let ids: Vec<_> = reader.snapshot().into_iter().map(|e| e.instance_id).collect();
+        let ids: Vec<_> = reader
+            .snapshot()
+            .into_iter()
+            .map(|e| e.instance_id)
+            .collect();
         assert_eq!(ids, ["a", "b"]);
         assert_eq!(reader.get("a").unwrap().status, InstanceStatus::Running);
         board.remove("a");

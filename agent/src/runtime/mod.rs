@@ -4,7 +4,8 @@
 //! libcontainer (create, start, state, kill, delete), `cgroup` finds and removes the cgroup
 //! directories berth made on hybrid (v1 + v2) and pure v2 hosts, and `reaper` tracks the init
 //! processes this agent is the parent of, so their exit status is collected without ever calling
-//! `waitpid(-1)` (tokio's process driver owns the agent's other children).
+//! `waitpid(-1)` (tokio's process driver owns the agent's other children). `signal` parses stop
+//! signals as users and images name them and tells whether an init handles one.
 //!
 //! Every call here blocks: run them in `spawn_blocking`.
 
