@@ -81,19 +81,29 @@ fn metrics_of_hub_and_agent_parse_and_stats_answer() {
 
     // Hub: both formats parse; request, scheduling and etcd latencies have observations.
     for accept in [None, Some(ACCEPT_OPENMETRICS)] {
-        let s = ok(hub_scrape(&cluster, accept));
+        // The leader refreshes its cluster gauges after its passes (at most once a second, and at
+        // least every resync): the nodes may not be in them yet right after the deploy.
+        let s = ok(wait_for(
+            "hub metrics with every series",
+            RUN_TIMEOUT,
+            || {
+                let s = hub_scrape(&cluster, accept)?;
+                Ok(s.require(&[
+                    "berth_hub_http_requests_total",
+                    "berth_hub_http_request_duration_seconds",
+                    "berth_hub_scheduling_latency_seconds",
+                    "berth_hub_etcd_request_duration_seconds",
+                    "berth_hub_node_cpu_capacity_cores",
+                ])
+                .map(|()| s)
+                .map_err(|e| format!("{e:#}")))
+            },
+        ));
         assert_eq!(
             s.openmetrics,
             accept.is_some(),
             "format negotiated by Accept"
         );
-        ok(s.require(&[
-            "berth_hub_http_requests_total",
-            "berth_hub_http_request_duration_seconds",
-            "berth_hub_scheduling_latency_seconds",
-            "berth_hub_etcd_request_duration_seconds",
-            "berth_hub_node_cpu_capacity_cores",
-        ]));
         for h in [
             "berth_hub_http_request_duration_seconds",
             "berth_hub_scheduling_latency_seconds",
