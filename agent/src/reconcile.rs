@@ -851,8 +851,11 @@ impl<H: Host> Reconciler<H> {
                     l.phase = Phase::Backoff {
                         retry_at: now + delay,
                     };
+                    // Still UNHEALTHY (with the restart in the reason), not FAILED: the reporter
+                    // keeps only the latest status per instance, and a quick halt must not hide
+                    // from the hub why the replica is being restarted.
                     self.out
-                        .report(l, InstanceStatus::Failed, reason, HashMap::new());
+                        .report(l, InstanceStatus::Unhealthy, reason, HashMap::new());
                 }
             },
             Err(reason) => {

@@ -1119,7 +1119,7 @@ async fn a_failing_probe_marks_unhealthy_and_restarts_per_policy() {
         .await;
     assert!(
         seen.iter().any(|r| matches!(r, Report::Status(s)
-            if s.status == InstanceStatus::Failed as i32
+            if s.status == InstanceStatus::Unhealthy as i32
                 && s.reason.starts_with("unhealthy: ")
                 && s.reason.ends_with("restarting in 1s"))),
         "{seen:?}"
