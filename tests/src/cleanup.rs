@@ -273,7 +273,13 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let found = pids_naming(&marker);
+        // Right after the fork the child still shows the test's command line: wait for its exec.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = pids_naming(&marker);
+        while !found.contains(&child.id()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            found = pids_naming(&marker);
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(found.contains(&child.id()), "{found:?}");
