@@ -5,6 +5,7 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::service::actions::Action;
 use crate::service::view::health_from_proto;
 use crate::service::{
     CreateContainer, RegisterNode, Service, UpdateContainer, HEARTBEAT_INTERVAL_SECS,
@@ -26,6 +27,21 @@ impl Grpc {
     /// gRPC handlers over `service`.
     pub fn new(service: Service) -> Self {
         Grpc { service }
+    }
+
+    /// Stop, start or restart (all replicas, or the one named).
+    async fn act(
+        &self,
+        r: &v1::LifecycleRequest,
+        action: Action,
+    ) -> GrpcResult<v1::LifecycleResponse> {
+        let status = self
+            .service
+            .act(&r.container_id, Some(&r.instance_id), action)
+            .await?;
+        Ok(Response::new(v1::LifecycleResponse {
+            status: status.to_owned(),
+        }))
     }
 }
 
@@ -201,14 +217,7 @@ impl ContainerService for Grpc {
         &self,
         req: Request<v1::LifecycleRequest>,
     ) -> GrpcResult<v1::LifecycleResponse> {
-        let r = req.get_ref();
-        let status = self
-            .service
-            .stop_container(&r.container_id, Some(&r.instance_id))
-            .await?;
-        Ok(Response::new(v1::LifecycleResponse {
-            status: status.to_owned(),
-        }))
+        self.act(req.get_ref(), Action::Stop).await
     }
 
     #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
@@ -216,14 +225,7 @@ impl ContainerService for Grpc {
         &self,
         req: Request<v1::LifecycleRequest>,
     ) -> GrpcResult<v1::LifecycleResponse> {
-        let r = req.get_ref();
-        let status = self
-            .service
-            .start_container(&r.container_id, Some(&r.instance_id))
-            .await?;
-        Ok(Response::new(v1::LifecycleResponse {
-            status: status.to_owned(),
-        }))
+        self.act(req.get_ref(), Action::Start).await
     }
 
     #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
@@ -231,14 +233,7 @@ impl ContainerService for Grpc {
         &self,
         req: Request<v1::LifecycleRequest>,
     ) -> GrpcResult<v1::LifecycleResponse> {
-        let r = req.get_ref();
-        let status = self
-            .service
-            .restart_container(&r.container_id, Some(&r.instance_id))
-            .await?;
-        Ok(Response::new(v1::LifecycleResponse {
-            status: status.to_owned(),
-        }))
+        self.act(req.get_ref(), Action::Restart).await
     }
 
     #[tracing::instrument(skip_all, fields(container_id = %req.get_ref().container_id))]

@@ -88,7 +88,8 @@ impl Service {
         self.act(id_or_name, instance_id, Action::Restart).await
     }
 
-    async fn act(
+    /// Carries out `action` on every replica, or on the one given. Returns the status to answer with.
+    pub async fn act(
         &self,
         id_or_name: &str,
         instance_id: Option<&str>,

@@ -3,7 +3,7 @@
 //! Requests come in as the small input structs below (each edge converts its wire form into them) and
 //! answers go out as `berth_proto::v1` messages, which REST turns into JSON at its edge.
 
-mod actions;
+pub mod actions;
 mod agent;
 mod containers;
 pub mod endpoints;
