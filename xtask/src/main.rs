@@ -94,12 +94,12 @@ fn cargo() -> std::process::Command {
     cmd.current_dir(berth_tests::paths::workspace_root());
     if ci() {
         cmd.env("CARGO_TERM_COLOR", "never");
+        // A fresh clone builds once: incremental caches would only double the disk it needs.
+        cmd.env("CARGO_INCREMENTAL", "0");
     }
     cmd
 }
 
-/// Builds the release binaries the dev cluster and the benchmarks run, with cargo's progress shown
-/// (the harness would build them too, but quietly).
 /// Builds the eBPF object (the agent embeds it), then the release binaries.
 fn build_release() -> anyhow::Result<()> {
     ebpf::build()?;
