@@ -301,7 +301,11 @@ async fn run(args: Args) -> Result<(), Failure> {
         .context("--hub")
         .map_err(Failure::Config)?;
 
-    let data = &args.data_dir;
+    // Absolute from here on: libcontainer's start changes this process's working directory for a
+    // moment, and a relative path used meanwhile by another task would land in a container's state.
+    let data = &std::path::absolute(&args.data_dir)
+        .with_context(|| format!("--data-dir {}", args.data_dir.display()))
+        .map_err(Failure::Config)?;
     std::fs::create_dir_all(data)
         .with_context(|| format!("create {}", data.display()))
         .map_err(Failure::Setup)?;

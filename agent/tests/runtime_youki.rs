@@ -4,150 +4,13 @@
 //! cgroup parent and runtime root (random suffix) and cleans up in `Drop` even when it panics.
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
-use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+mod runtime_support;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use berth_agent::logs::LogShim;
-use berth_agent::runtime::{cgroup, ContainerConfig, Runtime, RuntimeError, Status};
-
-/// States what these tests need, and fails loudly without it rather than skipping.
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "runtime_youki tests need root (namespaces, cgroups, pivot_root); run them as root"
-    );
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "runtime_youki tests need /bin/busybox (apt-get install busybox-static)"
-    );
-}
-
-fn suffix() -> String {
-    format!("{:08x}", rand::random::<u32>())
-}
-
-/// A busybox rootfs: bin/busybox with applet symlinks and the usual empty mount points.
-fn make_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "sleep", "cat", "echo", "httpd", "true", "ls", "id", "hostname",
-    ] {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    root
-}
-
-/// One runtime with its own root dir and cgroup parent; removes everything it made on drop.
-struct Fixture {
-    dir: tempfile::TempDir,
-    rootfs: PathBuf,
-    parent: String,
-    runtime: Runtime,
-    ids: std::cell::RefCell<Vec<String>>,
-}
-
-impl Fixture {
-    fn new() -> Self {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let rootfs = make_rootfs(dir.path());
-        let parent = format!("berth-test-{}", suffix());
-        // Output goes through pipes to a log shim, as in the agent.
-        let runtime = Runtime::new(&dir.path().join("runtime"), parent.clone())
-            .unwrap()
-            .with_log_shim(LogShim::new(PathBuf::from(env!(
-                "CARGO_BIN_EXE_berth-agent"
-            ))));
-        Self {
-            dir,
-            rootfs,
-            parent,
-            runtime,
-            ids: Default::default(),
-        }
-    }
-
-    /// The same fixture, creating through the agent binary as a helper process (as the agent does).
-    fn with_helper() -> Self {
-        // The init is the helper's child; as subreaper this test process inherits it.
-        nix::sys::prctl::set_child_subreaper(true).unwrap();
-        let mut f = Self::new();
-        f.runtime = Runtime::new(&f.dir.path().join("runtime"), f.parent.clone())
-            .unwrap()
-            .with_create_helper(PathBuf::from(env!("CARGO_BIN_EXE_berth-agent")));
-        f
-    }
-
-    fn config(&self, args: &[&str]) -> ContainerConfig {
-        let id = format!("ins-{}", suffix());
-        self.ids.borrow_mut().push(id.clone());
-        ContainerConfig {
-            id,
-            rootfs: self.rootfs.clone(),
-            args: args.iter().map(|s| (*s).to_owned()).collect(),
-            env: vec!["GREETING=hello".into()],
-            cwd: "/".into(),
-            uid: 0,
-            gid: 0,
-            hostname: "berth-test".into(),
-            cpu_millis: 500,
-            memory_bytes: 64 * 1024 * 1024,
-            resolv_conf: None,
-        }
-    }
-
-    fn log(&self, id: &str) -> PathBuf {
-        self.dir.path().join(format!("{id}.log"))
-    }
-
-    /// Creates and starts, returning the init pid.
-    fn run(&self, cfg: &ContainerConfig) -> i32 {
-        let pid = self.runtime.create(cfg, &self.log(&cfg.id)).unwrap();
-        self.runtime.start(&cfg.id).unwrap();
-        pid
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        for id in self.ids.borrow().iter() {
-            if let Err(e) = self.runtime.remove(id, Duration::ZERO) {
-                eprintln!("cleanup of {id} failed: {e}");
-            }
-        }
-        // Whatever a failed test left in our parent's cgroups: kill, then rmdir leaves first.
-        for parent in cgroup::parent_dirs(&self.parent) {
-            if let Ok(entries) = std::fs::read_dir(&parent) {
-                for e in entries.flatten() {
-                    if e.path().is_dir() {
-                        for pid in cgroup::pids(&[e.path()]) {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                        let _ = std::fs::remove_dir(e.path());
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(&parent);
-        }
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use berth_agent::runtime::{cgroup, Runtime, RuntimeError, Status};
+use runtime_support::{wait_for, Fixture};
 
 fn read_cgroup_file(parent: &str, id: &str, names: &[&str]) -> Option<String> {
     cgroup::container_dirs(parent, id)
@@ -172,7 +35,7 @@ fn proc_alive(pid: i32) -> bool {
 
 #[test]
 fn full_lifecycle_with_limits_log_and_cleanup() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&["sh", "-c", "echo $GREETING; sleep 1000"]);
     let id = cfg.id.clone();
 
@@ -241,7 +104,7 @@ fn full_lifecycle_with_limits_log_and_cleanup() {
 
 #[test]
 fn exited_container_is_stopped_and_reaped() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&["sh", "-c", "echo bye; exit 7"]);
     let id = cfg.id.clone();
     let pid = f.run(&cfg);
@@ -266,7 +129,7 @@ fn exited_container_is_stopped_and_reaped() {
 
 #[test]
 fn killed_container_reports_signal() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&["sleep", "1000"]);
     let id = cfg.id.clone();
     let pid = f.run(&cfg);
@@ -286,7 +149,7 @@ fn killed_container_reports_signal() {
 
 #[test]
 fn create_twice_is_already_exists() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&["sleep", "1000"]);
     f.runtime.create(&cfg, &f.log(&cfg.id)).unwrap();
     match f.runtime.create(&cfg, &f.log(&cfg.id)) {
@@ -305,7 +168,7 @@ fn create_twice_is_already_exists() {
 
 #[test]
 fn sigterm_grace_lets_the_process_exit() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&[
         "sh",
         "-c",
@@ -332,7 +195,7 @@ fn sigterm_grace_lets_the_process_exit() {
 #[test]
 fn init_without_a_sigterm_handler_is_not_waited_for() {
     // pid 1 of a namespace ignores SIGTERM unless it installs a handler: the grace would be dead time.
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&["sleep", "1000"]);
     let id = cfg.id.clone();
     f.run(&cfg);
@@ -348,7 +211,7 @@ fn init_without_a_sigterm_handler_is_not_waited_for() {
 
 #[test]
 fn parent_cgroup_stays_while_another_container_lives() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let a = f.config(&["sleep", "1000"]);
     let b = f.config(&["sleep", "1000"]);
     f.run(&a);
@@ -369,8 +232,8 @@ fn parent_cgroup_stays_while_another_container_lives() {
 
 #[test]
 fn two_runtimes_do_not_interfere() {
-    let f1 = Fixture::new();
-    let f2 = Fixture::new();
+    let f1 = Fixture::in_process();
+    let f2 = Fixture::in_process();
     let a = f1.config(&["sleep", "1000"]);
     let b = f2.config(&["sleep", "1000"]);
     f1.run(&a);
@@ -394,7 +257,7 @@ fn two_runtimes_do_not_interfere() {
 
 #[test]
 fn half_deleted_container_is_removed() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&["sleep", "1000"]);
     let id = cfg.id.clone();
     let pid = f.run(&cfg);
@@ -418,7 +281,7 @@ fn half_deleted_container_is_removed() {
 
 #[test]
 fn failed_create_leaves_nothing() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&["/bin/does-not-exist"]);
     let id = cfg.id.clone();
     // youki checks the executable before reporting the init ready, so create itself fails.
@@ -452,7 +315,7 @@ fn our_youki_children() -> bool {
 
 #[test]
 fn new_runtime_on_the_same_root_recovers_containers() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let cfg = f.config(&["sleep", "1000"]);
     let id = cfg.id.clone();
     let pid = f.run(&cfg);
@@ -479,7 +342,7 @@ fn new_runtime_on_the_same_root_recovers_containers() {
 
 #[test]
 fn process_runs_as_configured() {
-    let f = Fixture::new();
+    let f = Fixture::in_process();
     let mut cfg = f.config(&[
         "sh",
         "-c",

@@ -120,7 +120,7 @@ fn deploy_once(
 /// `instances[].phases_ms` (proto `Instance.phases_ms`: "schedule" from the hub; "pull", "rootfs",
 /// "create", "network", "start" from the agent). Replicas start in parallel, so a phase counts with its
 /// slowest replica. Empty while the hub does not expose the field.
-fn phase_breakdown(container: &Value) -> BTreeMap<String, f64> {
+pub(crate) fn phase_breakdown(container: &Value) -> BTreeMap<String, f64> {
     let mut phases = BTreeMap::new();
     for inst in container["instances"].as_array().into_iter().flatten() {
         let Some(map) = inst["phases_ms"].as_object() else {

@@ -101,6 +101,8 @@ fn node_death(replicas: usize) -> anyhow::Result<String> {
         .iter()
         .filter(|(_, n, _)| *n == victim_id)
         .count();
+    let before: std::collections::BTreeSet<String> =
+        placements(&c).into_iter().map(|(iid, _, _)| iid).collect();
     let api = cluster.api().clone();
     let killed = Instant::now();
     cluster.kill_node(victim)?;
@@ -135,6 +137,21 @@ fn node_death(replicas: usize) -> anyhow::Result<String> {
         }
         Ok(all_running(&c, replicas) && placements(&c).iter().all(|(_, n, _)| *n != victim_id))
     })?;
+    // Where a moved replica's start went (the slowest moved replica per phase).
+    let Some(c) = api.container(&id)? else {
+        bail!("container {id} vanished");
+    };
+    let moved = json!({
+        "instances": instances(&c)
+            .into_iter()
+            .filter(|i| !before.contains(i["instance_id"].as_str().unwrap_or_default()))
+            .collect::<Vec<_>>()
+    });
+    let phases = crate::bench::phase_breakdown(&moved)
+        .iter()
+        .map(|(p, ms)| format!("{p} {ms:.0} ms"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let at = |d: Option<Duration>| {
         d.map(|d| format!("{:.2} s", d.as_secs_f64()))
             .unwrap_or_else(|| "not seen".into())
@@ -142,11 +159,12 @@ fn node_death(replicas: usize) -> anyhow::Result<String> {
     Ok(format!(
         "node killed with {on_victim} of {replicas} replicas on it: all {replicas} RUNNING elsewhere \
          after {:.2} s (node shown DOWN at {}, all replicas placed off it at {}, first moved one \
-         RUNNING at {}; lease 3 s + DOWN delay 2 s by default)",
+         RUNNING at {}; lease 3 s + DOWN delay 2 s by default; slowest moved replica per phase: {})",
         healed.as_secs_f64(),
         at(down_at),
         at(placed_at),
         at(first_running_at),
+        phases,
     ))
 }
 

@@ -11,6 +11,7 @@
 
 pub mod cgroup;
 pub mod exec;
+mod locks;
 mod reaper;
 pub mod signal;
 mod spec;

@@ -24,6 +24,7 @@ use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 
+use super::locks;
 use super::reaper::{Child, Reaper};
 use super::spec::{build_spec, is_valid_name};
 use super::{cgroup, ContainerConfig, ContainerState, RuntimeError, Status};
@@ -33,11 +34,6 @@ use crate::logs::LogShim;
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(5);
 
-/// libcontainer changes process-wide state while building a container (dumpable flag, possibly
-/// oom_score_adj) and writes state files non-atomically, so every libcontainer call in this
-/// process is serialized, across all `Runtime` values.
-static LIBCONTAINER: Mutex<()> = Mutex::new(());
-
 /// How long a create may wait on libcontainer's helper processes before they are presumed stuck.
 const CREATE_WATCHDOG: Duration = Duration::from_secs(10);
 
@@ -46,11 +42,6 @@ const SHIM_EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// The create helper's third argument when the container's stdout and stderr are at fds 3 and 4.
 const INHERITED_STDIO: &str = "--stdio-fds";
-
-fn libcontainer_lock() -> MutexGuard<'static, ()> {
-    // The guarded data is `()`: a panic while holding it leaves nothing inconsistent in memory.
-    LIBCONTAINER.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Creates, starts, inspects and removes containers with libcontainer. `Send + Sync`; every
 /// method blocks.
@@ -206,8 +197,11 @@ impl Runtime {
         };
         let config =
             serde_json::to_vec(cfg).map_err(|e| helper_err(format!("encode config: {e}")))?;
-        // Keeps start/remove of this id, and other creates, out of the way as in-process.
-        let _lock = libcontainer_lock();
+        // The helper is its own process: only calls for this id wait, other creates run beside it.
+        let waited = Instant::now();
+        let _lock = locks::for_id(id);
+        let lock_wait_ms = waited.elapsed().as_millis() as u64;
+        let ran = Instant::now();
         let mut cmd = std::process::Command::new(exe);
         cmd.arg(HELPER_ARG).arg(&self.root).arg(&self.cgroup_parent);
         match &output {
@@ -244,7 +238,12 @@ impl Runtime {
         match stdout.trim().parse::<i32>() {
             Ok(pid) if out.status.success() && pid > 0 => {
                 self.reaper.track(id, pid);
-                tracing::info!(pid, "container created");
+                tracing::info!(
+                    pid,
+                    lock_wait_ms,
+                    helper_ms = ran.elapsed().as_millis() as u64,
+                    "container created"
+                );
                 Ok(pid)
             }
             _ => {
@@ -279,7 +278,7 @@ impl Runtime {
         let spec = build_spec(cfg, &self.cgroup_parent)?;
         let id = cfg.id.as_str();
 
-        let _lock = libcontainer_lock();
+        let _lock = locks::exclusive();
         let state_dir = self.state_dir(id);
         if state_dir.symlink_metadata().is_ok() {
             return Err(RuntimeError::AlreadyExists { id: id.to_owned() });
@@ -370,10 +369,12 @@ impl Runtime {
 
     /// Starts a created container: its init executes the user process.
     pub fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        let _lock = libcontainer_lock();
+        let _lock = locks::for_id(id);
         let mut container = self
             .load(id)?
             .ok_or_else(|| RuntimeError::NotFound { id: id.to_owned() })?;
+        // Connects to the init's notify socket by chdir and a relative name.
+        let _cwd = locks::cwd();
         container
             .start()
             .map_err(|source| youki_err("start", id, source))?;
@@ -385,7 +386,7 @@ impl Runtime {
     /// unknown id. A container whose state file is missing (half created or half deleted) reads as
     /// `Stopped` without a pid.
     pub fn state(&self, id: &str) -> Result<Option<ContainerState>, RuntimeError> {
-        let _lock = libcontainer_lock();
+        let _lock = locks::for_id(id);
         if !self.state_dir(id).exists() {
             return Ok(None);
         }
@@ -443,7 +444,7 @@ impl Runtime {
         }
         if !grace.is_zero() {
             let signalled = {
-                let _lock = libcontainer_lock();
+                let _lock = locks::for_id(id);
                 match self.load(id) {
                     Ok(Some(mut c)) if c.status() == ContainerStatus::Running => {
                         // The init is pid 1 of its namespace: without a handler it ignores the
@@ -457,13 +458,13 @@ impl Runtime {
                     _ => false,
                 }
             };
-            // Wait without the lock: other containers keep being created meanwhile.
+            // Wait without the lock: a `state` of this id (liveness) must not queue behind the grace.
             if signalled && self.wait_exit(id, grace) {
                 tracing::debug!("exited after the stop signal");
             }
         }
 
-        let _lock = libcontainer_lock();
+        let _lock = locks::for_id(id);
         let mut first_err = None;
         match self.load(id) {
             Ok(Some(mut container)) => {

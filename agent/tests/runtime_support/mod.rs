@@ -1,0 +1,175 @@
+//! What the real-runtime tests share: a busybox rootfs, a runtime with its own root and cgroup
+//! parent, and a cleanup that leaves nothing behind even when the test panicked.
+//!
+//! Needs root (namespaces, cgroups, pivot_root) and /bin/busybox; fails loudly without them.
+#![allow(dead_code)] // each test binary uses its own part
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
+use std::cell::RefCell;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use berth_agent::logs::LogShim;
+use berth_agent::runtime::{cgroup, ContainerConfig, Runtime};
+
+/// The agent binary: create helper and log shim, as in the agent.
+pub const AGENT: &str = env!("CARGO_BIN_EXE_berth-agent");
+
+/// States what these tests need, and fails loudly without it rather than skipping.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "runtime tests need root (namespaces, cgroups, pivot_root); run them as root"
+    );
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "runtime tests need /bin/busybox (apt-get install busybox-static)"
+    );
+}
+
+/// A random suffix for ids and cgroup parents, so concurrent runs never collide.
+pub fn suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// A busybox rootfs under `dir`: bin/busybox with applet symlinks, the usual empty mount points,
+/// and `/etc/ok` (for probes) holding "fine".
+pub fn make_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "sleep", "cat", "echo", "httpd", "true", "test", "ls", "id", "hostname",
+    ] {
+        symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/ok"), "fine\n").unwrap();
+    root
+}
+
+/// One runtime with its own root dir and cgroup parent; removes everything it made on drop.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub rootfs: PathBuf,
+    pub parent: String,
+    pub runtime: Runtime,
+    ids: RefCell<Vec<String>>,
+}
+
+impl Fixture {
+    /// Creates in this process, output through pipes to a log shim (as in the agent).
+    pub fn in_process() -> Self {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = make_rootfs(dir.path());
+        let parent = format!("berth-test-{}", suffix());
+        let runtime = Runtime::new(&dir.path().join("runtime"), parent.clone())
+            .unwrap()
+            .with_log_shim(LogShim::new(PathBuf::from(AGENT)));
+        Self {
+            dir,
+            rootfs,
+            parent,
+            runtime,
+            ids: RefCell::default(),
+        }
+    }
+
+    /// Creates through the agent binary as a helper process, as the agent does.
+    pub fn with_helper() -> Self {
+        // The init is the helper's child; as subreaper this test process inherits it.
+        nix::sys::prctl::set_child_subreaper(true).unwrap();
+        let mut f = Self::in_process();
+        f.runtime = Runtime::new(&f.dir.path().join("runtime"), f.parent.clone())
+            .unwrap()
+            .with_create_helper(PathBuf::from(AGENT));
+        f
+    }
+
+    /// A config for a new id (removed on drop) running `args`.
+    pub fn config(&self, args: &[&str]) -> ContainerConfig {
+        let id = format!("ins-{}", suffix());
+        self.ids.borrow_mut().push(id.clone());
+        ContainerConfig {
+            id,
+            rootfs: self.rootfs.clone(),
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            env: vec!["GREETING=hello".into()],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            hostname: "berth-test".into(),
+            cpu_millis: 500,
+            memory_bytes: 64 * 1024 * 1024,
+            resolv_conf: None,
+        }
+    }
+
+    pub fn log(&self, id: &str) -> PathBuf {
+        self.dir.path().join(format!("{id}.log"))
+    }
+
+    /// What the container wrote so far (empty before its log exists).
+    pub fn output(&self, id: &str) -> String {
+        std::fs::read_to_string(self.log(id)).unwrap_or_default()
+    }
+
+    /// Creates and starts, returning the init pid.
+    pub fn run(&self, cfg: &ContainerConfig) -> i32 {
+        let pid = self.runtime.create(cfg, &self.log(&cfg.id)).unwrap();
+        self.runtime.start(&cfg.id).unwrap();
+        pid
+    }
+
+    /// Creates and starts `sh -c script`; returns its id once it printed `ready`.
+    pub fn run_shell(&self, script: &str) -> String {
+        let cfg = self.config(&["sh", "-c", script]);
+        self.run(&cfg);
+        wait_for(
+            &format!("{} to say ready", cfg.id),
+            Duration::from_secs(10),
+            || self.output(&cfg.id).contains("ready"),
+        );
+        cfg.id
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for id in self.ids.borrow().iter() {
+            if let Err(e) = self.runtime.remove(id, Duration::ZERO) {
+                eprintln!("cleanup of {id} failed: {e}");
+            }
+        }
+        // Whatever a failed test left in our parent's cgroups: kill, then rmdir leaves first.
+        for parent in cgroup::parent_dirs(&self.parent) {
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                for e in entries.flatten() {
+                    if e.path().is_dir() {
+                        for pid in cgroup::pids(&[e.path()]) {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
