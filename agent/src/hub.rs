@@ -7,16 +7,19 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::{
-    DesiredState, HeartbeatRequest, InstanceReport, RegisterRequest, ReportStatusRequest,
-    WatchAssignmentsRequest,
+    DesiredState, HeartbeatRequest, InstanceReport, RegisterRequest, RegisterResponse,
+    ReportStatusRequest, WatchAssignmentsRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
+
+use crate::tls::NodeTls;
 
 /// What the agent offers the cluster.
 #[derive(Debug, Clone)]
@@ -35,6 +38,8 @@ pub struct NodeInfo {
     pub wireguard_public_key: String,
     /// `host:port` of the agent API the hub proxies logs and stats to ("" when none runs).
     pub api_addr: String,
+    /// The node's key: each registration asks the hub's CA for a certificate for it.
+    pub tls: Option<Arc<NodeTls>>,
 }
 
 /// The `host:port` the hub reaches an agent API bound to `bound` on ([`NodeInfo::api_addr`]): a
@@ -113,6 +118,15 @@ impl Backoff {
 
 async fn register(client: &mut AgentServiceClient<Channel>, node: &NodeInfo) -> u32 {
     let mut backoff = Backoff::new();
+    let csr_pem = match node.tls.as_ref().map(|t| t.csr_pem()) {
+        None => String::new(),
+        Some(Ok(csr)) => csr,
+        Some(Err(e)) => {
+            // Registration still works; only what needs a node certificate (migration) will not.
+            warn!(error = %e, "cannot make a certificate request; registering without one");
+            String::new()
+        }
+    };
     loop {
         let req = RegisterRequest {
             node_id: node.node_id.clone(),
@@ -122,10 +136,17 @@ async fn register(client: &mut AgentServiceClient<Channel>, node: &NodeInfo) -> 
             memory_bytes: node.memory_bytes,
             wireguard_public_key: node.wireguard_public_key.clone(),
             api_addr: node.api_addr.clone(),
+            // No migration endpoint yet: the hub sends this node no migrations.
+            migration_addr: String::new(),
+            csr_pem: csr_pem.clone(),
         };
         match client.register(req).await {
             Ok(resp) => {
-                let interval = resp.into_inner().heartbeat_interval_secs.clamp(1, 60);
+                let resp = resp.into_inner();
+                if let Some(tls) = &node.tls {
+                    store_certificate(tls, &resp);
+                }
+                let interval = resp.heartbeat_interval_secs.clamp(1, 60);
                 info!(node_id = %node.node_id, interval, "registered with hub");
                 return interval;
             }
@@ -134,6 +155,18 @@ async fn register(client: &mut AgentServiceClient<Channel>, node: &NodeInfo) -> 
                 backoff.wait().await;
             }
         }
+    }
+}
+
+/// Keeps the certificate the hub signed, after checking it is for this node and key.
+fn store_certificate(tls: &NodeTls, resp: &RegisterResponse) {
+    if resp.node_cert_pem.is_empty() {
+        warn!("the hub sent no node certificate (it has no cluster CA?)");
+        return;
+    }
+    match tls.store(&resp.node_cert_pem, &resp.ca_cert_pem) {
+        Ok(identity) => info!(node_id = identity.node_id(), "node certificate stored"),
+        Err(e) => warn!(error = %e, "refused the node certificate the hub sent"),
     }
 }
 

@@ -389,6 +389,11 @@ async fn run(args: Args) -> Result<(), Failure> {
             .and_then(|l| l.local_addr().ok())
             .map(|a| hub::reachable_api_addr(a, args.advertise_ip))
             .unwrap_or_default(),
+        tls: Some(std::sync::Arc::new(
+            berth_agent::tls::NodeTls::load_or_create(&data.join("tls"), &args.node_id)
+                .context("node key")
+                .map_err(Failure::Setup)?,
+        )),
     };
     info!(node_id = %node.node_id, cpu_millis, memory_bytes, hub = %args.hub, "agent starting");
 

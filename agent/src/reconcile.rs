@@ -197,6 +197,13 @@ pub enum AssignmentError {
         #[source]
         source: HealthSpecError,
     },
+    /// The hub asked this node to receive a live migration, which this agent does not do yet
+    /// (it advertises no migration endpoint, so the hub should never ask).
+    #[error("assignment {instance_id}: this agent cannot receive live migrations")]
+    MigrationUnsupported {
+        /// The instance concerned.
+        instance_id: String,
+    },
 }
 
 /// The agent's probe from the hub's form: `""` durations and a 0 threshold take the defaults.
@@ -253,6 +260,14 @@ impl TryFrom<Assignment> for InstanceSpec {
                 instance_id: String::new(),
                 field: "instance_id",
             });
+        }
+        // Starting a migration target from scratch would make a second copy of a running replica.
+        // A source order is no danger: the replica keeps running here.
+        if a.migration
+            .as_ref()
+            .is_some_and(|m| m.role == berth_proto::v1::MigrationRole::Target as i32)
+        {
+            return Err(AssignmentError::MigrationUnsupported { instance_id: id });
         }
         if a.image.is_empty() {
             return Err(AssignmentError::Missing {
@@ -555,6 +570,7 @@ impl Out {
             phases_ms,
             restarts: local.restarts,
             image_digest: local.image_digest.clone(),
+            migration: None,
         }));
     }
 
@@ -724,6 +740,7 @@ impl<H: Host> Reconciler<H> {
                         phases_ms: HashMap::new(),
                         restarts: 0,
                         image_digest: String::new(),
+                        migration: None,
                     }));
                 }
             }

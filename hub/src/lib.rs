@@ -9,6 +9,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod ca;
 pub mod events;
 pub mod ipam;
 pub mod metrics;

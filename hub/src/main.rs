@@ -129,7 +129,12 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         },
     );
-    let service = Service::with_config(store.clone(), net).with_events(events.clone());
+    let ca = berth_hub::ca::ClusterCa::load_or_create(&store)
+        .await
+        .context("cluster CA")?;
+    let service = Service::with_config(store.clone(), net)
+        .with_events(events.clone())
+        .with_ca(std::sync::Arc::new(ca));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

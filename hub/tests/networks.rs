@@ -122,7 +122,11 @@ async fn network_lifecycle_and_errors() {
         hub.get(&format!("/v1/networks/{id}")).await.0,
         StatusCode::NOT_FOUND
     );
-    assert_eq!(hub.keys("/berth/").await, Vec::<String>::new());
+    // Only the cluster CA stays: it lives as long as the cluster.
+    assert_eq!(
+        hub.keys("/berth/").await,
+        vec![berth_hub::store::keys::CA.to_owned()]
+    );
 }
 
 #[tokio::test]

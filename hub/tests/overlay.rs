@@ -177,7 +177,7 @@ async fn nodes_keep_their_tunnel_address_and_bad_keys_are_refused() {
         cpu_millis: 1000,
         memory_bytes: 1 << 30,
         wireguard_public_key: key.into(),
-        api_addr: String::new(),
+        ..Default::default()
     };
     hub.grpc
         .register(tonic::Request::new(register("n1", key)))

@@ -13,7 +13,7 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the demo image's only binary"),
     ("protobuf-compiler", "protoc, for proto/"),
     ("libseccomp-dev", "youki's seccomp support"),
-    ("pkg-config", "finds libseccomp"),
+    ("pkg-config", "finds libseccomp and CRIU's libraries"),
     ("gcc", "links Rust binaries and C deps"),
     ("make", "C deps' builds"),
     ("iproute2", "bridges, veths, netns"),
@@ -25,6 +25,19 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "bench net: TCP throughput"),
     ("wrk", "bench net: HTTP request rate"),
     ("ca-certificates", "TLS for the package registries"),
+    ("libprotobuf-dev", "CRIU build (from source: criu.rs)"),
+    ("libprotobuf-c-dev", "CRIU build: protobuf-c"),
+    ("protobuf-c-compiler", "CRIU build: protoc-c"),
+    ("python3-protobuf", "CRIU build (ENVIRONMENT.md recipe)"),
+    ("libnl-3-dev", "CRIU build: libnl"),
+    ("libnet1-dev", "CRIU build: libnet"),
+    ("libcap-dev", "CRIU build: libcap"),
+    ("libbsd-dev", "CRIU build: libbsd"),
+    ("libgnutls28-dev", "CRIU build: TLS for the page server"),
+    ("libaio-dev", "CRIU build: libaio"),
+    ("uuid-dev", "CRIU build: libuuid"),
+    ("xz-utils", "unpacks CRIU's source tarball"),
+    ("iptables", "CRIU's network lock (--tcp-established)"),
 ];
 
 /// Installs what is missing; prints what it did.
@@ -47,6 +60,7 @@ pub fn run() -> anyhow::Result<()> {
         )?;
         println!("install: installed {}", missing.join(" "));
     }
+    crate::criu::install()?;
     toolchain()?;
     crate::ebpf::install_toolchain()?;
     crate::ebpf::install_bpf_linker()

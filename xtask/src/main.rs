@@ -4,6 +4,7 @@ mod bench;
 mod bench_heal;
 mod bench_net;
 mod cluster;
+mod criu;
 mod ebpf;
 mod image;
 mod install;
@@ -21,7 +22,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what berth needs on Debian 12 (apt packages, toolchain components); idempotent.
+    /// Install what berth needs on Debian 12 (apt packages, toolchain components, CRIU); idempotent.
     Install,
     /// Start a dev cluster: etcd, registry, hub and two agents on netns hosts, demo image pushed.
     Up {

@@ -322,7 +322,8 @@ impl AgentService for Grpc {
         req: Request<v1::RegisterRequest>,
     ) -> GrpcResult<v1::RegisterResponse> {
         let r = req.into_inner();
-        self.service
+        let cert = self
+            .service
             .register_node(RegisterNode {
                 node_id: r.node_id,
                 hostname: r.hostname,
@@ -331,10 +332,16 @@ impl AgentService for Grpc {
                 memory_bytes: r.memory_bytes,
                 wireguard_public_key: r.wireguard_public_key,
                 api_addr: r.api_addr,
+                csr_pem: r.csr_pem,
             })
             .await?;
+        let (node_cert_pem, ca_cert_pem) = cert
+            .map(|c| (c.cert_pem, c.ca_cert_pem))
+            .unwrap_or_default();
         Ok(Response::new(v1::RegisterResponse {
             heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS,
+            node_cert_pem,
+            ca_cert_pem,
         }))
     }
 

@@ -1001,5 +1001,6 @@ pub fn assignment(
         stopped: inst.stopped,
         restart_generation: inst.restart_generation,
         revision: rev.revision,
+        migration: None,
     }
 }

@@ -15,14 +15,17 @@ use super::{
     now_rfc3339, validate, RegisterNode, Service, ServiceError, CONFLICT_RETRIES,
     NODE_LEASE_TTL_SECS,
 };
+use crate::ca::{CaError, NodeCert};
 use crate::events::{types, Event};
 use crate::store::records::{InstanceRecord, NodeRecord, StatusRecord};
 use crate::store::{keys, to_json, Store, StoreError, Versioned};
 use berth_proto::v1;
 
 impl Service {
-    /// Records a node and (re)binds its liveness key to a fresh lease.
-    pub async fn register_node(&self, req: RegisterNode) -> Result<(), ServiceError> {
+    /// Records a node and (re)binds its liveness key to a fresh lease; signs the node's key when it
+    /// sent a certificate request. The request is checked and signed before anything is written,
+    /// so a bad one leaves no registration behind.
+    pub async fn register_node(&self, req: RegisterNode) -> Result<Option<NodeCert>, ServiceError> {
         validate::name("node_id", &req.node_id)?;
         req.advertise_ip.parse::<IpAddr>().map_err(|_| {
             ServiceError::invalid(
@@ -45,6 +48,20 @@ impl Service {
                 format!("{:?} is not an address like 10.0.0.5:9750", req.api_addr),
             ));
         }
+        let cert = match (req.csr_pem.is_empty(), &self.ca) {
+            (true, _) => None,
+            (false, None) => {
+                return Err(ServiceError::Internal(
+                    "this hub has no cluster CA to sign node certificates with".to_owned(),
+                ))
+            }
+            (false, Some(ca)) => Some(ca.sign_node(&req.node_id, &req.csr_pem).map_err(
+                |e| match e {
+                    CaError::BadRequest(_) => ServiceError::invalid("csr_pem", e.to_string()),
+                    other => ServiceError::Internal(other.to_string()),
+                },
+            )?),
+        };
         let mut client = self.store.client();
         let lease = client
             .lease_grant(NODE_LEASE_TTL_SECS, None)
@@ -113,7 +130,7 @@ impl Service {
             self.events.emit(
                 Event::node(&record.node_id, types::REGISTERED).with_reason(record.ip.clone()),
             );
-            return Ok(());
+            return Ok(cert);
         }
         Err(ServiceError::Conflict(
             "tunnel addresses changed concurrently, try again".into(),

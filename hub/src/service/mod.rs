@@ -16,10 +16,12 @@ pub mod validate;
 pub mod view;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use rand::RngCore;
 
+use crate::ca::ClusterCa;
 use crate::events::{Events, EventsConfig};
 use crate::store::records::HealthRecord;
 use crate::store::Store;
@@ -105,6 +107,8 @@ pub struct RegisterNode {
     pub wireguard_public_key: String,
     /// `host:port` of the agent API (logs, stats); may be empty.
     pub api_addr: String,
+    /// PKCS#10 request (PEM) for the node's key; empty when the node wants no certificate.
+    pub csr_pem: String,
 }
 
 /// Address ranges of the cluster's data plane. Every hub replica must be started with the same ones.
@@ -137,6 +141,8 @@ pub struct Service {
     store: Store,
     net: NetConfig,
     events: Events,
+    /// Signs node certificates at registration; `None` in tests that need none.
+    ca: Option<Arc<ClusterCa>>,
 }
 
 impl Service {
@@ -148,7 +154,18 @@ impl Service {
     /// A service over `store` with the given address ranges.
     pub fn with_config(store: Store, net: NetConfig) -> Self {
         let events = Events::new(store.clone(), EventsConfig::default());
-        Service { store, net, events }
+        Service {
+            store,
+            net,
+            events,
+            ca: None,
+        }
+    }
+
+    /// Signs the keys nodes send at registration with the cluster CA.
+    pub fn with_ca(mut self, ca: Arc<ClusterCa>) -> Self {
+        self.ca = Some(ca);
+        self
     }
 
     /// Records state changes through `events` (shared with the reconciler, `--event-ttl`).

@@ -21,6 +21,7 @@
 //! /berth/down/{node_id}                         ""  the leader declared the node DOWN (its instances moved)
 //! /berth/revisions/{container_id}/{rev:010}     RevisionRecord (JSON): one version of a container's spec
 //! /berth/election/scheduler                     etcd election: the hub replica that schedules
+//! /berth/ca                                     the cluster CA (JSON: certificate and key, PEM)
 //! ```
 
 /// Everything berth owns lives under this prefix.
@@ -47,6 +48,8 @@ pub const ASSIGN: &str = "/berth/assign/";
 pub const NETUSE: &str = "/berth/netuse/";
 /// Election name of the scheduler leader.
 pub const ELECTION: &str = "/berth/election/scheduler";
+/// The cluster CA (`crate::ca`), shared by every hub replica.
+pub const CA: &str = "/berth/ca";
 
 /// `/berth/networks/{id}`
 pub fn network(id: &str) -> String {

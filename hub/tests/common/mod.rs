@@ -107,7 +107,10 @@ impl Hub {
         )
         .await
         .unwrap();
-        let service = Service::new(store.clone());
+        let ca = berth_hub::ca::ClusterCa::load_or_create(&store)
+            .await
+            .unwrap();
+        let service = Service::new(store.clone()).with_ca(std::sync::Arc::new(ca));
         let (stop, rx) = tokio::sync::watch::channel(false);
         let reconciler = schedule.then(|| {
             let store = store.clone();
@@ -170,7 +173,7 @@ impl Hub {
             cpu_millis,
             memory_bytes,
             wireguard_public_key: String::new(),
-            api_addr: String::new(),
+            ..Default::default()
         };
         self.grpc.register(tonic::Request::new(req)).await.unwrap();
     }
@@ -211,6 +214,7 @@ impl Hub {
                     phases_ms: Default::default(),
                     restarts: 0,
                     image_digest: String::new(),
+                    migration: None,
                 })
                 .collect(),
             removed: removed.iter().map(|s| (*s).to_owned()).collect(),
@@ -241,6 +245,7 @@ impl Hub {
                 phases_ms: Default::default(),
                 restarts: 0,
                 image_digest: image_digest.into(),
+                migration: None,
             }],
             removed: vec![],
         };

@@ -1,0 +1,7 @@
+//! Live migration: a running container moves to another node with its memory, files, IP and open
+//! connections. CRIU checkpoints it; only the pages that changed since the previous round cross
+//! the wire (`pages`), framed and checksummed on QUIC streams (`wire`).
+
+pub mod pages;
+pub mod transport;
+pub mod wire;
