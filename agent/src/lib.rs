@@ -6,6 +6,7 @@
 //! (bridges and veths over netlink), `reconcile` (desired vs actual), `hub` (the gRPC link).
 
 pub mod api;
+pub mod checkpoint;
 pub mod dataplane;
 pub mod dns;
 pub mod ebpf;

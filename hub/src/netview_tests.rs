@@ -39,6 +39,7 @@ impl Builder {
                 tunnel_ip: format!("10.201.0.{}", &ip[ip.len() - 1..]),
                 wireguard_public_key: format!("key-{id}"),
                 api_addr: String::new(),
+                migration_addr: String::new(),
             }),
         );
         if alive {

@@ -6,6 +6,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::service::actions::Action;
+use crate::service::migrations::{migration_to_proto, mode_from_proto, MigrateSpec};
 use crate::service::view::health_from_proto;
 use crate::service::{
     CreateContainer, RegisterNode, Service, UpdateContainer, HEARTBEAT_INTERVAL_SECS,
@@ -14,6 +15,7 @@ use crate::service::{
 use berth_proto::v1;
 use berth_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use berth_proto::v1::container_service_server::{ContainerService, ContainerServiceServer};
+use berth_proto::v1::migration_service_server::{MigrationService, MigrationServiceServer};
 use berth_proto::v1::network_service_server::{NetworkService, NetworkServiceServer};
 use berth_proto::v1::node_service_server::{NodeService, NodeServiceServer};
 
@@ -52,6 +54,7 @@ pub fn routes(service: Service) -> tonic::service::Routes {
     tonic::service::Routes::new(NetworkServiceServer::new(g.clone()))
         .add_service(ContainerServiceServer::new(g.clone()))
         .add_service(NodeServiceServer::new(g.clone()))
+        .add_service(MigrationServiceServer::new(g.clone()))
         .add_service(AgentServiceServer::new(g))
         .add_service(events)
 }
@@ -311,6 +314,48 @@ impl NodeService for Grpc {
     }
 }
 
+#[tonic::async_trait]
+impl MigrationService for Grpc {
+    #[tracing::instrument(skip_all, fields(container = %req.get_ref().container))]
+    async fn migrate(&self, req: Request<v1::MigrateRequest>) -> GrpcResult<v1::Migration> {
+        let r = req.into_inner();
+        let job = self
+            .service
+            .migrate(MigrateSpec {
+                container: r.container,
+                instance_id: r.instance_id,
+                target_node: r.target_node,
+                mode: mode_from_proto(r.mode).to_owned(),
+            })
+            .await?;
+        Ok(Response::new(migration_to_proto(&job)))
+    }
+
+    async fn get_migration(
+        &self,
+        req: Request<v1::GetMigrationRequest>,
+    ) -> GrpcResult<v1::Migration> {
+        let job = self
+            .service
+            .get_migration(&req.get_ref().migration_id)
+            .await?;
+        Ok(Response::new(migration_to_proto(&job)))
+    }
+
+    async fn list_migrations(
+        &self,
+        req: Request<v1::ListMigrationsRequest>,
+    ) -> GrpcResult<v1::ListMigrationsResponse> {
+        let jobs = self
+            .service
+            .list_migrations(&req.get_ref().container)
+            .await?;
+        Ok(Response::new(v1::ListMigrationsResponse {
+            migrations: jobs.iter().map(migration_to_proto).collect(),
+        }))
+    }
+}
+
 /// The stream of desired states sent to an agent.
 pub type DesiredStateStream = Pin<Box<dyn Stream<Item = Result<v1::DesiredState, Status>> + Send>>;
 
@@ -333,6 +378,7 @@ impl AgentService for Grpc {
                 wireguard_public_key: r.wireguard_public_key,
                 api_addr: r.api_addr,
                 csr_pem: r.csr_pem,
+                migration_addr: r.migration_addr,
             })
             .await?;
         let (node_cert_pem, ca_cert_pem) = cert

@@ -5,6 +5,7 @@ pub mod grpc;
 pub mod grpc_events;
 pub mod lifecycle;
 pub mod logs;
+pub mod migrations;
 pub mod rest;
 mod rest_types;
 

@@ -54,6 +54,12 @@ pub fn router(service: Service) -> Router {
         )
         .route("/v1/containers/{id}/logs", get(super::lifecycle::logs))
         .route("/v1/containers/{id}/stats", get(super::lifecycle::stats))
+        .route(
+            "/v1/containers/{id}/migrate",
+            post(super::migrations::migrate),
+        )
+        .route("/v1/migrations", get(super::migrations::list))
+        .route("/v1/migrations/{id}", get(super::migrations::get))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
         .route("/v1/events", get(super::events::get_events))

@@ -13,6 +13,9 @@ use crate::ipam;
 use crate::netview;
 use crate::scheduler::{self, Decision, NodeCapacity, Placed, Request};
 use crate::service::lifecycle::{finalize_container_record, release_instance};
+use crate::service::migrations::{
+    finish as finish_migration, order_for, Outcome as MigrationOutcome,
+};
 use crate::service::revisions::{apply_revision, stable_revision};
 use crate::service::view::{instance_status, STATUS_ROLLING_BACK, STATUS_UPDATING};
 use crate::service::NetConfig;
@@ -25,6 +28,24 @@ use berth_proto::v1;
 
 /// Instances created or stopped per transaction (etcd 3.4 allows 128 operations per transaction).
 const BATCH: usize = 40;
+
+/// A migration whose nodes report nothing for this long has failed (a stuck CRIU, a lost link the
+/// nodes did not notice); the source resumes the replica.
+pub const MIGRATION_STALL: time::Duration = time::Duration::seconds(120);
+
+/// The job moving `r`, while it runs.
+fn running_job<'a>(
+    snap: &'a Snapshot,
+    r: &InstanceRecord,
+) -> Option<&'a crate::store::records::MigrationRecord> {
+    if r.migration_id.is_empty() {
+        return None;
+    }
+    snap.migrations
+        .get(&r.migration_id)
+        .map(|j| &j.value)
+        .filter(|j| j.in_progress() && j.source_node == r.node_id)
+}
 
 /// How one placement attempt ended.
 enum Outcome {
@@ -61,6 +82,8 @@ pub struct PassReport {
     pub rollouts: usize,
     /// Assignments rewritten because their instance's desired state changed (stop, start, restart).
     pub resynced: usize,
+    /// Migration jobs moved on (target assigned, or failed).
+    pub migrations: usize,
 }
 
 impl PassReport {
@@ -156,6 +179,7 @@ impl Reconciler {
         } else {
             snap
         };
+        self.migrations(&snap, &mut report).await?;
         self.sync_assignments(&snap, &mut report).await?;
         self.learn_digests(&snap).await?;
         self.publish_views(&snap, &mut report).await?;
@@ -359,7 +383,9 @@ impl Reconciler {
                 continue;
             };
             let rev = snap.revision_of(&c.value, r.revision.max(1));
-            let want = assignment(&c.value, &rev, &network.value, r);
+            let mut want = assignment(&c.value, &rev, &network.value, r);
+            want.migration =
+                running_job(snap, r).and_then(|j| order_for(snap, j, v1::MigrationRole::Source));
             if v1::Assignment::decode(stored.as_slice()).ok().as_ref() == Some(&want) {
                 continue;
             }
@@ -377,6 +403,93 @@ impl Reconciler {
             }
         }
         report.resynced += self.commit_resync(&mut compares, &mut ops).await?;
+        Ok(())
+    }
+
+    /// Drives migration jobs: gives the target node its assignment of the moving instance (with a
+    /// TARGET order; the source's gets its SOURCE order in `sync_assignments`), and fails jobs whose
+    /// instance went away, whose nodes are not healthy, or that reported nothing for
+    /// [`MIGRATION_STALL`]. The switch itself happens when the target reports done
+    /// (`service::migrations`).
+    async fn migrations(&self, snap: &Snapshot, report: &mut PassReport) -> Result<(), StoreError> {
+        let now = time::OffsetDateTime::now_utc();
+        for job in snap.migrations.values().filter(|j| j.value.in_progress()) {
+            let j = &job.value;
+            let inst = snap
+                .instances
+                .get(&j.container_id)
+                .and_then(|m| m.get(&j.instance_id));
+            let stalled = time::OffsetDateTime::parse(
+                &j.updated_at,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .is_ok_and(|t| now - t > MIGRATION_STALL);
+            let failure = match inst.map(|i| &i.record.value) {
+                None => Some("the instance was deleted".to_owned()),
+                Some(r) if r.stopping => Some("the instance is being removed".to_owned()),
+                Some(r) if r.migration_id != j.migration_id || r.node_id != j.source_node => {
+                    Some(format!("the instance moved to {} meanwhile", r.node_id))
+                }
+                Some(_) => [&j.source_node, &j.target_node]
+                    .into_iter()
+                    .find(|n| !snap.alive.contains(*n) || snap.down.contains(*n))
+                    .map(|n| format!("node {n} is not healthy"))
+                    .or_else(|| {
+                        stalled.then(|| {
+                            format!(
+                                "no progress reported for {} s",
+                                MIGRATION_STALL.whole_seconds()
+                            )
+                        })
+                    }),
+            };
+            if let Some(reason) = failure {
+                if finish_migration(
+                    &self.store,
+                    &self.events,
+                    job,
+                    MigrationOutcome::Failed(reason),
+                )
+                .await?
+                {
+                    report.migrations += 1;
+                }
+                continue;
+            }
+            let Some(inst) = inst else { continue };
+            let r = &inst.record.value;
+            if snap
+                .assignments
+                .contains_key(&(j.target_node.clone(), r.instance_id.clone()))
+            {
+                continue;
+            }
+            let Some(c) = snap.containers.get(&r.container_id) else {
+                continue;
+            };
+            let Some(network) = snap.networks.get(&c.value.network_id) else {
+                continue;
+            };
+            let rev = snap.revision_of(&c.value, r.revision.max(1));
+            let mut want = assignment(&c.value, &rev, &network.value, r);
+            want.migration = order_for(snap, j, v1::MigrationRole::Target);
+            let akey = keys::assign(&j.target_node, &r.instance_id);
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(
+                        keys::migration(&j.migration_id),
+                        CompareOp::Equal,
+                        job.mod_revision,
+                    ),
+                    Compare::version(akey.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(akey, want.encode_to_vec(), None)]);
+            if self.store.txn(txn).await?.succeeded() {
+                tracing::info!(migration_id = %j.migration_id, target = %j.target_node,
+                    instance_id = %r.instance_id, "migration target assigned");
+                report.migrations += 1;
+            }
+        }
         Ok(())
     }
 
@@ -688,6 +801,7 @@ impl Reconciler {
                     revision: record.revision.max(1),
                     stopped: record.stopped,
                     restart_generation: 0,
+                    migration_id: String::new(),
                 };
                 record.next_ordinal += 1;
                 created.push(inst.instance_id.clone());

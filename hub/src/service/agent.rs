@@ -48,6 +48,17 @@ impl Service {
                 format!("{:?} is not an address like 10.0.0.5:9750", req.api_addr),
             ));
         }
+        if !req.migration_addr.is_empty()
+            && req.migration_addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ServiceError::invalid(
+                "migration_addr",
+                format!(
+                    "{:?} is not an address like 10.0.0.5:9752",
+                    req.migration_addr
+                ),
+            ));
+        }
         let cert = match (req.csr_pem.is_empty(), &self.ca) {
             (true, _) => None,
             (false, None) => {
@@ -91,6 +102,7 @@ impl Service {
                 tunnel_ip: tunnel_ip.clone(),
                 wireguard_public_key: req.wireguard_public_key.clone(),
                 api_addr: req.api_addr.clone(),
+                migration_addr: req.migration_addr.clone(),
             };
             let mut compares = vec![];
             let mut ops = vec![
@@ -213,6 +225,10 @@ impl Service {
     ) -> Result<(), ServiceError> {
         validate::reference("node_id", node_id)?;
         for report in reports {
+            // First: a target's "done" moves the instance to it, and then its status counts.
+            if let Some(p) = &report.migration {
+                self.migration_progress(node_id, report, p).await?;
+            }
             let Some(inst) = self.instance_on(node_id, &report.instance_id).await? else {
                 tracing::debug!(node_id, instance_id = %report.instance_id, "status for an unknown instance");
                 continue;

@@ -9,6 +9,7 @@ mod containers;
 pub mod endpoints;
 mod error;
 pub mod lifecycle;
+pub mod migrations;
 mod networks;
 mod nodes;
 pub mod revisions;
@@ -109,6 +110,8 @@ pub struct RegisterNode {
     pub api_addr: String,
     /// PKCS#10 request (PEM) for the node's key; empty when the node wants no certificate.
     pub csr_pem: String,
+    /// `host:port` of the agent's migration endpoint; may be empty.
+    pub migration_addr: String,
 }
 
 /// Address ranges of the cluster's data plane. Every hub replica must be started with the same ones.

@@ -193,6 +193,7 @@ fn node_capacity_left() {
         tunnel_ip: String::new(),
         wireguard_public_key: String::new(),
         api_addr: String::new(),
+        migration_addr: String::new(),
     };
     let c = container(1, false);
     let i = instance(0, "n1", "10.0.0.2", None, false);

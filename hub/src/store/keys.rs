@@ -22,6 +22,7 @@
 //! /berth/revisions/{container_id}/{rev:010}     RevisionRecord (JSON): one version of a container's spec
 //! /berth/election/scheduler                     etcd election: the hub replica that schedules
 //! /berth/ca                                     the cluster CA (JSON: certificate and key, PEM)
+//! /berth/migrations/{migration_id}              MigrationRecord (JSON): a live migration job
 //! ```
 
 /// Everything berth owns lives under this prefix.
@@ -192,6 +193,14 @@ pub const REVISIONS: &str = "/berth/revisions/";
 /// `/berth/revisions/{container_id}/`
 pub fn revisions_prefix(container_id: &str) -> String {
     format!("{REVISIONS}{container_id}/")
+}
+
+/// Prefix of migration jobs.
+pub const MIGRATIONS: &str = "/berth/migrations/";
+
+/// `/berth/migrations/{migration_id}`
+pub fn migration(migration_id: &str) -> String {
+    format!("{MIGRATIONS}{migration_id}")
 }
 
 /// `/berth/revisions/{container_id}/{revision:010}` (zero-padded so keys sort by revision).

@@ -258,6 +258,51 @@ pub struct InstanceRecord {
     /// Bumped by each restart request; its node restarts the process when it changes.
     #[serde(default)]
     pub restart_generation: u32,
+    /// The migration moving it, while one is in progress (at most one at a time).
+    #[serde(default)]
+    pub migration_id: String,
+}
+
+/// `/berth/migrations/{migration_id}`: a live migration of one instance to another node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// `mig-` + 12 hex digits.
+    pub migration_id: String,
+    pub container_id: String,
+    pub instance_id: String,
+    pub source_node: String,
+    pub target_node: String,
+    /// "IN_PROGRESS", "COMPLETED" or "FAILED".
+    pub status: String,
+    /// "PREPARE", "PRECOPY", "FREEZE", "TRANSFER", "RESTORE", "SWITCH" or "DONE".
+    pub phase: String,
+    /// "auto", "precopy" or "postcopy".
+    pub mode: String,
+    #[serde(default)]
+    pub rounds: u32,
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub pages_sent: u64,
+    #[serde(default)]
+    pub downtime_ms: u64,
+    /// Why it failed (empty otherwise).
+    #[serde(default)]
+    pub error: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339: the last progress a node reported (the leader fails a job silent for too long).
+    pub updated_at: String,
+    /// RFC 3339; empty while in progress.
+    #[serde(default)]
+    pub finished_at: String,
+}
+
+impl MigrationRecord {
+    /// Whether the job still runs.
+    pub fn in_progress(&self) -> bool {
+        self.status == "IN_PROGRESS"
+    }
 }
 
 /// `/berth/status/{container_id}/{instance_id}`: the last status its node reported.
@@ -309,4 +354,7 @@ pub struct NodeRecord {
     /// `host:port` of the agent API (logs, stats); empty when it serves none.
     #[serde(default)]
     pub api_addr: String,
+    /// `host:port` of the agent's migration endpoint; empty: it takes part in no migration.
+    #[serde(default)]
+    pub migration_addr: String,
 }

@@ -6,7 +6,8 @@ use etcd_client::KeyValue;
 
 use super::keys;
 use super::records::{
-    ContainerRecord, InstanceRecord, NetworkRecord, NodeRecord, RevisionRecord, StatusRecord,
+    ContainerRecord, InstanceRecord, MigrationRecord, NetworkRecord, NodeRecord, RevisionRecord,
+    StatusRecord,
 };
 use super::{decode_string, decode_versioned, StoreError, Versioned};
 
@@ -44,6 +45,8 @@ pub struct Snapshot {
     pub netviews: BTreeMap<String, Vec<u8>>,
     /// Nodes the leader declared DOWN (and moved the instances of).
     pub down: BTreeSet<String>,
+    /// By migration id.
+    pub migrations: BTreeMap<String, Versioned<MigrationRecord>>,
 }
 
 impl Snapshot {
@@ -87,6 +90,8 @@ impl Snapshot {
                         .or_default()
                         .insert(ip.to_owned(), decode_string(kv)?);
                 }
+            } else if let Some(id) = key.strip_prefix(keys::MIGRATIONS) {
+                snap.migrations.insert(id.to_owned(), decode_versioned(kv)?);
             } else if let Some(node) = key.strip_prefix(keys::DOWN) {
                 snap.down.insert(node.to_owned());
             } else if let Some(node) = key.strip_prefix(keys::NETVIEW) {

@@ -1,0 +1,374 @@
+//! Live migration jobs at the hub, against a real etcd, with the nodes played by the test: the
+//! request's checks and statuses, the orders each node gets, progress reports, the switch when the
+//! target runs the replica, and the failures that leave it where it was.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap: a failure points at the line
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use berth_hub::api::grpc::Grpc;
+use berth_hub::reconciler::Reconciler;
+use berth_proto::v1::agent_service_server::AgentService;
+use berth_proto::v1::{self, InstanceStatus, MigrationPhase, MigrationRole};
+use common::{assert_invalid, Hub};
+use prost::Message;
+use serde_json::Value;
+
+const GIB: u64 = 1 << 30;
+
+/// Registers a node; `migration_addr` empty means it takes part in no migration.
+async fn register(hub: &Hub, node: &str, memory_bytes: u64, migration_addr: &str) {
+    let req = v1::RegisterRequest {
+        node_id: node.into(),
+        hostname: node.into(),
+        advertise_ip: "127.0.0.1".into(),
+        cpu_millis: 4000,
+        memory_bytes,
+        migration_addr: migration_addr.into(),
+        ..Default::default()
+    };
+    hub.grpc.register(tonic::Request::new(req)).await.unwrap();
+}
+
+/// Keeps the nodes' liveness leases (3 s) from lapsing while the test runs.
+fn keep_alive(grpc: Grpc, nodes: &[&str]) -> tokio::task::JoinHandle<()> {
+    let nodes: Vec<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
+    tokio::spawn(async move {
+        loop {
+            for n in &nodes {
+                let _ = grpc
+                    .heartbeat(tonic::Request::new(v1::HeartbeatRequest {
+                        node_id: n.clone(),
+                    }))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// Every assignment, by (node, instance).
+async fn assignments(hub: &Hub) -> BTreeMap<(String, String), v1::Assignment> {
+    let mut kv = hub.store.client().kv_client();
+    let resp = kv
+        .get(
+            "/berth/assign/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let rest = key.trim_start_matches("/berth/assign/");
+            let (node, iid) = rest.split_once('/').unwrap();
+            (
+                (node.to_owned(), iid.to_owned()),
+                v1::Assignment::decode(kv.value()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn report(
+    hub: &Hub,
+    node: &str,
+    iid: &str,
+    status: InstanceStatus,
+    migration: Option<v1::MigrationProgress>,
+) {
+    let req = v1::ReportStatusRequest {
+        node_id: node.into(),
+        reports: vec![v1::InstanceReport {
+            instance_id: iid.into(),
+            status: status as i32,
+            migration,
+            ..Default::default()
+        }],
+        removed: vec![],
+    };
+    hub.grpc
+        .report_status(tonic::Request::new(req))
+        .await
+        .unwrap();
+}
+
+fn progress(mid: &str, phase: MigrationPhase) -> v1::MigrationProgress {
+    v1::MigrationProgress {
+        migration_id: mid.into(),
+        phase: phase as i32,
+        ..Default::default()
+    }
+}
+
+/// A container with `replicas` RUNNING on n1 (the only node registered so far).
+async fn running_on_n1(hub: &Hub, rec: &mut Reconciler, replicas: u32) -> (String, Vec<String>) {
+    let (status, body) = hub
+        .post(
+            "/v1/containers",
+            &format!(r#"{{"image":"demo:1","replicas":{replicas},"memory":"1GiB"}}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let cid = body["container_id"].as_str().unwrap().to_owned();
+    rec.pass().await.unwrap();
+    let iids: Vec<String> = assignments(hub)
+        .await
+        .into_keys()
+        .filter(|(n, _)| n == "n1")
+        .map(|(_, i)| i)
+        .collect();
+    assert_eq!(iids.len(), replicas as usize);
+    for iid in &iids {
+        report(hub, "n1", iid, InstanceStatus::Running, None).await;
+    }
+    (cid, iids)
+}
+
+async fn job(hub: &Hub, mid: &str) -> Value {
+    let (status, body) = hub.get(&format!("/v1/migrations/{mid}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn a_replica_moves_only_when_the_target_runs_it() {
+    let hub = Hub::start(false).await;
+    let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
+    register(&hub, "n1", 8 * GIB, "127.0.0.1:9752").await;
+    let alive = keep_alive(hub.grpc.clone(), &["n1", "n2", "n3"]);
+    let (cid, iids) = running_on_n1(&hub, &mut rec, 1).await;
+    let iid = &iids[0];
+    let ip = assignments(&hub).await[&("n1".to_owned(), iid.clone())]
+        .ip
+        .clone();
+    register(&hub, "n2", 8 * GIB, "127.0.0.2:9752").await;
+    register(&hub, "n3", 8 * GIB, "").await;
+
+    // No target named: the only other node with a migration endpoint.
+    let (status, started) = hub.post(&format!("/v1/containers/{cid}/migrate"), "").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{started}");
+    assert_eq!(started["status"], "IN_PROGRESS");
+    assert_eq!(started["phase"], "PREPARE");
+    assert_eq!(
+        (&started["source_node"], &started["target_node"]),
+        (&Value::from("n1"), &Value::from("n2"))
+    );
+    assert_eq!(started["instance_id"], iid.as_str());
+    let mid = started["migration_id"].as_str().unwrap().to_owned();
+    let again = hub
+        .post(
+            &format!("/v1/containers/{cid}/migrate"),
+            r#"{"target_node":"n2"}"#,
+        )
+        .await;
+    assert_eq!(again.0, StatusCode::CONFLICT, "{}", again.1);
+
+    // The leader hands out the orders: the source keeps running it, the target gets the same ip.
+    rec.pass().await.unwrap();
+    let a = assignments(&hub).await;
+    let source = &a[&("n1".to_owned(), iid.clone())];
+    let order = source.migration.as_ref().unwrap();
+    assert_eq!(order.role, MigrationRole::Source as i32);
+    assert_eq!(
+        (order.peer_node_id.as_str(), order.peer_addr.as_str()),
+        ("n2", "127.0.0.2:9752")
+    );
+    let target = &a[&("n2".to_owned(), iid.clone())];
+    let order = target.migration.as_ref().unwrap();
+    assert_eq!(order.role, MigrationRole::Target as i32);
+    assert_eq!(
+        (order.peer_node_id.as_str(), order.peer_addr.as_str()),
+        ("n1", "127.0.0.1:9752")
+    );
+    assert_eq!(target.ip, ip);
+
+    // Progress from the source; the instance is still n1's meanwhile.
+    let mut p = progress(&mid, MigrationPhase::Precopy);
+    p.rounds = 3;
+    p.bytes_sent = 5 << 20;
+    p.pages_sent = 1280;
+    report(&hub, "n1", iid, InstanceStatus::Running, Some(p)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(
+        (&j["phase"], &j["rounds"], &j["pages_sent"]),
+        (&Value::from("PRECOPY"), &Value::from(3), &Value::from(1280))
+    );
+    // A node outside the job is ignored.
+    let mut stray = progress(&mid, MigrationPhase::Done);
+    stray.error = "not mine".into();
+    report(&hub, "n3", iid, InstanceStatus::Running, Some(stray)).await;
+    assert_eq!(job(&hub, &mid).await["status"], "IN_PROGRESS");
+    let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
+    assert_eq!(c["instances"][0]["node_id"], "n1");
+
+    // The target runs it: the switch, in one step.
+    let mut done = progress(&mid, MigrationPhase::Done);
+    done.downtime_ms = 42;
+    report(&hub, "n2", iid, InstanceStatus::Running, Some(done)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(
+        (&j["status"], &j["phase"], &j["downtime_ms"]),
+        (
+            &Value::from("COMPLETED"),
+            &Value::from("DONE"),
+            &Value::from(42)
+        )
+    );
+    assert!(!j["finished_at"].as_str().unwrap().is_empty());
+    let a = assignments(&hub).await;
+    assert!(
+        !a.contains_key(&("n1".to_owned(), iid.clone())),
+        "source kept it"
+    );
+    let moved = &a[&("n2".to_owned(), iid.clone())];
+    assert!(moved.migration.is_none());
+    assert_eq!(moved.ip, ip);
+    let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
+    assert_eq!(c["instances"][0]["node_id"], "n2");
+    assert_eq!(c["instances"][0]["ip"], ip.as_str());
+    assert_eq!(c["instances"][0]["status"], "RUNNING");
+    // Later passes leave it there.
+    rec.pass().await.unwrap();
+    assert_eq!(assignments(&hub).await.len(), 1);
+
+    let (_, list) = hub.get(&format!("/v1/migrations?container={cid}")).await;
+    assert_eq!(list["migrations"][0]["migration_id"], mid.as_str());
+    alive.abort();
+}
+
+#[tokio::test]
+async fn requests_that_cannot_be_carried_out_are_refused() {
+    let hub = Hub::start(false).await;
+    let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
+    register(&hub, "n1", 8 * GIB, "127.0.0.1:9752").await;
+    let alive = keep_alive(hub.grpc.clone(), &["n1", "n2", "n3", "tiny"]);
+    let (status, body) = hub
+        .post(
+            "/v1/containers",
+            r#"{"image":"demo:1","replicas":2,"memory":"1GiB"}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let cid = body["container_id"].as_str().unwrap().to_owned();
+    rec.pass().await.unwrap();
+    let iids: Vec<String> = assignments(&hub)
+        .await
+        .into_keys()
+        .map(|(_, i)| i)
+        .collect();
+    register(&hub, "n2", 8 * GIB, "127.0.0.2:9752").await;
+    register(&hub, "n3", 8 * GIB, "").await;
+    register(&hub, "tiny", 512 << 20, "127.0.0.4:9752").await;
+    let migrate = |body: &'static str| {
+        let path = format!("/v1/containers/{cid}/migrate");
+        let hub = &hub;
+        async move { hub.post(&path, body).await }
+    };
+
+    assert_eq!(
+        hub.post("/v1/containers/nope/migrate", "").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_invalid(&migrate("").await, "instance_id");
+    assert_eq!(
+        migrate(r#"{"instance_id":"ins-000000000000"}"#).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        migrate(r#"{"instance_id":"x","bogus":1}"#).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let one = |extra: &str| format!(r#"{{"instance_id":"{}"{extra}}}"#, iids[0]);
+    let post = |body: String| {
+        let path = format!("/v1/containers/{cid}/migrate");
+        let hub = &hub;
+        async move { hub.post(&path, &body).await }
+    };
+    // Not running yet (no report): only a running replica moves.
+    assert_eq!(post(one("")).await.0, StatusCode::CONFLICT);
+    for iid in &iids {
+        report(&hub, "n1", iid, InstanceStatus::Running, None).await;
+    }
+    assert_invalid(&post(one(r#","mode":"teleport""#)).await, "mode");
+    assert_eq!(
+        post(one(r#","target_node":"n9""#)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_invalid(&post(one(r#","target_node":"n1""#)).await, "target_node");
+    assert_invalid(&post(one(r#","target_node":"n3""#)).await, "target_node");
+    assert_invalid(&post(one(r#","target_node":"tiny""#)).await, "target_node");
+    assert_eq!(
+        hub.get("/v1/migrations/mig-000000000000").await.0,
+        StatusCode::NOT_FOUND
+    );
+    // Nothing was recorded by the refused requests.
+    assert!(hub.keys("/berth/migrations/").await.is_empty());
+    let ok = post(one(r#","target_node":"n2","mode":"precopy""#)).await;
+    assert_eq!(ok.0, StatusCode::ACCEPTED, "{}", ok.1);
+    assert_eq!(ok.1["mode"], "precopy");
+    alive.abort();
+}
+
+#[tokio::test]
+async fn a_failure_leaves_the_replica_where_it_was() {
+    let hub = Hub::start(false).await;
+    let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
+    register(&hub, "n1", 8 * GIB, "127.0.0.1:9752").await;
+    let alive = keep_alive(hub.grpc.clone(), &["n1"]);
+    let (cid, iids) = running_on_n1(&hub, &mut rec, 1).await;
+    let iid = &iids[0];
+    register(&hub, "n2", 8 * GIB, "127.0.0.2:9752").await;
+    // n2 heartbeats on its own, so the test can let it die.
+    let n2 = keep_alive(hub.grpc.clone(), &["n2"]);
+
+    // The target gives up: FAILED with its words, the target's assignment goes, the source's
+    // order goes (it resumes the replica), the instance never left n1.
+    let (_, j) = hub.post(&format!("/v1/containers/{cid}/migrate"), "").await;
+    let mid = j["migration_id"].as_str().unwrap().to_owned();
+    rec.pass().await.unwrap();
+    assert_eq!(assignments(&hub).await.len(), 2);
+    let mut failed = progress(&mid, MigrationPhase::Restore);
+    failed.error = "criu restore: exited 1".into();
+    report(&hub, "n2", iid, InstanceStatus::Failed, Some(failed)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(j["status"], "FAILED");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("criu restore: exited 1"),
+        "{j}"
+    );
+    let a = assignments(&hub).await;
+    assert_eq!(a.len(), 1);
+    assert!(a[&("n1".to_owned(), iid.clone())].migration.is_none());
+    let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
+    assert_eq!(c["instances"][0]["node_id"], "n1");
+    assert_eq!(c["instances"][0]["status"], "RUNNING");
+
+    // A target that dies: the leader fails the job once its liveness lapses.
+    let (s, j) = hub.post(&format!("/v1/containers/{cid}/migrate"), "").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{j}");
+    let mid = j["migration_id"].as_str().unwrap().to_owned();
+    rec.pass().await.unwrap();
+    n2.abort();
+    // The lease is 3 s; give it time to lapse, passing as the leader would.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let j = loop {
+        rec.pass().await.unwrap();
+        let j = job(&hub, &mid).await;
+        if j["status"] == "FAILED" {
+            break j;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never failed: {j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(j["error"].as_str().unwrap().contains("node n2"), "{j}");
+    assert_eq!(assignments(&hub).await.len(), 1);
+    alive.abort();
+}
