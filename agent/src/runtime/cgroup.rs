@@ -88,6 +88,63 @@ pub fn join_cgroup2(cgroup2: &Path, parent: &str, id: &str, pid: i32) -> Result<
         .map_err(|e| err("join cgroup2 group", e))
 }
 
+/// Sets container `id`'s cpu quota and memory limit in whichever of its cgroup directories has
+/// the controller (v1 `cpu`/`memory` hierarchies, or a v2 group with those controllers): what
+/// libcontainer does at create, for containers it did not create (restored by CRIU, which moves
+/// the tasks in but cannot write the limits on hybrid hosts). 0 leaves a resource unlimited. Fails
+/// when a limit is asked for and no directory takes it.
+pub fn set_limits(
+    parent: &str,
+    id: &str,
+    cpu_millis: u64,
+    memory_bytes: u64,
+) -> Result<(), RuntimeError> {
+    let dirs = container_dirs(parent, id);
+    let period = super::CPU_PERIOD_US;
+    let quota = cpu_millis.saturating_mul(period) / 1000;
+    let mut wrote_cpu = cpu_millis == 0;
+    let mut wrote_memory = memory_bytes == 0;
+    for dir in &dirs {
+        let write = |name: &str, value: String| -> Result<bool, RuntimeError> {
+            let file = dir.join(name);
+            if !file.exists() {
+                return Ok(false);
+            }
+            std::fs::write(&file, value)
+                .map(|()| true)
+                .map_err(|source| RuntimeError::Io {
+                    op: "set cgroup limit",
+                    path: file,
+                    source,
+                })
+        };
+        if cpu_millis > 0 {
+            // v1: the period first, so the quota is never judged against the old one.
+            if write("cpu.cfs_period_us", period.to_string())? {
+                wrote_cpu |= write("cpu.cfs_quota_us", quota.to_string())?;
+            }
+            wrote_cpu |= write("cpu.max", format!("{quota} {period}"))?;
+        }
+        if memory_bytes > 0 {
+            wrote_memory |= write("memory.limit_in_bytes", memory_bytes.to_string())?;
+            wrote_memory |= write("memory.max", memory_bytes.to_string())?;
+        }
+    }
+    let missing = match (wrote_cpu, wrote_memory) {
+        (true, true) => return Ok(()),
+        (false, _) => "cpu",
+        (_, false) => "memory",
+    };
+    Err(RuntimeError::Io {
+        op: "set cgroup limit",
+        path: Path::new(parent).join(id),
+        source: io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no {missing} controller in any of the container's cgroups"),
+        ),
+    })
+}
+
 /// Existing directories of the cgroup `/<parent>/<id>` across all hierarchies.
 pub fn container_dirs(parent: &str, id: &str) -> Vec<PathBuf> {
     existing_under(&Path::new(parent).join(id))

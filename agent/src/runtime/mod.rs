@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod exec;
 mod locks;
 mod reaper;
+mod restored;
 pub mod signal;
 mod spec;
 mod youki;

@@ -382,6 +382,42 @@ impl Runtime {
         Ok(())
     }
 
+    /// Takes over a container CRIU restored into this runtime's cgroup parent (the target end of a
+    /// live migration): from now on `state`, `list`, `reap` and `remove` handle `id` like the
+    /// containers this runtime created. `pid` is the restored init, a child of this process (or at
+    /// least alive). Fails with `AlreadyExists` if the id has state.
+    pub fn adopt_restored(&self, id: &str, pid: i32) -> Result<(), RuntimeError> {
+        if !is_valid_name(id) {
+            return Err(RuntimeError::NotFound { id: id.to_owned() });
+        }
+        let _lock = locks::for_id(id);
+        let dir = self.state_dir(id);
+        if dir.symlink_metadata().is_ok() {
+            return Err(RuntimeError::AlreadyExists { id: id.to_owned() });
+        }
+        let record = super::restored::Restored::of(pid).ok_or_else(|| RuntimeError::Io {
+            op: "adopt restored container",
+            path: PathBuf::from(format!("/proc/{pid}")),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })?;
+        super::restored::write(&dir, &record)?;
+        self.reaper.track(id, pid);
+        tracing::info!(id, pid, "restored container adopted");
+        Ok(())
+    }
+
+    /// Sets `id`'s cpu quota and memory limit in its cgroups (see [`cgroup::set_limits`]); for a
+    /// restored container, whose limits CRIU did not write.
+    pub fn set_limits(
+        &self,
+        id: &str,
+        cpu_millis: u64,
+        memory_bytes: u64,
+    ) -> Result<(), RuntimeError> {
+        let _lock = locks::for_id(id);
+        cgroup::set_limits(&self.cgroup_parent, id, cpu_millis, memory_bytes)
+    }
+
     /// The container's status (refreshed against its process) and init pid; `None` for an
     /// unknown id. A container whose state file is missing (half created or half deleted) reads as
     /// `Stopped` without a pid.
@@ -392,6 +428,17 @@ impl Runtime {
         }
         // Reap first: a pid reaped here may be reused at once, so our record wins over /proc.
         let reaped = matches!(self.reaper.try_reap(id), Child::Exited(_));
+        if let Some(r) = super::restored::read(&self.state_dir(id)) {
+            let status = if !reaped && r.alive() {
+                Status::Running
+            } else {
+                Status::Stopped
+            };
+            return Ok(Some(ContainerState {
+                status,
+                pid: Some(r.pid),
+            }));
+        }
         match self.load(id) {
             Ok(Some(container)) => {
                 let status = if reaped {
@@ -442,11 +489,20 @@ impl Runtime {
             // Never joined to a path: nothing of it can exist.
             return Ok(());
         }
+        let restored = super::restored::read(&self.state_dir(id));
         if !grace.is_zero() {
             let signalled = {
                 let _lock = locks::for_id(id);
-                match self.load(id) {
-                    Ok(Some(mut c)) if c.status() == ContainerStatus::Running => {
+                match (restored, self.load(id)) {
+                    // Not libcontainer's: signal the init by the pid we recorded, if it is still
+                    // that process.
+                    (Some(r), _) => {
+                        r.alive()
+                            && super::signal::catches(r.pid, signal)
+                            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.pid), signal)
+                                .is_ok()
+                    }
+                    (None, Ok(Some(mut c))) if c.status() == ContainerStatus::Running => {
                         // The init is pid 1 of its namespace: without a handler it ignores the
                         // signal, and waiting out the grace would only delay the SIGKILL below.
                         let init_listens = c
@@ -466,6 +522,41 @@ impl Runtime {
 
         let _lock = locks::for_id(id);
         let mut first_err = None;
+        if let Some(r) = restored {
+            // Everything in its cgroups, and the init itself should it have left them.
+            let dirs = cgroup::container_dirs(&self.cgroup_parent, id);
+            let mut pids = cgroup::pids(&dirs);
+            if r.alive() && !pids.contains(&r.pid) {
+                pids.push(r.pid);
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            if !self.wait_exit(id, KILL_TIMEOUT) {
+                first_err.get_or_insert(RuntimeError::KillTimeout {
+                    id: id.to_owned(),
+                    waited: KILL_TIMEOUT,
+                });
+            }
+        } else {
+            self.kill_and_delete(id, &mut first_err);
+        }
+        if let Err(e) = self.cleanup(id) {
+            first_err.get_or_insert(e);
+        }
+        self.reaper.forget(id);
+        self.wait_shims(id, SHIM_EXIT_WAIT);
+        match first_err {
+            None => {
+                tracing::info!("container removed");
+                Ok(())
+            }
+            Some(e) => Err(e),
+        }
+    }
+
+    /// SIGKILL through libcontainer, wait for the processes to go, delete youki's state.
+    fn kill_and_delete(&self, id: &str, first_err: &mut Option<RuntimeError>) {
         match self.load(id) {
             Ok(Some(mut container)) => {
                 if container.status() != ContainerStatus::Stopped {
@@ -486,18 +577,6 @@ impl Runtime {
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "unreadable youki state, cleaning up by hand"),
-        }
-        if let Err(e) = self.cleanup(id) {
-            first_err.get_or_insert(e);
-        }
-        self.reaper.forget(id);
-        self.wait_shims(id, SHIM_EXIT_WAIT);
-        match first_err {
-            None => {
-                tracing::info!("container removed");
-                Ok(())
-            }
-            Some(e) => Err(e),
         }
     }
 
