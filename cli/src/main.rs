@@ -8,6 +8,7 @@ mod client;
 mod events;
 mod lifecycle;
 mod logs;
+mod migrate;
 mod output;
 mod spec;
 mod stats;
@@ -99,6 +100,16 @@ enum Command {
     Top(stats::TopArgs),
     /// Print a replica's output.
     Logs(logs::LogsArgs),
+    /// Move a running replica to another node without restarting it (live migration).
+    Migrate(migrate::MigrateArgs),
+    /// List migrations (newest first), or show one.
+    Migrations {
+        /// A migration id: show that job in full.
+        id: Option<String>,
+        /// Only this container's migrations (id or name).
+        #[arg(long, conflicts_with = "id")]
+        container: Option<String>,
+    },
     /// Print cluster events: recent ones, or with --watch every new one as it happens.
     Events {
         /// Only events after this event id (`0`: every event the hub keeps).
@@ -332,6 +343,10 @@ async fn run(cli: Cli) -> Result<bool> {
         Command::Start(args) => emit(&lifecycle::action(&hub, Action::Start, &args).await?)?,
         Command::Restart(args) => emit(&lifecycle::action(&hub, Action::Restart, &args).await?)?,
         Command::Update(args) => return lifecycle::update(&hub, &args).await,
+        Command::Migrate(args) => return migrate::migrate(&hub, &args).await,
+        Command::Migrations { id, container } => {
+            return migrate::migrations(&hub, id.as_deref(), container.as_deref()).await
+        }
         Command::Rollback(args) => return lifecycle::rollback(&hub, &args).await,
         Command::Revisions { id } => {
             let id = hub.container_id(&id).await?;
