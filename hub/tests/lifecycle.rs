@@ -11,27 +11,16 @@ use axum::http::StatusCode;
 use berth_hub::reconciler::Reconciler;
 use berth_proto::v1::{self, InstanceStatus};
 use common::Hub;
-use prost::Message;
 use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
 
 /// Every assignment in etcd, by instance id.
 async fn assignments(hub: &Hub) -> BTreeMap<String, v1::Assignment> {
-    let mut kv = hub.store.client().kv_client();
-    let resp = kv
-        .get(
-            "/berth/assign/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
+    hub.assignments()
         .await
-        .unwrap();
-    resp.kvs()
-        .iter()
-        .map(|kv| {
-            let a = v1::Assignment::decode(kv.value()).unwrap();
-            (a.instance_id.clone(), a)
-        })
+        .into_iter()
+        .map(|((_, iid), a)| (iid, a))
         .collect()
 }
 

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure points at the line
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -14,7 +13,6 @@ use berth_hub::reconciler::Reconciler;
 use berth_proto::v1::agent_service_server::AgentService;
 use berth_proto::v1::{self, InstanceStatus, MigrationPhase, MigrationRole};
 use common::{assert_invalid, Hub};
-use prost::Message;
 use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
@@ -48,30 +46,6 @@ fn keep_alive(grpc: Grpc, nodes: &[&str]) -> tokio::task::JoinHandle<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     })
-}
-
-/// Every assignment, by (node, instance).
-async fn assignments(hub: &Hub) -> BTreeMap<(String, String), v1::Assignment> {
-    let mut kv = hub.store.client().kv_client();
-    let resp = kv
-        .get(
-            "/berth/assign/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    resp.kvs()
-        .iter()
-        .map(|kv| {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let rest = key.trim_start_matches("/berth/assign/");
-            let (node, iid) = rest.split_once('/').unwrap();
-            (
-                (node.to_owned(), iid.to_owned()),
-                v1::Assignment::decode(kv.value()).unwrap(),
-            )
-        })
-        .collect()
 }
 
 async fn report(
@@ -116,7 +90,8 @@ async fn running_on_n1(hub: &Hub, rec: &mut Reconciler, replicas: u32) -> (Strin
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let cid = body["container_id"].as_str().unwrap().to_owned();
     rec.pass().await.unwrap();
-    let iids: Vec<String> = assignments(hub)
+    let iids: Vec<String> = hub
+        .assignments()
         .await
         .into_keys()
         .filter(|(n, _)| n == "n1")
@@ -143,7 +118,7 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
     let alive = keep_alive(hub.grpc.clone(), &["n1", "n2", "n3"]);
     let (cid, iids) = running_on_n1(&hub, &mut rec, 1).await;
     let iid = &iids[0];
-    let ip = assignments(&hub).await[&("n1".to_owned(), iid.clone())]
+    let ip = hub.assignments().await[&("n1".to_owned(), iid.clone())]
         .ip
         .clone();
     register(&hub, "n2", 8 * GIB, "127.0.0.2:9752").await;
@@ -170,7 +145,7 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
 
     // The leader hands out the orders: the source keeps running it, the target gets the same ip.
     rec.pass().await.unwrap();
-    let a = assignments(&hub).await;
+    let a = hub.assignments().await;
     let source = &a[&("n1".to_owned(), iid.clone())];
     let order = source.migration.as_ref().unwrap();
     assert_eq!(order.role, MigrationRole::Source as i32);
@@ -220,7 +195,7 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
         )
     );
     assert!(!j["finished_at"].as_str().unwrap().is_empty());
-    let a = assignments(&hub).await;
+    let a = hub.assignments().await;
     assert!(
         !a.contains_key(&("n1".to_owned(), iid.clone())),
         "source kept it"
@@ -234,7 +209,7 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
     assert_eq!(c["instances"][0]["status"], "RUNNING");
     // Later passes leave it there.
     rec.pass().await.unwrap();
-    assert_eq!(assignments(&hub).await.len(), 1);
+    assert_eq!(hub.assignments().await.len(), 1);
 
     let (_, list) = hub.get(&format!("/v1/migrations?container={cid}")).await;
     assert_eq!(list["migrations"][0]["migration_id"], mid.as_str());
@@ -256,7 +231,8 @@ async fn requests_that_cannot_be_carried_out_are_refused() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let cid = body["container_id"].as_str().unwrap().to_owned();
     rec.pass().await.unwrap();
-    let iids: Vec<String> = assignments(&hub)
+    let iids: Vec<String> = hub
+        .assignments()
         .await
         .into_keys()
         .map(|(_, i)| i)
@@ -331,7 +307,7 @@ async fn a_failure_leaves_the_replica_where_it_was() {
     let (_, j) = hub.post(&format!("/v1/containers/{cid}/migrate"), "").await;
     let mid = j["migration_id"].as_str().unwrap().to_owned();
     rec.pass().await.unwrap();
-    assert_eq!(assignments(&hub).await.len(), 2);
+    assert_eq!(hub.assignments().await.len(), 2);
     let mut failed = progress(&mid, MigrationPhase::Restore);
     failed.error = "criu restore: exited 1".into();
     report(&hub, "n2", iid, InstanceStatus::Failed, Some(failed)).await;
@@ -344,7 +320,7 @@ async fn a_failure_leaves_the_replica_where_it_was() {
             .contains("criu restore: exited 1"),
         "{j}"
     );
-    let a = assignments(&hub).await;
+    let a = hub.assignments().await;
     assert_eq!(a.len(), 1);
     assert!(a[&("n1".to_owned(), iid.clone())].migration.is_none());
     let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
@@ -369,6 +345,6 @@ async fn a_failure_leaves_the_replica_where_it_was() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(j["error"].as_str().unwrap().contains("node n2"), "{j}");
-    assert_eq!(assignments(&hub).await.len(), 1);
+    assert_eq!(hub.assignments().await.len(), 1);
     alive.abort();
 }

@@ -24,6 +24,7 @@ use crate::service::view::{instance_status, NodeHealth};
 use crate::service::NetConfig;
 use crate::store::{keys, Snapshot, Store, StoreError};
 
+pub(crate) use pass::capacity;
 pub use pass::{PassReport, Reconciler};
 
 /// Periodic pass even without changes (catches lapsed liveness, release grace, missed events).

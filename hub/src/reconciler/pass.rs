@@ -33,6 +33,54 @@ const BATCH: usize = 40;
 /// nodes did not notice); the source resumes the replica.
 pub const MIGRATION_STALL: time::Duration = time::Duration::seconds(120);
 
+/// Every node's capacity and what holds resources on it: each placed instance (at its revision's
+/// size: during a rolling update older replicas still hold what their revision asked for), and an
+/// instance arriving by migration on its target too, so nothing else takes its room meanwhile.
+pub(crate) fn capacity(snap: &Snapshot) -> (Vec<NodeCapacity>, Vec<Placed>) {
+    let nodes = snap
+        .nodes
+        .values()
+        .map(|n| NodeCapacity {
+            node_id: n.value.node_id.clone(),
+            cpu_millis: n.value.cpu_millis,
+            memory_bytes: n.value.memory_bytes,
+            healthy: snap.alive.contains(&n.value.node_id),
+        })
+        .collect();
+    let arriving: HashMap<&str, &str> = snap
+        .migrations
+        .values()
+        .filter(|j| j.value.in_progress())
+        .map(|j| (j.value.instance_id.as_str(), j.value.target_node.as_str()))
+        .collect();
+    let mut placed = Vec::new();
+    for i in snap.all_instances() {
+        let r = &i.record.value;
+        if r.node_id.is_empty() {
+            continue;
+        }
+        let Some(c) = snap.containers.get(&r.container_id) else {
+            continue;
+        };
+        let (cpu_millis, memory_bytes) = if r.revision.max(1) == c.value.revision.max(1) {
+            (c.value.cpu_millis, c.value.memory_bytes)
+        } else {
+            let rev = snap.revision_of(&c.value, r.revision.max(1));
+            (rev.cpu_millis, rev.memory_bytes)
+        };
+        let target = arriving.get(r.instance_id.as_str()).copied();
+        for node in std::iter::once(r.node_id.as_str()).chain(target) {
+            placed.push(Placed {
+                node_id: node.to_owned(),
+                container_id: c.value.container_id.clone(),
+                cpu_millis,
+                memory_bytes,
+            });
+        }
+    }
+    (nodes, placed)
+}
+
 /// The job moving `r`, while it runs.
 fn running_job<'a>(
     snap: &'a Snapshot,
@@ -841,38 +889,8 @@ impl Reconciler {
     }
 
     async fn place(&self, snap: &Snapshot, report: &mut PassReport) -> Result<(), StoreError> {
-        let nodes: Vec<NodeCapacity> = snap
-            .nodes
-            .values()
-            .map(|n| NodeCapacity {
-                node_id: n.value.node_id.clone(),
-                cpu_millis: n.value.cpu_millis,
-                memory_bytes: n.value.memory_bytes,
-                healthy: snap.alive.contains(&n.value.node_id),
-            })
-            .collect();
+        let (nodes, placed) = capacity(snap);
         let container_of = |i: &StoredInstance| snap.containers.get(&i.record.value.container_id);
-        let placed: Vec<Placed> = snap
-            .all_instances()
-            .filter(|i| !i.record.value.node_id.is_empty())
-            .filter_map(|i| {
-                let c = container_of(i)?;
-                // During a rolling update older replicas still hold what their revision asked for.
-                let (cpu_millis, memory_bytes) =
-                    if i.record.value.revision.max(1) == c.value.revision.max(1) {
-                        (c.value.cpu_millis, c.value.memory_bytes)
-                    } else {
-                        let rev = snap.revision_of(&c.value, i.record.value.revision.max(1));
-                        (rev.cpu_millis, rev.memory_bytes)
-                    };
-                Some(Placed {
-                    node_id: i.record.value.node_id.clone(),
-                    container_id: c.value.container_id.clone(),
-                    cpu_millis,
-                    memory_bytes,
-                })
-            })
-            .collect();
         let mut pending: Vec<(&Versioned<ContainerRecord>, &StoredInstance)> = snap
             .all_instances()
             .filter(|i| i.record.value.node_id.is_empty() && !i.record.value.stopping)

@@ -7,14 +7,12 @@
 //! same transaction the source loses its assignment. Any failure leaves the instance where it was
 //! (the source resumes it) and takes the target's assignment away.
 
-use std::collections::HashMap;
-
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use prost::Message;
 
 use super::{new_id, now_rfc3339, validate, Service, ServiceError, CONFLICT_RETRIES};
 use crate::events::{types, Event, Events};
-use crate::scheduler::{schedule, Decision, NodeCapacity, Placed, Request};
+use crate::scheduler::{schedule, Decision, Request};
 use crate::store::records::{InstanceRecord, MigrationRecord};
 use crate::store::{keys, to_json, Snapshot, Store, StoreError, StoredInstance, Versioned};
 use berth_proto::v1;
@@ -473,7 +471,8 @@ fn choose_target(
         }
         vec![named]
     };
-    let (nodes, placed) = capacity(snap, &candidates);
+    let (mut nodes, placed) = crate::reconciler::capacity(snap);
+    nodes.retain(|n| candidates.contains(&n.node_id.as_str()));
     let Some(c) = snap.containers.get(&r.container_id) else {
         return Err(ServiceError::NotFound(format!(
             "container {} not found",
@@ -502,49 +501,6 @@ fn choose_target(
             "the scheduler answered nothing".to_owned(),
         )),
     }
-}
-
-/// The candidate nodes' capacities and what is placed on them (the revision each instance runs
-/// holds its resources).
-fn capacity(snap: &Snapshot, candidates: &[&str]) -> (Vec<NodeCapacity>, Vec<Placed>) {
-    let nodes = candidates
-        .iter()
-        .filter_map(|id| snap.nodes.get(*id))
-        .map(|n| NodeCapacity {
-            node_id: n.value.node_id.clone(),
-            cpu_millis: n.value.cpu_millis,
-            memory_bytes: n.value.memory_bytes,
-            healthy: snap.alive.contains(&n.value.node_id),
-        })
-        .collect();
-    // An instance arriving by migration already holds its place on the target.
-    let arriving: HashMap<&str, &str> = snap
-        .migrations
-        .values()
-        .filter(|j| j.value.in_progress())
-        .map(|j| (j.value.instance_id.as_str(), j.value.target_node.as_str()))
-        .collect();
-    let mut placed = Vec::new();
-    for i in snap.all_instances() {
-        let r = &i.record.value;
-        let Some(c) = snap.containers.get(&r.container_id) else {
-            continue;
-        };
-        let rev = snap.revision_of(&c.value, r.revision.max(1));
-        let mut on = vec![r.node_id.as_str()];
-        if let Some(target) = arriving.get(r.instance_id.as_str()) {
-            on.push(target);
-        }
-        for node in on.into_iter().filter(|n| !n.is_empty()) {
-            placed.push(Placed {
-                node_id: node.to_owned(),
-                container_id: r.container_id.clone(),
-                cpu_millis: rev.cpu_millis,
-                memory_bytes: rev.memory_bytes,
-            });
-        }
-    }
-    (nodes, placed)
 }
 
 fn parse_mode(mode: &str) -> Result<&'static str, ServiceError> {

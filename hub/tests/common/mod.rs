@@ -164,6 +164,27 @@ impl Hub {
             .collect()
     }
 
+    /// Every assignment in etcd, by (node, instance).
+    pub async fn assignments(
+        &self,
+    ) -> std::collections::BTreeMap<(String, String), v1::Assignment> {
+        use prost::Message;
+        let (kvs, _) = self.store.get_prefix("/berth/assign/").await.unwrap();
+        kvs.iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let (node, iid) = key
+                    .trim_start_matches("/berth/assign/")
+                    .split_once('/')
+                    .unwrap();
+                (
+                    (node.to_owned(), iid.to_owned()),
+                    v1::Assignment::decode(kv.value()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
     /// Registers a fake agent through the gRPC service.
     pub async fn register(&self, node_id: &str, cpu_millis: u64, memory_bytes: u64) {
         let req = v1::RegisterRequest {
