@@ -200,6 +200,14 @@ fn main() -> ExitCode {
         let code = berth_agent::runtime::run_exec_helper();
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    // ... and the holder of a network namespace made before its process (migration restores).
+    if argv
+        .get(1)
+        .is_some_and(|a| a == berth_agent::network::holder::NETNS_HOLDER_ARG)
+    {
+        let code = berth_agent::network::holder::run_netns_holder();
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let args = Args::parse();
     init_tracing(&args.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()

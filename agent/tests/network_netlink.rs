@@ -445,3 +445,61 @@ fn attach_can_be_retried_and_leaves_nothing_when_it_fails() {
         "exactly one veth expected in the host: {links}"
     );
 }
+
+/// The namespace a migration restores into: made by the agent's netns holder before any process
+/// of the container exists, plugged in like any instance, and still there (with its address) once
+/// a process has joined it and the holder is gone.
+#[test]
+fn a_held_namespace_is_plugged_in_before_its_process_exists() {
+    require_root();
+    let host = HostNs::new();
+    let holder = berth_agent::network::holder::NetnsHolder::spawn(Path::new(env!(
+        "CARGO_BIN_EXE_berth-agent"
+    )))
+    .expect("netns holder");
+    assert_ne!(
+        std::fs::read_link(holder.netns_path()).unwrap(),
+        this_thread_netns(),
+        "the holder must have a namespace of its own"
+    );
+    let net = random_id("net");
+    let subnet = random_subnet();
+    let ip = ip_in(subnet, 20);
+    let pid = holder.pid();
+    in_host(&host, move || async move {
+        let manager = NetworkManager::new().await.expect("manager");
+        let net_plan = plan(&net, ip_in(subnet, 1), 24, DEFAULT_MTU);
+        manager
+            .ensure_bridge(&net_plan)
+            .await
+            .expect("ensure_bridge");
+        manager
+            .attach(&random_id("ins"), &net_plan, pid, ip)
+            .await
+            .expect("attach into the held namespace");
+    });
+    assert_pings(&host, ip);
+
+    // A process joins (as CRIU's restored init does), then the holder goes: the namespace stays.
+    let netns = holder.netns_path();
+    let mut joined = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["sleep", "1000"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("nsenter sleep");
+    let comm = format!("/proc/{}/comm", joined.id());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep") {
+        assert!(Instant::now() < deadline, "nsenter never became sleep");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(holder);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "holder still running"
+    );
+    assert_pings(&host, ip);
+    let _ = joined.kill();
+    let _ = joined.wait();
+}

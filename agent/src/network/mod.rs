@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, RwLock};
 use tracing::{debug, info, instrument, warn};
 
+pub mod holder;
 mod netlink;
 mod overlay;
 pub mod wireguard;
