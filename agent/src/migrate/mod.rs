@@ -2,6 +2,10 @@
 //! connections. CRIU checkpoints it; only the pages that changed since the previous round cross
 //! the wire (`pages`), framed and checksummed on QUIC streams (`wire`).
 
+pub mod link;
 pub mod pages;
 pub mod transport;
 pub mod wire;
+
+#[cfg(test)]
+mod test_pki;

@@ -1,51 +1,8 @@
+use super::super::test_pki::{ca, identity, leaf, localhost, Ca};
 use super::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let pem = params.self_signed(&key).unwrap().pem();
-    Ca {
-        issuer: Issuer::new(params, key),
-        pem,
-    }
-}
-
-/// A certificate with these DNS SANs signed by `ca`, as (cert PEM, key PEM).
-fn leaf(ca: &Ca, sans: &[&str]) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-    let mut params = CertificateParams::new(names).unwrap();
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn identity(ca: &Ca, node_id: &str) -> NodeIdentity {
-    let (cert, key) = leaf(ca, &[&node_dns_name(node_id).unwrap()]);
-    NodeIdentity::from_pem(cert.as_bytes(), key.as_bytes(), ca.pem.as_bytes()).unwrap()
-}
 
 /// An identity that skips the load-time checks, to play a misbehaving peer.
 fn unchecked_identity(node_id: &str, signer: &Ca, sans: &[&str], trusted: &Ca) -> NodeIdentity {
@@ -58,10 +15,6 @@ fn unchecked_identity(node_id: &str, signer: &Ca, sans: &[&str], trusted: &Ca) -
             .unwrap()
             .remove(0),
     }
-}
-
-fn localhost() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
 fn endpoint(identity: &NodeIdentity, settings: &TransportSettings) -> MigrationEndpoint {
