@@ -38,16 +38,6 @@
 //! | 7    | `RoundEnd`  | round u32, pages u64, bytes u64                                          |
 //! | 8    | `Error`     | message, UTF-8 (the rest of the payload)                                 |
 //! | 9    | `Done`      | empty                                                                    |
-//! | 10   | `Changes`   | count u32, (len u16, record [len]) × count                               |
-//! | 11   | `Ready`     | empty                                                                    |
-//! | 12   | `Manifest`  | entries u64, bytes u64                                                   |
-//! | 13   | `Entry`     | kind u8, path string, mode u32, uid u32, gid u32, link target string     |
-//! | 14   | `Restored`  | pid u32, images_ms u64, prepare_ms u64, restore_ms u64, adopt_ms u64     |
-//!
-//! `Changes` carries opaque records (the migration session puts `pages::Change::encode` records
-//! there: unlike `PageDelta`/`PagesGone`, they also say which processes appeared and went); the
-//! framing only checks that the records tile the payload, each 1 to 65535 bytes. An `Entry`'s
-//! kind is 1 directory, 2 regular file (its `FileStart`… follow), 3 symlink, 4 overlay whiteout.
 //!
 //! Why a fixed binary layout rather than protobuf: page data is most of the traffic and must not be
 //! copied through a generic encoder, the structured frames are a handful of integers, and the
@@ -73,12 +63,6 @@
 //! temporary file is removed. Directories created on the way are left in place. The announced mode
 //! is applied with only the permission bits (`& 0o777`): no set-id bits from a peer. Files are not
 //! fsynced: the migration fails as a whole if the target host crashes.
-//!
-//! Directory trees (a container's overlay upper dir) also need directories, symlinks and
-//! whiteouts, and owners: [`create_dir_below`], [`create_symlink_below`],
-//! [`create_whiteout_below`] and [`set_attrs_below`] resolve the peer's path the same way
-//! (plain components, `O_NOFOLLOW` at each step) and never follow a symlink in the last one
-//! either. They block: call them from `spawn_blocking`.
 //!
 //! # Back-pressure and memory
 //!
@@ -151,16 +135,6 @@ pub enum FrameKind {
     Error = 8,
     /// [`Frame::Done`].
     Done = 9,
-    /// [`Frame::Changes`].
-    Changes = 10,
-    /// [`Frame::Ready`].
-    Ready = 11,
-    /// [`Frame::Manifest`].
-    Manifest = 12,
-    /// [`Frame::Entry`].
-    Entry = 13,
-    /// [`Frame::Restored`].
-    Restored = 14,
 }
 
 /// Opens a migration stream: who is migrating what, and which pre-copy round this stream is for.
@@ -219,70 +193,6 @@ pub struct RoundEnd {
     pub bytes: u64,
 }
 
-/// A batch of opaque records (each 1 to 65535 bytes), kept as one buffer: `count` records, each
-/// a `u16` big-endian length then its bytes, exactly the frame's payload after the count.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ChangeBatch {
-    count: u32,
-    data: Vec<u8>,
-}
-
-/// What the sender will put on a files stream, announced before the first file so that the
-/// receiver can refuse what does not fit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Manifest {
-    /// Number of [`Frame::Entry`] frames that follow.
-    pub entries: u64,
-    /// Sum of the sizes of the regular files among them.
-    pub bytes: u64,
-}
-
-/// The kind of a [`TreeEntry`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum TreeEntryKind {
-    /// A directory.
-    Dir = 1,
-    /// A regular file: its `FileStart`, chunks and `FileEnd` follow the entry.
-    File = 2,
-    /// A symbolic link to [`TreeEntry::link_target`].
-    Symlink = 3,
-    /// An overlayfs whiteout (a 0/0 character device: the lower layer's file is deleted).
-    Whiteout = 4,
-}
-
-/// One entry of a directory tree being moved, in pre-order (a directory before its contents).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TreeEntry {
-    /// What it is.
-    pub kind: TreeEntryKind,
-    /// Relative `/`-separated path below the receiver's destination directory.
-    pub path: String,
-    /// Unix mode bits (`0o7777` part; the file type is `kind`).
-    pub mode: u32,
-    /// Owner uid.
-    pub uid: u32,
-    /// Owner gid.
-    pub gid: u32,
-    /// Target of a symlink; empty for other kinds.
-    pub link_target: String,
-}
-
-/// The target restored the container and it runs: the target's timings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Restored {
-    /// Host pid of the restored init on the target (for the logs).
-    pub pid: u32,
-    /// Writing the CRIU images from the page store.
-    pub images_ms: u64,
-    /// The target's preparation (rootfs, network namespace, log pipes).
-    pub prepare_ms: u64,
-    /// `criu restore`.
-    pub restore_ms: u64,
-    /// Handing the restored container to the agent's supervision.
-    pub adopt_ms: u64,
-}
-
 /// One unit of a migration stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -310,16 +220,6 @@ pub enum Frame {
     },
     /// The sender has nothing more to say on this stream.
     Done,
-    /// A batch of opaque change records.
-    Changes(ChangeBatch),
-    /// The receiver accepts the migration announced by `Hello`.
-    Ready,
-    /// What a files stream will carry.
-    Manifest(Manifest),
-    /// An entry of a directory tree.
-    Entry(TreeEntry),
-    /// The container runs on the target.
-    Restored(Restored),
 }
 
 /// Errors of the migration stream framing.
