@@ -183,8 +183,11 @@ impl Service {
             }
             if !p.error.is_empty() {
                 let reason = format!("node {node_id}: {}", p.error);
-                finish(&self.store, &self.events, &job, Outcome::Failed(reason)).await?;
-                return Ok(());
+                if finish(&self.store, &self.events, &job, Outcome::Failed(reason)).await? {
+                    return Ok(());
+                }
+                // The job changed meanwhile (another report): read it again.
+                continue;
             }
             let phase = v1::MigrationPhase::try_from(p.phase).unwrap_or_default();
             let running = report.status == v1::InstanceStatus::Running as i32;
