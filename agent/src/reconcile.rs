@@ -39,7 +39,9 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_proto::v1::{Assignment, DesiredState, HealthCheck, InstanceReport, InstanceStatus};
+use berth_proto::v1::{
+    Assignment, DesiredState, HealthCheck, InstanceReport, InstanceStatus, MigrationProgress,
+};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -727,12 +729,20 @@ impl<H: Host> Reconciler<H> {
         let mut map = HashMap::new();
         for a in state.assignments {
             let id = a.instance_id.clone();
+            let migration_id = a.migration.as_ref().map(|m| m.migration_id.clone());
             match InstanceSpec::try_from(a) {
                 Ok(spec) => {
                     map.insert(spec.instance_id.clone(), spec);
                 }
                 Err(e) => {
                     warn!(instance_id = %id, error = %e, "rejecting assignment");
+                    // A migration this node cannot take part in fails now, not at the hub's stall
+                    // timeout.
+                    let migration = migration_id.map(|migration_id| MigrationProgress {
+                        migration_id,
+                        error: e.to_string(),
+                        ..MigrationProgress::default()
+                    });
                     self.out.send(Report::Status(InstanceReport {
                         instance_id: id,
                         status: InstanceStatus::Failed as i32,
@@ -740,7 +750,7 @@ impl<H: Host> Reconciler<H> {
                         phases_ms: HashMap::new(),
                         restarts: 0,
                         image_digest: String::new(),
-                        migration: None,
+                        migration,
                     }));
                 }
             }

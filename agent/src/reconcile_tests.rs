@@ -1303,3 +1303,44 @@ async fn a_failed_halt_is_reported_and_retried() {
     assert_eq!(h.host.state().halts.len(), 2);
     assert_eq!(h.host.state().starts.len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_migration_target_order_is_refused_with_the_migration_failed_and_nothing_started() {
+    // This agent cannot receive migrations yet: starting the instance from its image instead would
+    // make a second copy of a running replica. A source order is harmless: the replica runs on.
+    let mut h = harness(FakeHost::default());
+    let mut target = assignment("ins-in");
+    target.migration = Some(berth_proto::v1::MigrationOrder {
+        migration_id: "mig-1".into(),
+        role: berth_proto::v1::MigrationRole::Target as i32,
+        peer_node_id: "n1".into(),
+        peer_addr: "10.0.0.1:9752".into(),
+        mode: 0,
+    });
+    let mut source = assignment("ins-out");
+    source.migration = Some(berth_proto::v1::MigrationOrder {
+        role: berth_proto::v1::MigrationRole::Source as i32,
+        ..target.migration.clone().expect("set above")
+    });
+    send(&h, vec![target, source]);
+    let seen = h
+        .until(|rs| {
+            rs.iter()
+                .any(|r| is_status(r, "ins-in", InstanceStatus::Failed))
+                && rs
+                    .iter()
+                    .any(|r| is_status(r, "ins-out", InstanceStatus::Running))
+        })
+        .await;
+    let failed = seen.iter().find_map(|r| match r {
+        Report::Status(s) if s.instance_id == "ins-in" => s.migration.clone(),
+        _ => None,
+    });
+    let failed = failed.expect("the report names the migration");
+    assert_eq!(failed.migration_id, "mig-1");
+    assert!(
+        failed.error.contains("cannot receive live migrations"),
+        "{failed:?}"
+    );
+    assert_eq!(h.host.state().starts, vec!["ins-out".to_owned()]);
+}
