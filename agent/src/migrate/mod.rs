@@ -4,6 +4,7 @@
 
 pub mod link;
 pub mod pages;
+pub mod session;
 pub mod transport;
 pub mod wire;
 

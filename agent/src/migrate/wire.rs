@@ -38,6 +38,16 @@
 //! | 7    | `RoundEnd`  | round u32, pages u64, bytes u64                                          |
 //! | 8    | `Error`     | message, UTF-8 (the rest of the payload)                                 |
 //! | 9    | `Done`      | empty                                                                    |
+//! | 10   | `Changes`   | count u32, (len u16, record [len]) × count                               |
+//! | 11   | `Ready`     | empty                                                                    |
+//! | 12   | `Manifest`  | entries u64, bytes u64                                                   |
+//! | 13   | `Entry`     | kind u8, path string, mode u32, uid u32, gid u32, link target string     |
+//! | 14   | `Restored`  | pid u32, images_ms u64, prepare_ms u64, restore_ms u64, adopt_ms u64     |
+//!
+//! `Changes` carries opaque records (the migration session puts `pages::Change::encode` records
+//! there: unlike `PageDelta`/`PagesGone`, they also say which processes appeared and went); the
+//! framing only checks that the records tile the payload, each 1 to 65535 bytes. An `Entry`'s
+//! kind is 1 directory, 2 regular file (its `FileStart`… follow), 3 symlink, 4 overlay whiteout.
 //!
 //! Why a fixed binary layout rather than protobuf: page data is most of the traffic and must not be
 //! copied through a generic encoder, the structured frames are a handful of integers, and the
@@ -63,6 +73,12 @@
 //! temporary file is removed. Directories created on the way are left in place. The announced mode
 //! is applied with only the permission bits (`& 0o777`): no set-id bits from a peer. Files are not
 //! fsynced: the migration fails as a whole if the target host crashes.
+//!
+//! Directory trees (a container's overlay upper dir) also need directories, symlinks and
+//! whiteouts, and owners: [`create_dir_below`], [`create_symlink_below`],
+//! [`create_whiteout_below`] and [`set_attrs_below`] resolve the peer's path the same way
+//! (plain components, `O_NOFOLLOW` at each step) and never follow a symlink in the last one
+//! either. They block: call them from `spawn_blocking`.
 //!
 //! # Back-pressure and memory
 //!
@@ -135,6 +151,16 @@ pub enum FrameKind {
     Error = 8,
     /// [`Frame::Done`].
     Done = 9,
+    /// [`Frame::Changes`].
+    Changes = 10,
+    /// [`Frame::Ready`].
+    Ready = 11,
+    /// [`Frame::Manifest`].
+    Manifest = 12,
+    /// [`Frame::Entry`].
+    Entry = 13,
+    /// [`Frame::Restored`].
+    Restored = 14,
 }
 
 /// Opens a migration stream: who is migrating what, and which pre-copy round this stream is for.
@@ -193,6 +219,70 @@ pub struct RoundEnd {
     pub bytes: u64,
 }
 
+/// A batch of opaque records (each 1 to 65535 bytes), kept as one buffer: `count` records, each
+/// a `u16` big-endian length then its bytes, exactly the frame's payload after the count.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeBatch {
+    count: u32,
+    data: Vec<u8>,
+}
+
+/// What the sender will put on a files stream, announced before the first file so that the
+/// receiver can refuse what does not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Manifest {
+    /// Number of [`Frame::Entry`] frames that follow.
+    pub entries: u64,
+    /// Sum of the sizes of the regular files among them.
+    pub bytes: u64,
+}
+
+/// The kind of a [`TreeEntry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TreeEntryKind {
+    /// A directory.
+    Dir = 1,
+    /// A regular file: its `FileStart`, chunks and `FileEnd` follow the entry.
+    File = 2,
+    /// A symbolic link to [`TreeEntry::link_target`].
+    Symlink = 3,
+    /// An overlayfs whiteout (a 0/0 character device: the lower layer's file is deleted).
+    Whiteout = 4,
+}
+
+/// One entry of a directory tree being moved, in pre-order (a directory before its contents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    /// What it is.
+    pub kind: TreeEntryKind,
+    /// Relative `/`-separated path below the receiver's destination directory.
+    pub path: String,
+    /// Unix mode bits (`0o7777` part; the file type is `kind`).
+    pub mode: u32,
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Target of a symlink; empty for other kinds.
+    pub link_target: String,
+}
+
+/// The target restored the container and it runs: the target's timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Restored {
+    /// Host pid of the restored init on the target (for the logs).
+    pub pid: u32,
+    /// Writing the CRIU images from the page store.
+    pub images_ms: u64,
+    /// The target's preparation (rootfs, network namespace, log pipes).
+    pub prepare_ms: u64,
+    /// `criu restore`.
+    pub restore_ms: u64,
+    /// Handing the restored container to the agent's supervision.
+    pub adopt_ms: u64,
+}
+
 /// One unit of a migration stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -220,6 +310,16 @@ pub enum Frame {
     },
     /// The sender has nothing more to say on this stream.
     Done,
+    /// A batch of opaque change records.
+    Changes(ChangeBatch),
+    /// The receiver accepts the migration announced by `Hello`.
+    Ready,
+    /// What a files stream will carry.
+    Manifest(Manifest),
+    /// An entry of a directory tree.
+    Entry(TreeEntry),
+    /// The container runs on the target.
+    Restored(Restored),
 }
 
 /// Errors of the migration stream framing.
@@ -468,6 +568,11 @@ impl FrameKind {
             7 => Self::RoundEnd,
             8 => Self::Error,
             9 => Self::Done,
+            10 => Self::Changes,
+            11 => Self::Ready,
+            12 => Self::Manifest,
+            13 => Self::Entry,
+            14 => Self::Restored,
             _ => return None,
         })
     }
@@ -484,6 +589,11 @@ impl FrameKind {
             Self::RoundEnd => "round-end",
             Self::Error => "error",
             Self::Done => "done",
+            Self::Changes => "changes",
+            Self::Ready => "ready",
+            Self::Manifest => "manifest",
+            Self::Entry => "entry",
+            Self::Restored => "restored",
         }
     }
 }
@@ -569,6 +679,126 @@ impl PageDelta {
     }
 }
 
+impl ChangeBatch {
+    /// Bytes a record adds to a batch besides itself (its length prefix).
+    pub const RECORD_OVERHEAD: usize = 2;
+    /// Bytes of a batch's payload besides its records (the count).
+    pub const FIXED_LEN: usize = 4;
+
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a record of 1 to 65535 bytes.
+    pub fn push(&mut self, record: &[u8]) -> Result<(), WireError> {
+        let invalid = |reason| WireError::InvalidFrame {
+            kind: FrameKind::Changes,
+            reason,
+        };
+        if record.is_empty() {
+            return Err(invalid("empty record"));
+        }
+        let len = u16::try_from(record.len()).map_err(|_| invalid("record over 65535 bytes"))?;
+        let count = self
+            .count
+            .checked_add(1)
+            .ok_or(invalid("too many records"))?;
+        self.data.extend_from_slice(&len.to_be_bytes());
+        self.data.extend_from_slice(record);
+        self.count = count;
+        Ok(())
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether the batch has no record.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Length of the frame payload this batch makes.
+    pub fn payload_len(&self) -> u64 {
+        Self::FIXED_LEN as u64 + self.data.len() as u64
+    }
+
+    /// Whether a record of `len` bytes still fits a payload of at most `max_payload` bytes.
+    pub fn fits(&self, len: usize, max_payload: u32) -> bool {
+        self.payload_len() + (Self::RECORD_OVERHEAD + len) as u64 <= u64::from(max_payload)
+    }
+
+    /// The records, in order.
+    pub fn records(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = self.data.as_slice();
+        std::iter::from_fn(move || {
+            // Well-formed by construction (`push`) or by `decode`'s checks.
+            let (len, tail) = rest.split_first_chunk::<2>()?;
+            let (record, tail) = tail.split_at_checked(usize::from(u16::from_be_bytes(*len)))?;
+            rest = tail;
+            Some(record)
+        })
+    }
+
+    fn decode(payload: Vec<u8>) -> Result<Self, &'static str> {
+        let (count, data) = payload
+            .split_first_chunk::<4>()
+            .ok_or("payload too short")?;
+        let count = u32::from_be_bytes(*count);
+        let mut rest = data;
+        let mut seen = 0u32;
+        while !rest.is_empty() {
+            let (len, tail) = rest
+                .split_first_chunk::<2>()
+                .ok_or("record length cut short")?;
+            let len = usize::from(u16::from_be_bytes(*len));
+            if len == 0 {
+                return Err("empty record");
+            }
+            rest = tail.get(len..).ok_or("record runs past the payload")?;
+            seen = seen.checked_add(1).ok_or("too many records")?;
+        }
+        if seen != count {
+            return Err("record count does not match the records");
+        }
+        Ok(Self {
+            count,
+            data: data.to_vec(),
+        })
+    }
+}
+
+impl TreeEntryKind {
+    /// The kind for a wire code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => Self::Dir,
+            2 => Self::File,
+            3 => Self::Symlink,
+            4 => Self::Whiteout,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name, as in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Dir => "directory",
+            Self::File => "file",
+            Self::Symlink => "symlink",
+            Self::Whiteout => "whiteout",
+        }
+    }
+}
+
+impl fmt::Display for TreeEntryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Frame {
     /// The frame's type.
     pub fn kind(&self) -> FrameKind {
@@ -582,6 +812,11 @@ impl Frame {
             Self::RoundEnd(_) => FrameKind::RoundEnd,
             Self::Error { .. } => FrameKind::Error,
             Self::Done => FrameKind::Done,
+            Self::Changes(_) => FrameKind::Changes,
+            Self::Ready => FrameKind::Ready,
+            Self::Manifest(_) => FrameKind::Manifest,
+            Self::Entry(_) => FrameKind::Entry,
+            Self::Restored(_) => FrameKind::Restored,
         }
     }
 
@@ -599,7 +834,11 @@ impl Frame {
             Self::PagesGone(p) => 8 + 8 * p.vaddrs.len() as u64,
             Self::RoundEnd(_) => 4 + 8 + 8,
             Self::Error { message } => message.len() as u64,
-            Self::Done => 0,
+            Self::Done | Self::Ready => 0,
+            Self::Changes(batch) => batch.payload_len(),
+            Self::Manifest(_) => 8 + 8,
+            Self::Entry(e) => 1 + s(&e.path) + 4 + 4 + 4 + s(&e.link_target),
+            Self::Restored(_) => 4 + 8 * 4,
         }
     }
 
@@ -643,7 +882,29 @@ impl Frame {
                 out.extend_from_slice(&r.bytes.to_be_bytes());
             }
             Self::Error { message } => out.extend_from_slice(message.as_bytes()),
-            Self::Done => {}
+            Self::Done | Self::Ready => {}
+            Self::Changes(batch) => {
+                out.extend_from_slice(&batch.count.to_be_bytes());
+                out.extend_from_slice(&batch.data);
+            }
+            Self::Manifest(m) => {
+                out.extend_from_slice(&m.entries.to_be_bytes());
+                out.extend_from_slice(&m.bytes.to_be_bytes());
+            }
+            Self::Entry(e) => {
+                out.push(e.kind as u8);
+                put_str(out, &e.path)?;
+                out.extend_from_slice(&e.mode.to_be_bytes());
+                out.extend_from_slice(&e.uid.to_be_bytes());
+                out.extend_from_slice(&e.gid.to_be_bytes());
+                put_str(out, &e.link_target)?;
+            }
+            Self::Restored(r) => {
+                out.extend_from_slice(&r.pid.to_be_bytes());
+                for ms in [r.images_ms, r.prepare_ms, r.restore_ms, r.adopt_ms] {
+                    out.extend_from_slice(&ms.to_be_bytes());
+                }
+            }
         }
         Ok(())
     }
@@ -719,6 +980,35 @@ impl Frame {
                 }))
             }),
             FrameKind::Done => parse(&payload, |_| Ok(Self::Done)),
+            FrameKind::Ready => parse(&payload, |_| Ok(Self::Ready)),
+            FrameKind::Changes => ChangeBatch::decode(payload).map(Self::Changes),
+            FrameKind::Manifest => parse(&payload, |c| {
+                Ok(Self::Manifest(Manifest {
+                    entries: c.u64()?,
+                    bytes: c.u64()?,
+                }))
+            }),
+            FrameKind::Entry => parse(&payload, |c| {
+                let [code] = c.array()?;
+                let kind = TreeEntryKind::from_code(code).ok_or("unknown entry kind")?;
+                Ok(Self::Entry(TreeEntry {
+                    kind,
+                    path: c.string()?,
+                    mode: c.u32()?,
+                    uid: c.u32()?,
+                    gid: c.u32()?,
+                    link_target: c.string()?,
+                }))
+            }),
+            FrameKind::Restored => parse(&payload, |c| {
+                Ok(Self::Restored(Restored {
+                    pid: c.u32()?,
+                    images_ms: c.u64()?,
+                    prepare_ms: c.u64()?,
+                    restore_ms: c.u64()?,
+                    adopt_ms: c.u64()?,
+                }))
+            }),
         }
     }
 }
@@ -1236,54 +1526,14 @@ impl Partial {
     fn create(
         dest_dir: &Path,
         announced: &str,
-        mut components: Vec<String>,
+        components: Vec<String>,
     ) -> Result<(Self, std::fs::File), WireError> {
         let io_err = |op, source| WireError::File {
             op,
             path: dest_dir.join(announced),
             source,
         };
-        let rejected = |reason| WireError::PathRejected {
-            path: announced.to_owned(),
-            reason,
-        };
-        let name = components.pop().ok_or(rejected("empty"))?;
-        // The destination itself is ours and may be reached through symlinks; only what is
-        // below it comes from the peer.
-        let mut dir: OwnedFd = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-            .open(dest_dir)
-            .map_err(|source| WireError::File {
-                op: "open destination directory",
-                path: dest_dir.to_owned(),
-                source,
-            })?
-            .into();
-        let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        for component in &components {
-            let next = match openat_owned(&dir, component, dir_flags, Mode::empty()) {
-                Err(Errno::ENOENT) => {
-                    match nix::sys::stat::mkdirat(
-                        Some(dir.as_raw_fd()),
-                        component.as_str(),
-                        Mode::from_bits_truncate(0o755),
-                    ) {
-                        Ok(()) | Err(Errno::EEXIST) => {}
-                        Err(e) => return Err(io_err("create directory for", e.into())),
-                    }
-                    openat_owned(&dir, component, dir_flags, Mode::empty())
-                }
-                other => other,
-            };
-            dir = match next {
-                Ok(fd) => fd,
-                Err(Errno::ELOOP | Errno::ENOTDIR) => {
-                    return Err(rejected("goes through a symlink or a non-directory"))
-                }
-                Err(e) => return Err(io_err("open directory for", e.into())),
-            };
-        }
+        let (dir, name) = open_parent_below(dest_dir, announced, components)?;
         let file_flags =
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         let mut attempts = 0;
@@ -1422,6 +1672,187 @@ fn split_remote_path(path: &str) -> Result<Vec<&str>, WireError> {
         }
     }
     Ok(components)
+}
+
+/// Opens (creating as needed with mode 0755, never following a symlink) the directories of
+/// `components` but the last below `dest_dir`; returns that directory and the last component.
+fn open_parent_below(
+    dest_dir: &Path,
+    announced: &str,
+    mut components: Vec<String>,
+) -> Result<(OwnedFd, String), WireError> {
+    let io_err = |op, source| WireError::File {
+        op,
+        path: dest_dir.join(announced),
+        source,
+    };
+    let rejected = |reason| WireError::PathRejected {
+        path: announced.to_owned(),
+        reason,
+    };
+    let name = components.pop().ok_or(rejected("empty"))?;
+    // The destination itself is ours and may be reached through symlinks; only what is
+    // below it comes from the peer.
+    let mut dir: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dest_dir)
+        .map_err(|source| WireError::File {
+            op: "open destination directory",
+            path: dest_dir.to_owned(),
+            source,
+        })?
+        .into();
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    for component in &components {
+        let next = match openat_owned(&dir, component, dir_flags, Mode::empty()) {
+            Err(Errno::ENOENT) => {
+                match nix::sys::stat::mkdirat(
+                    Some(dir.as_raw_fd()),
+                    component.as_str(),
+                    Mode::from_bits_truncate(0o755),
+                ) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(io_err("create directory for", e.into())),
+                }
+                openat_owned(&dir, component, dir_flags, Mode::empty())
+            }
+            other => other,
+        };
+        dir = match next {
+            Ok(fd) => fd,
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                return Err(rejected("goes through a symlink or a non-directory"))
+            }
+            Err(e) => return Err(io_err("open directory for", e.into())),
+        };
+    }
+    Ok((dir, name))
+}
+
+/// Checks a peer's path and opens its parent below `dest_dir` (see [`open_parent_below`]).
+fn parent_of_remote(dest_dir: &Path, path: &str) -> Result<(OwnedFd, String), WireError> {
+    let components = split_remote_path(path)?
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    open_parent_below(dest_dir, path, components)
+}
+
+/// Creates the directory `path` (a peer's path, checked like a received file's) below
+/// `dest_dir` with `mode & 0o7777` (before the umask). An existing directory there is accepted
+/// as it is; anything else there is an error. Blocks.
+pub fn create_dir_below(dest_dir: &Path, path: &str, mode: u32) -> Result<(), WireError> {
+    let (dir, name) = parent_of_remote(dest_dir, path)?;
+    let err = |op, source: Errno| WireError::File {
+        op,
+        path: dest_dir.join(path),
+        source: source.into(),
+    };
+    match nix::sys::stat::mkdirat(
+        Some(dir.as_raw_fd()),
+        name.as_str(),
+        Mode::from_bits_truncate(mode & 0o7777),
+    ) {
+        Ok(()) => Ok(()),
+        Err(Errno::EEXIST) => {
+            let stat = nix::sys::stat::fstatat(
+                Some(dir.as_raw_fd()),
+                name.as_str(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| err("stat", e))?;
+            if stat.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                Ok(())
+            } else {
+                Err(err("create directory", Errno::EEXIST))
+            }
+        }
+        Err(e) => Err(err("create directory", e)),
+    }
+}
+
+/// Creates a symlink `path` → `target` below `dest_dir`. The target is stored as given (it is
+/// resolved inside the container, never by this function); it must be 1 to 4096 bytes without
+/// NUL. Blocks.
+pub fn create_symlink_below(dest_dir: &Path, path: &str, target: &str) -> Result<(), WireError> {
+    if target.is_empty() || target.len() > MAX_PATH_LEN || target.contains('\0') {
+        return Err(WireError::PathRejected {
+            path: path.to_owned(),
+            reason: "symlink target empty, over 4096 bytes or with a NUL byte",
+        });
+    }
+    let (dir, name) = parent_of_remote(dest_dir, path)?;
+    nix::unistd::symlinkat(target, Some(dir.as_raw_fd()), name.as_str()).map_err(|e| {
+        WireError::File {
+            op: "create symlink",
+            path: dest_dir.join(path),
+            source: e.into(),
+        }
+    })
+}
+
+/// Creates an overlayfs whiteout (a 0/0 character device) at `path` below `dest_dir`. Needs
+/// `CAP_MKNOD`. Blocks.
+pub fn create_whiteout_below(dest_dir: &Path, path: &str) -> Result<(), WireError> {
+    let (dir, name) = parent_of_remote(dest_dir, path)?;
+    nix::sys::stat::mknodat(
+        Some(dir.as_raw_fd()),
+        name.as_str(),
+        nix::sys::stat::SFlag::S_IFCHR,
+        Mode::empty(),
+        0,
+    )
+    .map_err(|e| WireError::File {
+        op: "create whiteout",
+        path: dest_dir.join(path),
+        source: e.into(),
+    })
+}
+
+/// Sets the owner (when `owner` is given) and then the mode (`mode & 0o7777`, set-id bits
+/// included, when given; the chown would clear them otherwise) of `path` below `dest_dir`. A
+/// symlink there gets its own owner and keeps its mode (Linux has none to set); the link is
+/// never followed. Blocks.
+pub fn set_attrs_below(
+    dest_dir: &Path,
+    path: &str,
+    mode: Option<u32>,
+    owner: Option<(u32, u32)>,
+) -> Result<(), WireError> {
+    let (dir, name) = parent_of_remote(dest_dir, path)?;
+    let err = |op, source: Errno| WireError::File {
+        op,
+        path: dest_dir.join(path),
+        source: source.into(),
+    };
+    let nofollow = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+    if let Some((uid, gid)) = owner {
+        nix::unistd::fchownat(
+            Some(dir.as_raw_fd()),
+            name.as_str(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nofollow,
+        )
+        .map_err(|e| err("chown", e))?;
+    }
+    if let Some(mode) = mode {
+        let stat = nix::sys::stat::fstatat(Some(dir.as_raw_fd()), name.as_str(), nofollow)
+            .map_err(|e| err("stat", e))?;
+        // Only this agent writes below its staging directory, so the entry checked here is
+        // still no symlink when fchmodat (which cannot refuse to follow one) runs.
+        if stat.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            nix::sys::stat::fchmodat(
+                Some(dir.as_raw_fd()),
+                name.as_str(),
+                Mode::from_bits_truncate(mode & 0o7777),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )
+            .map_err(|e| err("chmod", e))?;
+        }
+    }
+    Ok(())
 }
 
 fn openat_owned(dir: &OwnedFd, path: &str, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {

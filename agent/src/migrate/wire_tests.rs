@@ -34,7 +34,45 @@ fn sample_frames() -> Vec<Frame> {
             message: "dump failed: été".into(),
         },
         Frame::Done,
+        Frame::Changes(sample_batch()),
+        Frame::Changes(ChangeBatch::new()),
+        Frame::Ready,
+        Frame::Manifest(Manifest {
+            entries: 12,
+            bytes: u64::MAX,
+        }),
+        Frame::Entry(TreeEntry {
+            kind: TreeEntryKind::Symlink,
+            path: "upper/etc/link".into(),
+            mode: 0o777,
+            uid: 1000,
+            gid: 100,
+            link_target: "../usr/lib/été".into(),
+        }),
+        Frame::Entry(TreeEntry {
+            kind: TreeEntryKind::Whiteout,
+            path: "upper/gone".into(),
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            link_target: String::new(),
+        }),
+        Frame::Restored(Restored {
+            pid: 4242,
+            images_ms: 1,
+            prepare_ms: 2,
+            restore_ms: 3,
+            adopt_ms: u64::MAX,
+        }),
     ]
+}
+
+fn sample_batch() -> ChangeBatch {
+    let mut batch = ChangeBatch::new();
+    batch.push(b"a").unwrap();
+    batch.push(&[0xee; 4115]).unwrap();
+    batch.push(b"third").unwrap();
+    batch
 }
 
 /// Encodes `frames`; also returns the stream offset after the header and after each frame.
@@ -723,4 +761,126 @@ async fn a_slow_reader_holds_the_writer_back() {
         writer.send(&Frame::Done).await,
         Err(WireError::Broken)
     ));
+}
+
+#[test]
+fn change_batches_keep_their_records_and_refuse_bad_ones() {
+    let batch = sample_batch();
+    assert_eq!(batch.len(), 3);
+    let records: Vec<&[u8]> = batch.records().collect();
+    assert_eq!(records, vec![&b"a"[..], &[0xee; 4115][..], &b"third"[..]]);
+    assert_eq!(
+        batch.payload_len(),
+        (ChangeBatch::FIXED_LEN + 3 * ChangeBatch::RECORD_OVERHEAD + 1 + 4115 + 5) as u64
+    );
+    let mut empty = ChangeBatch::new();
+    assert!(empty.is_empty());
+    assert!(empty.fits(4115, 4121));
+    assert!(!empty.fits(4116, 4121));
+    assert!(matches!(
+        empty.push(&[]),
+        Err(WireError::InvalidFrame { .. })
+    ));
+    assert!(matches!(
+        empty.push(&vec![0; 65536]),
+        Err(WireError::InvalidFrame { .. })
+    ));
+    assert!(empty.is_empty(), "refused records leave no trace");
+}
+
+#[tokio::test]
+async fn malformed_batches_entries_and_verdicts_are_refused() {
+    let batch = |count: u32, body: &[u8]| {
+        let mut payload = count.to_be_bytes().to_vec();
+        payload.extend_from_slice(body);
+        raw_frame(FrameKind::Changes as u8, 0, payload.len() as u32, &payload)
+    };
+    let entry = |kind: u8| {
+        let mut payload = vec![kind];
+        payload.extend_from_slice(&1u16.to_be_bytes());
+        payload.push(b'x');
+        payload.extend_from_slice(&[0; 12]);
+        payload.extend_from_slice(&0u16.to_be_bytes());
+        raw_frame(FrameKind::Entry as u8, 0, payload.len() as u32, &payload)
+    };
+    let good_entry = entry(1);
+    let (frames, result) = decode(&stream_with(&good_entry)).await;
+    result.unwrap();
+    assert_eq!(frames.len(), 1, "the hand-made entry is well-formed");
+    let cases = vec![
+        // More records announced than carried, and fewer.
+        batch(2, &[0, 1, b'a']),
+        batch(0, &[0, 1, b'a']),
+        // A record running past the payload, an empty record, a cut length.
+        batch(1, &[0, 5, b'a']),
+        batch(1, &[0, 0]),
+        batch(1, &[0]),
+        raw_frame(FrameKind::Changes as u8, 0, 3, &[0, 0, 0]),
+        entry(0),
+        entry(5),
+        raw_frame(FrameKind::Manifest as u8, 0, 15, &[0; 15]),
+        raw_frame(FrameKind::Ready as u8, 0, 1, &[0]),
+        raw_frame(FrameKind::Restored as u8, 0, 35, &[0; 35]),
+    ];
+    for frame in cases {
+        let (got, result) = decode(&stream_with(&frame)).await;
+        assert!(got.is_empty());
+        let err = result.unwrap_err();
+        assert!(matches!(err, WireError::Malformed { .. }), "{err}");
+    }
+}
+
+#[test]
+fn trees_are_built_below_the_destination_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path();
+    create_dir_below(dest, "upper", 0o700).unwrap();
+    create_dir_below(dest, "upper/a/b", 0o700).unwrap();
+    create_dir_below(dest, "upper/a/b", 0o700).unwrap();
+    create_symlink_below(dest, "upper/a/link", "/etc").unwrap();
+    set_attrs_below(dest, "upper/a/b", Some(0o1750), None).unwrap();
+    let meta = std::fs::metadata(dest.join("upper/a/b")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o1750);
+    assert_eq!(
+        std::fs::read_link(dest.join("upper/a/link")).unwrap(),
+        Path::new("/etc")
+    );
+    // A mode on a symlink is ignored, never applied to its target.
+    set_attrs_below(dest, "upper/a/link", Some(0o777), None).unwrap();
+    // Nothing goes through the symlink.
+    for result in [
+        create_dir_below(dest, "upper/a/link/x", 0o700),
+        create_symlink_below(dest, "upper/a/link/y", "z"),
+        create_whiteout_below(dest, "upper/a/link/w"),
+        set_attrs_below(dest, "upper/a/link/passwd", Some(0o777), None),
+    ] {
+        assert!(
+            matches!(result, Err(WireError::PathRejected { .. })),
+            "{result:?}"
+        );
+    }
+    // A name taken by something else, bad paths and bad targets.
+    assert!(create_dir_below(dest, "upper/a/link", 0o700).is_err());
+    assert!(create_symlink_below(dest, "upper/a/link", "again").is_err());
+    assert!(create_symlink_below(dest, "../escape", "x").is_err());
+    assert!(create_dir_below(dest, "/abs", 0o700).is_err());
+    assert!(create_symlink_below(dest, "upper/nul", "a\0b").is_err());
+    assert!(create_symlink_below(dest, "upper/empty", "").is_err());
+    assert_eq!(dir_entries(dest), vec!["upper"]);
+}
+
+#[test]
+fn whiteouts_are_zero_zero_character_devices() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: creating a whiteout needs CAP_MKNOD (root)");
+        return;
+    }
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let dir = tempfile::tempdir().unwrap();
+    create_whiteout_below(dir.path(), "upper/deleted").unwrap();
+    set_attrs_below(dir.path(), "upper/deleted", None, Some((1000, 1000))).unwrap();
+    let meta = std::fs::symlink_metadata(dir.path().join("upper/deleted")).unwrap();
+    assert!(meta.file_type().is_char_device());
+    assert_eq!(meta.rdev(), 0);
+    assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
 }
