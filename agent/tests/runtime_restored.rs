@@ -15,8 +15,13 @@ use runtime_support::{suffix, wait_for, Fixture};
 
 /// A process in `/<parent>/<id>` of every hierarchy, like a restored container's init.
 fn restored_process(f: &Fixture, id: &str) -> i32 {
-    let child = std::process::Command::new("sleep")
-        .arg("1000")
+    restored_command(f, id, &["sleep", "1000"])
+}
+
+/// [`restored_process`] running `argv`.
+fn restored_command(f: &Fixture, id: &str, argv: &[&str]) -> i32 {
+    let child = std::process::Command::new(argv[0])
+        .args(&argv[1..])
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
@@ -113,4 +118,36 @@ fn an_adopted_process_that_exits_reads_as_stopped_and_nothing_else_is_adopted() 
     assert!(f.runtime.adopt_restored(&other, i32::MAX).is_err());
     assert_eq!(f.runtime.state(&other).unwrap(), None);
     assert!(f.runtime.adopt_restored("../x", 1).is_err());
+}
+
+#[test]
+fn an_adopted_init_that_handles_the_stop_signal_gets_it_and_its_grace() {
+    let f = Fixture::with_helper();
+    let id = f.config(&["true"]).id;
+    let marker = f.dir.path().join("got-term");
+    let script = format!(
+        "trap 'touch {}; exit 0' TERM; while :; do sleep 0.1; done",
+        marker.display()
+    );
+    let pid = restored_command(&f, &id, &["sh", "-c", &script]);
+    f.runtime.adopt_restored(&id, pid).unwrap();
+    // The shell installs its trap right away; give it a moment to have done so.
+    wait_for("the trap", Duration::from_secs(5), || {
+        // SigCgt bit 14 is SIGTERM (15).
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            })
+            .is_some_and(|mask| mask & (1 << 14) != 0)
+    });
+    let t = std::time::Instant::now();
+    f.runtime
+        .remove_with_signal(&id, Signal::SIGTERM, Duration::from_secs(20))
+        .unwrap();
+    assert!(marker.exists(), "the init never saw SIGTERM");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(f.runtime.state(&id).unwrap(), None);
 }

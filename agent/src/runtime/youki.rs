@@ -493,9 +493,13 @@ impl Runtime {
         if !grace.is_zero() {
             let signalled = {
                 let _lock = locks::for_id(id);
-                match (restored, self.load(id)) {
-                    // Not libcontainer's: signal the init by the pid we recorded, if it is still
-                    // that process.
+                // Not libcontainer's: signal the init by the pid we recorded, if it is still
+                // that process.
+                let loaded = match restored {
+                    Some(_) => Ok(None),
+                    None => self.load(id),
+                };
+                match (restored, loaded) {
                     (Some(r), _) => {
                         r.alive()
                             && super::signal::catches(r.pid, signal)
