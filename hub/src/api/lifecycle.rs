@@ -16,6 +16,7 @@ use super::logs::{client, proxy_logs, valid_instance_id, LogsQuery};
 use super::parse_body;
 use super::rest::{ApiError, ApiResult};
 use super::rest_types::{LifecycleBody, RevisionJson, RollbackBody, UpdateBody};
+use crate::service::actions::Action;
 use crate::service::endpoints::InstanceEndpoint;
 use crate::service::Service;
 
@@ -35,23 +36,29 @@ fn accepted(body: serde_json::Value) -> ApiResult {
 }
 
 /// `POST /v1/containers/{id}/stop`
-pub async fn stop(State(svc): State<Service>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    let b: LifecycleBody = optional_body(&body)?;
-    let status = svc.stop_container(&id, b.instance_id.as_deref()).await?;
-    accepted(json!({ "status": status }))
+pub async fn stop(svc: State<Service>, id: Path<String>, body: Bytes) -> ApiResult {
+    act(svc, id, body, Action::Stop).await
 }
 
 /// `POST /v1/containers/{id}/start`
-pub async fn start(State(svc): State<Service>, Path(id): Path<String>, body: Bytes) -> ApiResult {
-    let b: LifecycleBody = optional_body(&body)?;
-    let status = svc.start_container(&id, b.instance_id.as_deref()).await?;
-    accepted(json!({ "status": status }))
+pub async fn start(svc: State<Service>, id: Path<String>, body: Bytes) -> ApiResult {
+    act(svc, id, body, Action::Start).await
 }
 
 /// `POST /v1/containers/{id}/restart`
-pub async fn restart(State(svc): State<Service>, Path(id): Path<String>, body: Bytes) -> ApiResult {
+pub async fn restart(svc: State<Service>, id: Path<String>, body: Bytes) -> ApiResult {
+    act(svc, id, body, Action::Restart).await
+}
+
+/// The three above: every replica, or the one the optional body names.
+async fn act(
+    State(svc): State<Service>,
+    Path(id): Path<String>,
+    body: Bytes,
+    action: Action,
+) -> ApiResult {
     let b: LifecycleBody = optional_body(&body)?;
-    let status = svc.restart_container(&id, b.instance_id.as_deref()).await?;
+    let status = svc.act(&id, b.instance_id.as_deref(), action).await?;
     accepted(json!({ "status": status }))
 }
 

@@ -61,33 +61,6 @@ impl Action {
 }
 
 impl Service {
-    /// Stops every replica of a container, or the one given. Returns the status to answer with.
-    pub async fn stop_container(
-        &self,
-        id_or_name: &str,
-        instance_id: Option<&str>,
-    ) -> Result<&'static str, ServiceError> {
-        self.act(id_or_name, instance_id, Action::Stop).await
-    }
-
-    /// Starts stopped replicas (all, or the one given).
-    pub async fn start_container(
-        &self,
-        id_or_name: &str,
-        instance_id: Option<&str>,
-    ) -> Result<&'static str, ServiceError> {
-        self.act(id_or_name, instance_id, Action::Start).await
-    }
-
-    /// Restarts replicas (all, or the one given): a graceful stop, then a start, on their nodes.
-    pub async fn restart_container(
-        &self,
-        id_or_name: &str,
-        instance_id: Option<&str>,
-    ) -> Result<&'static str, ServiceError> {
-        self.act(id_or_name, instance_id, Action::Restart).await
-    }
-
     /// Carries out `action` on every replica, or on the one given. Returns the status to answer with.
     pub async fn act(
         &self,
