@@ -2,8 +2,38 @@
 //! format 0.0.4 or OpenMetrics 1.0, chosen by the answer's `Content-Type` as Prometheus does.
 
 use anyhow::{anyhow, bail};
-use openmetrics_parser::{openmetrics, prometheus, OpenMetricsValue, PrometheusValue};
+use openmetrics_parser::{
+    openmetrics, prometheus, MetricsExposition, OpenMetricsValue, PrometheusValue,
+    RenderableMetricValue,
+};
 use std::collections::BTreeMap;
+
+/// Each family's series with their labels and `value` of each sample, for either text format.
+fn families<T, V>(
+    exp: MetricsExposition<T, V>,
+    value: impl Fn(&V) -> f64,
+) -> BTreeMap<String, Vec<Series>>
+where
+    T: Clone,
+    V: RenderableMetricValue + Clone,
+{
+    exp.families
+        .into_iter()
+        .map(|(name, fam)| {
+            let series = fam
+                .iter_samples()
+                .map(|s| Series {
+                    labels: s
+                        .get_labelset()
+                        .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                        .unwrap_or_default(),
+                    value: value(&s.value),
+                })
+                .collect();
+            (name, series)
+        })
+        .collect()
+}
 
 /// Media type Prometheus asks for first.
 pub const ACCEPT_OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0";
@@ -34,55 +64,30 @@ impl Scrape {
             openmetrics: content_type.contains("application/openmetrics-text"),
             ..Scrape::default()
         };
-        if out.openmetrics {
+        out.families = if out.openmetrics {
             let exp = openmetrics::parse_openmetrics(text)
                 .map_err(|e| anyhow!("not valid OpenMetrics text: {e}"))?;
-            for (name, fam) in exp.families {
-                let series = fam
-                    .iter_samples()
-                    .map(|s| Series {
-                        labels: s
-                            .get_labelset()
-                            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                            .unwrap_or_default(),
-                        value: match &s.value {
-                            OpenMetricsValue::Unknown(n)
-                            | OpenMetricsValue::Gauge(n)
-                            | OpenMetricsValue::StateSet(n) => n.as_f64(),
-                            OpenMetricsValue::Counter(c) => c.value.as_f64(),
-                            OpenMetricsValue::Histogram(h)
-                            | OpenMetricsValue::GaugeHistogram(h) => {
-                                h.count.unwrap_or_default() as f64
-                            }
-                            OpenMetricsValue::Summary(s) => s.count.unwrap_or_default() as f64,
-                            OpenMetricsValue::Info => 1.0,
-                        },
-                    })
-                    .collect();
-                out.families.insert(name, series);
-            }
+            families(exp, |v| match v {
+                OpenMetricsValue::Unknown(n)
+                | OpenMetricsValue::Gauge(n)
+                | OpenMetricsValue::StateSet(n) => n.as_f64(),
+                OpenMetricsValue::Counter(c) => c.value.as_f64(),
+                OpenMetricsValue::Histogram(h) | OpenMetricsValue::GaugeHistogram(h) => {
+                    h.count.unwrap_or_default() as f64
+                }
+                OpenMetricsValue::Summary(s) => s.count.unwrap_or_default() as f64,
+                OpenMetricsValue::Info => 1.0,
+            })
         } else {
             let exp = prometheus::parse_prometheus(text)
                 .map_err(|e| anyhow!("not valid Prometheus text 0.0.4: {e}"))?;
-            for (name, fam) in exp.families {
-                let series = fam
-                    .iter_samples()
-                    .map(|s| Series {
-                        labels: s
-                            .get_labelset()
-                            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                            .unwrap_or_default(),
-                        value: match &s.value {
-                            PrometheusValue::Unknown(n) | PrometheusValue::Gauge(n) => n.as_f64(),
-                            PrometheusValue::Counter(c) => c.value.as_f64(),
-                            PrometheusValue::Histogram(h) => h.count.unwrap_or_default() as f64,
-                            PrometheusValue::Summary(s) => s.count.unwrap_or_default() as f64,
-                        },
-                    })
-                    .collect();
-                out.families.insert(name, series);
-            }
-        }
+            families(exp, |v| match v {
+                PrometheusValue::Unknown(n) | PrometheusValue::Gauge(n) => n.as_f64(),
+                PrometheusValue::Counter(c) => c.value.as_f64(),
+                PrometheusValue::Histogram(h) => h.count.unwrap_or_default() as f64,
+                PrometheusValue::Summary(s) => s.count.unwrap_or_default() as f64,
+            })
+        };
         Ok(out)
     }
 
@@ -121,5 +126,38 @@ impl Scrape {
                     .all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
             })
             .map(|s| s.value)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_formats_give_the_same_series() {
+        let histogram = "# HELP lat Latency.\n# TYPE lat histogram\nlat_bucket{le=\"1.0\"} 2\n\
+                         lat_bucket{le=\"+Inf\"} 5\nlat_sum 4.5\nlat_count 5\n";
+        // 0.0.4 names a counter family with its _total; OpenMetrics without.
+        let prom = Scrape::parse(
+            "text/plain; version=0.0.4",
+            &format!(
+                "# HELP hits_total Hits.\n# TYPE hits_total counter\nhits_total{{path=\"/a\"}} 3\n{histogram}"
+            ),
+        )
+        .unwrap();
+        let om = Scrape::parse(
+            "application/openmetrics-text; version=1.0.0",
+            &format!(
+                "# HELP hits Hits.\n# TYPE hits counter\nhits_total{{path=\"/a\"}} 3\n{histogram}# EOF\n"
+            ),
+        )
+        .unwrap();
+        assert!(!prom.openmetrics && om.openmetrics);
+        for s in [&prom, &om] {
+            assert_eq!(s.value("hits_total", &[("path", "/a")]), Some(3.0));
+            assert_eq!(s.value("lat", &[]), Some(5.0));
+        }
+        assert!(Scrape::parse("text/plain", "garbage {").is_err());
     }
 }
