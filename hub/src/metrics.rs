@@ -44,11 +44,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-/// `Content-Type` of the OpenMetrics text format.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// `Content-Type` of the Prometheus text format 0.0.4.
-pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use berth_metrics_text::{Format, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 
 /// The route label of requests no route matched (404s), so scanners add one series, not many.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -78,33 +74,6 @@ pub struct NodeSample {
     pub memory_capacity_bytes: u64,
     /// Memory requested by the instances placed on it, in bytes.
     pub memory_allocated_bytes: u64,
-}
-
-/// The text format of a scrape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    /// OpenMetrics 1.0 text (what Prometheus asks for first).
-    OpenMetrics,
-    /// Prometheus text 0.0.4 (what `curl` gets).
-    Prometheus,
-}
-
-impl Format {
-    /// The format an `Accept` header asks for: OpenMetrics when it is named at all, else 0.0.4.
-    pub fn from_accept(accept: Option<&str>) -> Format {
-        match accept {
-            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
-            _ => Format::Prometheus,
-        }
-    }
-
-    /// The `Content-Type` of a body in this format.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
-            Format::Prometheus => PROMETHEUS_CONTENT_TYPE,
-        }
-    }
 }
 
 /// The hub's registry and its metrics.
@@ -327,16 +296,7 @@ impl HubMetrics {
 
     /// One scrape in `format`.
     pub fn render(&self, format: Format) -> Result<String, std::fmt::Error> {
-        let mut out = String::new();
-        match format {
-            Format::OpenMetrics => {
-                prometheus_client::encoding::text::encode(&mut out, &self.registry)?
-            }
-            Format::Prometheus => {
-                prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?
-            }
-        }
-        Ok(out)
+        berth_metrics_text::encode(&self.registry, format)
     }
 }
 

@@ -52,11 +52,7 @@ pub use cgroup::{CgroupReader, CgroupUsage};
 /// Port of `--listen-metrics` when only the address is defaulted (the advertise IP).
 pub const DEFAULT_PORT: u16 = 9751;
 
-/// `Content-Type` of the OpenMetrics text format.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// `Content-Type` of the Prometheus text format 0.0.4.
-pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use berth_metrics_text::{Format, OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 
 /// What the agent knows about its instances, asked once per scrape.
 ///
@@ -136,33 +132,6 @@ pub struct NodeCapacity {
     pub memory_bytes: u64,
 }
 
-/// The text format of a scrape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    /// OpenMetrics 1.0 text (what Prometheus asks for first).
-    OpenMetrics,
-    /// Prometheus text 0.0.4 (what `curl` gets).
-    Prometheus,
-}
-
-impl Format {
-    /// The format an `Accept` header asks for: OpenMetrics when it is named at all, else 0.0.4.
-    pub fn from_accept(accept: Option<&str>) -> Format {
-        match accept {
-            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
-            _ => Format::Prometheus,
-        }
-    }
-
-    /// The `Content-Type` of a body in this format.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
-            Format::Prometheus => PROMETHEUS_CONTENT_TYPE,
-        }
-    }
-}
-
 /// Errors of the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -232,17 +201,7 @@ impl NodeMetrics {
 
     /// One scrape: asks the source, reads the cgroups, encodes. Blocking (file reads).
     pub fn render(&self, format: Format) -> Result<String, MetricsError> {
-        let mut out = String::new();
-        match format {
-            Format::OpenMetrics => {
-                prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            }
-            Format::Prometheus => {
-                prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
-            }
-        }
-        .map_err(MetricsError::Encode)?;
-        Ok(out)
+        berth_metrics_text::encode(&self.registry, format).map_err(MetricsError::Encode)
     }
 }
 
