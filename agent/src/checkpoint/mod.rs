@@ -17,7 +17,8 @@
 //!
 //! Every call blocks (CRIU runs for tens to hundreds of milliseconds): use `spawn_blocking`.
 
-pub mod fake;
+#[cfg(test)]
+pub(crate) mod fake;
 mod resume;
 mod rpc;
 pub mod stats;
