@@ -510,7 +510,12 @@ fn parse_mode(mode: &str) -> Result<&'static str, ServiceError> {
     match mode {
         "" | "auto" => Ok("auto"),
         "precopy" => Ok("precopy"),
-        "postcopy" => Ok("postcopy"),
+        // Lazy pages are not carried by the nodes' migration session yet: say so rather than
+        // quietly copying ahead.
+        "postcopy" => Err(ServiceError::invalid(
+            "mode",
+            "postcopy is not available yet: use precopy or auto",
+        )),
         other => Err(ServiceError::invalid(
             "mode",
             format!("{other:?} is not one of auto, precopy, postcopy"),
