@@ -76,8 +76,11 @@ impl Sampler {
         let id = id.to_owned();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        // The first sample before returning: the state before the caller's action is always in
+        // the record, however late the thread gets going.
+        let first = api.container(&id).ok().flatten();
         let handle = std::thread::spawn(move || {
-            let mut seen = Vec::new();
+            let mut seen: Vec<Value> = first.into_iter().collect();
             while !flag.load(Ordering::Relaxed) {
                 if let Ok(Some(c)) = api.container(&id) {
                     seen.push(c);
