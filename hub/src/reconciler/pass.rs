@@ -424,14 +424,9 @@ impl Reconciler {
             let Some(stored) = snap.assignments.get(&key) else {
                 continue;
             };
-            let Some(c) = snap.containers.get(&r.container_id) else {
+            let Some(mut want) = assignment_in(snap, r) else {
                 continue;
             };
-            let Some(network) = snap.networks.get(&c.value.network_id) else {
-                continue;
-            };
-            let rev = snap.revision_of(&c.value, r.revision.max(1));
-            let mut want = assignment(&c.value, &rev, &network.value, r);
             want.migration =
                 running_job(snap, r).and_then(|j| order_for(snap, j, v1::MigrationRole::Source));
             if v1::Assignment::decode(stored.as_slice()).ok().as_ref() == Some(&want) {
@@ -512,14 +507,9 @@ impl Reconciler {
             {
                 continue;
             }
-            let Some(c) = snap.containers.get(&r.container_id) else {
+            let Some(mut want) = assignment_in(snap, r) else {
                 continue;
             };
-            let Some(network) = snap.networks.get(&c.value.network_id) else {
-                continue;
-            };
-            let rev = snap.revision_of(&c.value, r.revision.max(1));
-            let mut want = assignment(&c.value, &rev, &network.value, r);
             want.migration = order_for(snap, j, v1::MigrationRole::Target);
             let akey = keys::assign(&j.target_node, &r.instance_id);
             let txn = Txn::new()
@@ -1097,6 +1087,15 @@ impl Reconciler {
         self.store.txn(txn).await?;
         Ok(())
     }
+}
+
+/// [`assignment`] of `r` with its container, revision and network as `snap` has them; `None` when
+/// the container or its network is gone.
+fn assignment_in(snap: &Snapshot, r: &InstanceRecord) -> Option<v1::Assignment> {
+    let c = snap.containers.get(&r.container_id)?;
+    let network = snap.networks.get(&c.value.network_id)?;
+    let rev = snap.revision_of(&c.value, r.revision.max(1));
+    Some(assignment(&c.value, &rev, &network.value, r))
 }
 
 /// What the node of `inst` must run: the spec of its revision (image pinned to the revision's digest
