@@ -1463,6 +1463,17 @@ fn push_message(out: &mut Vec<u8>, message: &impl Message) {
     out.extend_from_slice(&encoded);
 }
 
+/// A page of test memory whose bytes depend on `seed` (the pages and session tests share it).
+#[cfg(test)]
+pub(crate) fn test_page(seed: u64) -> Box<[u8; PAGE_SIZE]> {
+    let mut data = Box::new([0u8; PAGE_SIZE]);
+    for (index, chunk) in data.chunks_exact_mut(8).enumerate() {
+        let word = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64;
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    data
+}
+
 #[cfg(test)]
 #[path = "pages_tests.rs"]
 mod tests;

@@ -17,15 +17,6 @@ fn key(owner: MemoryOwner, vaddr: u64) -> PageKey {
     PageKey { owner, vaddr }
 }
 
-fn content(seed: u64) -> Box<[u8; PAGE_SIZE]> {
-    let mut data = Box::new([0u8; PAGE_SIZE]);
-    for (index, chunk) in data.chunks_exact_mut(8).enumerate() {
-        let word = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64;
-        chunk.copy_from_slice(&word.to_le_bytes());
-    }
-    data
-}
-
 /// Writes `memory` as CRIU would: one pagemap per owner (merged runs) and its pages
 /// image. Pages ids start at 40 so that they differ from a store's.
 fn write_dump(dir: &Path, owners: &[MemoryOwner], memory: &Memory) {
@@ -36,7 +27,7 @@ fn write_dump(dir: &Path, owners: &[MemoryOwner], memory: &Memory) {
         let mut pages = Vec::new();
         for (key, (lazy, seed)) in memory.iter().filter(|(key, _)| key.owner == *owner) {
             push_page_to_runs(&mut runs, key.vaddr, EntryKind::Present { lazy: *lazy });
-            pages.extend_from_slice(&content(*seed)[..]);
+            pages.extend_from_slice(&test_page(*seed)[..]);
         }
         fs::write(
             dir.join(owner.pagemap_file_name()),
@@ -59,7 +50,7 @@ fn sent(owner: MemoryOwner, vaddr: u64, seed: u64) -> Change {
     Change::Page(Page {
         key: key(owner, vaddr),
         lazy: false,
-        data: content(seed),
+        data: test_page(seed),
     })
 }
 
@@ -112,7 +103,7 @@ fn first_round_sends_every_page() {
     let lazy_page = Change::Page(Page {
         key: key(PID_A, 0x7000),
         lazy: true,
-        data: content(3),
+        data: test_page(3),
     });
     assert_eq!(
         changes,
@@ -140,7 +131,7 @@ fn first_round_sends_every_page() {
     assert_eq!(outcome.hashes.owners(), &[PID_A, SHM]);
     assert_eq!(
         outcome.hashes.get(&key(PID_A, 0x2000)),
-        Some(page_digest(&content(2)))
+        Some(page_digest(&test_page(2)))
     );
     assert_eq!(outcome.hashes.get(&key(PID_A, 0x3000)), None);
 }
@@ -181,7 +172,7 @@ fn second_round_sends_changed_and_new_pages_and_names_the_gone_ones() {
             Change::Page(Page {
                 key: key(PID_A, 0x8000),
                 lazy: true,
-                data: content(8),
+                data: test_page(8),
             }),
             Change::OwnerGone(PID_B),
             Change::OwnerAdded(PID_C),
@@ -325,7 +316,7 @@ fn pages_in_the_parent_image_count_as_unchanged() {
         pagemap_bytes(Some(7), &entries),
     )
     .unwrap();
-    fs::write(round2.join("pages-7.img"), &content(33)[..]).unwrap();
+    fs::write(round2.join("pages-7.img"), &test_page(33)[..]).unwrap();
     let (changes, second) = collect(&first.hashes, &round2);
     assert_eq!(changes, vec![sent(PID_A, 0x3000, 33)]);
     assert_eq!(second.stats.pages_unchanged, 3);
@@ -363,8 +354,8 @@ fn old_images_without_flags_or_the_64_bit_count_are_read() {
         pagemap_bytes(Some(1), &[old]),
     )
     .unwrap();
-    let mut pages = content(1).to_vec();
-    pages.extend_from_slice(&content(2)[..]);
+    let mut pages = test_page(1).to_vec();
+    pages.extend_from_slice(&test_page(2)[..]);
     fs::write(dir.path().join("pages-1.img"), pages).unwrap();
     let read = dump_pages(dir.path());
     let keys: Vec<_> = read.iter().map(|page| (page.key, page.lazy)).collect();
@@ -372,7 +363,7 @@ fn old_images_without_flags_or_the_64_bit_count_are_read() {
         keys,
         vec![(key(PID_A, 0x2000), false), (key(PID_A, 0x3000), false)]
     );
-    assert_eq!(read[1].content, PageContent::Bytes(content(2)));
+    assert_eq!(read[1].content, PageContent::Bytes(test_page(2)));
 }
 
 #[test]
@@ -553,7 +544,7 @@ fn missing_short_or_shared_pages_images_are_refused() {
         Err(PagesError::Io { path, .. }) if path == pages_path
     ));
 
-    fs::write(&pages_path, &content(1)[..]).unwrap();
+    fs::write(&pages_path, &test_page(1)[..]).unwrap();
     let err = read_dump(dir.path()).err().unwrap();
     assert!(
         matches!(
@@ -564,8 +555,8 @@ fn missing_short_or_shared_pages_images_are_refused() {
     );
 
     // Truncated after the check (the dump changed under us): an error, then the end.
-    let mut both = content(1).to_vec();
-    both.extend_from_slice(&content(2)[..]);
+    let mut both = test_page(1).to_vec();
+    both.extend_from_slice(&test_page(2)[..]);
     fs::write(&pages_path, &both).unwrap();
     let mut pages = read_dump(dir.path()).unwrap();
     File::options()
@@ -643,7 +634,7 @@ fn change_records_round_trip_and_reject_garbage() {
         Change::Page(Page {
             key: key(SHM, 0x1000),
             lazy: true,
-            data: content(9),
+            data: test_page(9),
         }),
     ];
     for change in &changes {

@@ -13,6 +13,7 @@ use tokio::io::ReadBuf;
 
 use crate::checkpoint::fake::{Call, FakeCheckpointer, Op};
 use crate::checkpoint::{Features, METADATA_FILE};
+use crate::migrate::pages::test_page;
 use crate::migrate::pages::{MemoryOwner, Page, PageContent, PageKey};
 
 const PID: MemoryOwner = MemoryOwner::Task(10);
@@ -27,15 +28,6 @@ fn key(owner: MemoryOwner, index: u64) -> PageKey {
         owner,
         vaddr: 0x40_0000 + index * PAGE_SIZE as u64,
     }
-}
-
-fn content(seed: u64) -> Box<[u8; PAGE_SIZE]> {
-    let mut data = Box::new([0u8; PAGE_SIZE]);
-    for (index, chunk) in data.chunks_exact_mut(8).enumerate() {
-        let word = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64;
-        chunk.copy_from_slice(&word.to_le_bytes());
-    }
-    data
 }
 
 /// `count` pages of `owner`, seeds from `seed`.
@@ -65,7 +57,7 @@ fn write_dump(dir: &Path, memory: &Memory, generation: usize) {
         let page = Page {
             key: *key,
             lazy: false,
-            data: content(*seed),
+            data: test_page(*seed),
         };
         store.apply(&Change::Page(page)).unwrap();
     }
@@ -377,7 +369,7 @@ fn resumed(calls: &[Call]) -> bool {
 fn expected_pages(memory: &Memory) -> BTreeMap<PageKey, Vec<u8>> {
     memory
         .iter()
-        .map(|(key, seed)| (*key, content(*seed).to_vec()))
+        .map(|(key, seed)| (*key, test_page(*seed).to_vec()))
         .collect()
 }
 
