@@ -181,6 +181,15 @@ fn main() -> ExitCode {
         .get(1)
         .is_some_and(|a| a == berth_agent::runtime::HELPER_ARG)
     {
+        // libcontainer's container init reports why it gave up only through `tracing`: without a
+        // subscriber here a failed create would say no more than "init never became ready".
+        // Warnings and errors go to stderr, which the agent puts into the create error.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .without_time()
+            .init();
         let code = berth_agent::runtime::run_create_helper(&argv[2..]);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use berth_agent::checkpoint::{
     bind_mount_points, Checkpointer, Criu, DumpMode, DumpRequest, RestoreRequest, ResumeRequest,
 };
+use berth_agent::runtime::cgroup;
 use runtime_support::{suffix, wait_for, Fixture};
 
 /// Counts in a shell variable (memory), mirrors it to /tmp/c and says `tick N` every 10.
@@ -208,6 +209,11 @@ fn final_dump_restores_into_a_new_rootfs_netns_and_cgroup() {
     });
     let pid = init_pid(&f, &id);
     let dir = images(&f, "final");
+    // Other cgroups below a hierarchy root the task sits at (here cgroup2, which only the agent's
+    // host code moves containers out of): the restore must not copy them under the new root.
+    for mount in cgroup::mount_points().unwrap() {
+        let _ = std::fs::create_dir_all(mount.join(&f.parent).join("bystander"));
+    }
 
     let bundle_config = f.runtime.bundle_dir(&id).join("config.json");
     let mut dump = DumpRequest::new(pid, dir.clone(), DumpMode::LeaveStopped);
@@ -290,6 +296,19 @@ fn final_dump_restores_into_a_new_rootfs_netns_and_cgroup() {
     );
     let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", restored.0)).unwrap();
     assert!(cgroups.contains(&cgroup_root), "{cgroups}");
+    for mount in cgroup::mount_points().unwrap() {
+        let restored_dir = mount.join(cgroup_root.trim_start_matches('/'));
+        let copied: Vec<_> = std::fs::read_dir(&restored_dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        assert!(
+            copied.is_empty(),
+            "cgroups copied under the restored one: {copied:?}"
+        );
+    }
 
     // The counter continues from where it was (memory came back), in the new rootfs.
     wait_for("the restored counter", Duration::from_secs(5), || {

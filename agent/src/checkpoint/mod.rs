@@ -329,8 +329,14 @@ impl Criu {
             images_dir: images_dir.to_owned(),
             message: match e {
                 rpc::SwrkError::Timeout(_) | rpc::SwrkError::Hangup(_) => {
-                    let tail = log_tail(&images_dir.join(log_name(op)));
-                    format!("{e}; log: {tail}")
+                    // CRIU stalled or died: where it was matters more than its earlier
+                    // (often harmless) errors, so the last lines, whatever they say.
+                    let log = images_dir.join(log_name(op));
+                    let tail = match std::fs::read_to_string(&log) {
+                        Ok(text) => last_lines(&text),
+                        Err(_) => format!("(no log at {})", log.display()),
+                    };
+                    format!("{e}; log ends: {tail}")
                 }
                 other => other.to_string(),
             },
@@ -426,6 +432,7 @@ impl Checkpointer for Criu {
             pid: req.pid,
         };
 
+        let own_hierarchies = own_cgroup_hierarchies(req.pid)?;
         let opts = rpc::Opts {
             images_dir_fd: -1,
             images_dir: Some(path_str(&req.images_dir)?),
@@ -451,6 +458,14 @@ impl Checkpointer for Criu {
                 })
                 .collect(),
             freeze_cgroup: req.freeze_cgroup.as_deref().map(path_str).transpose()?,
+            // CRIU walks every directory below each of the task's cgroups to recreate them on
+            // restore. A task left at a hierarchy's root (name=systemd on hybrid hosts, cgroup2
+            // when nothing moved it) would have the whole host tree walked and copied under the
+            // new root at every restore: seen here doubling the host's cgroup2 tree per restore
+            // until dumps took minutes. Only the hierarchies where the task has a cgroup of its
+            // own travel; in the others the restored task stays where the restorer is.
+            cgroup_dump_controller: own_hierarchies.clone(),
+            manage_cgroups: own_hierarchies.is_empty().then_some(false),
             network_lock: Some(match req.network_lock {
                 NetworkLock::Iptables => rpc::NetworkLockMethod::Iptables,
                 NetworkLock::Skip => rpc::NetworkLockMethod::Skip,
@@ -667,6 +682,29 @@ fn criu_failed(op: &'static str, images_dir: &Path, resp: &rpc::Resp) -> Checkpo
     err
 }
 
+/// The hierarchies (as `/proc/<pid>/cgroup` names them: `memory`, `name=systemd`, `` for cgroup2)
+/// in which `pid` is in a cgroup below the root.
+fn own_cgroup_hierarchies(pid: i32) -> Result<Vec<String>, CheckpointError> {
+    let path = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let text = std::fs::read_to_string(&path).map_err(|source| CheckpointError::Io {
+        op: "read",
+        path,
+        source,
+    })?;
+    Ok(hierarchies_below_root(&text))
+}
+
+fn hierarchies_below_root(proc_cgroup: &str) -> Vec<String> {
+    proc_cgroup
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_id, name, path) = (fields.next()?, fields.next()?, fields.next()?);
+            (path != "/").then(|| name.to_owned())
+        })
+        .collect()
+}
+
 /// The last error lines of a CRIU log (or its last lines when it has none), one string.
 fn log_tail(log: &Path) -> String {
     let Ok(text) = std::fs::read_to_string(log) else {
@@ -683,7 +721,16 @@ fn tail_of(text: &str) -> String {
         .filter(|l| l.contains("Error") || l.contains("FAILED"))
         .collect();
     let pick = if errors.is_empty() { &lines } else { &errors };
-    pick[pick.len().saturating_sub(LOG_LINES)..]
+    joined(pick)
+}
+
+/// The last lines of a log, errors or not.
+fn last_lines(text: &str) -> String {
+    joined(&text.lines().collect::<Vec<_>>())
+}
+
+fn joined(lines: &[&str]) -> String {
+    lines[lines.len().saturating_sub(LOG_LINES)..]
         .iter()
         .map(|l| l.trim())
         .collect::<Vec<_>>()

@@ -121,6 +121,8 @@ pub(crate) struct Opts {
     pub manage_cgroups_mode: Option<i32>,
     #[prost(string, repeated, tag = "37")]
     pub external: Vec<String>,
+    #[prost(string, repeated, tag = "43")]
+    pub cgroup_dump_controller: Vec<String>,
     #[prost(string, optional, tag = "44")]
     pub freeze_cgroup: Option<String>,
     #[prost(uint32, optional, tag = "45")]

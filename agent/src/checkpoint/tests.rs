@@ -132,6 +132,16 @@ fn corrupt_metadata_is_an_error() {
 }
 
 #[test]
+fn only_hierarchies_with_a_cgroup_of_their_own_are_dumped() {
+    let text = "9:name=systemd:/\n4:memory:/berth-n1/ins-1\n3:cpu,cpuacct:/berth-n1/ins-1\n\
+                0::/\n1:pids:/\n";
+    assert_eq!(hierarchies_below_root(text), ["memory", "cpu,cpuacct"]);
+    assert_eq!(hierarchies_below_root("0::/berth-n1/ins-1\n"), [""]);
+    assert!(hierarchies_below_root("0::/\n").is_empty());
+    assert!(hierarchies_below_root("garbage\n").is_empty());
+}
+
+#[test]
 fn log_tail_prefers_error_lines() {
     let log = "(00.1) a\n(00.2) Error (criu/x.c:1): boom\n(00.3) b\n(00.4) Error (y): bang\n";
     assert_eq!(
@@ -142,6 +152,9 @@ fn log_tail_prefers_error_lines() {
     let t = tail_of(&many);
     assert!(t.starts_with("line 12") && t.ends_with("line 19"), "{t}");
     assert!(log_tail(Path::new("/nonexistent/dump.log")).contains("no log"));
+    // A stall is told by where the log stops, errors or not.
+    assert_eq!(last_lines(log), log.trim_end().replace('\n', " | "));
+    assert!(last_lines(&many).starts_with("line 12"));
 }
 
 #[test]

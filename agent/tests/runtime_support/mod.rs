@@ -144,25 +144,34 @@ impl Drop for Fixture {
                 eprintln!("cleanup of {id} failed: {e}");
             }
         }
-        // Whatever a failed test left in our parent's cgroups: kill, then rmdir leaves first.
+        // Whatever a failed test left in our parent's cgroups, at any depth: kill, then rmdir
+        // leaves first. A tree left behind here is a tree the next CRIU dump may walk.
         for parent in cgroup::parent_dirs(&self.parent) {
-            if let Ok(entries) = std::fs::read_dir(&parent) {
-                for e in entries.flatten() {
-                    if e.path().is_dir() {
-                        for pid in cgroup::pids(&[e.path()]) {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                        let _ = std::fs::remove_dir(e.path());
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(&parent);
+            remove_cgroup_tree(&parent);
         }
     }
+}
+
+/// Kills every process in `dir` and its sub-cgroups and removes them all, deepest first.
+pub fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let pids = cgroup::pids(&[dir.to_owned()]);
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    if !pids.is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Polls `cond` every 10 ms; panics naming `what` after `timeout`.
