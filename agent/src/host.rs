@@ -14,13 +14,20 @@
 //! Stops are graceful: the instance's stop signal (the user's `stop_signal`, else the image's
 //! `StopSignal`, else SIGTERM), up to its stop timeout, then SIGKILL. A halt (stop on request,
 //! restart) stops the process and releases the container, network plumbing and rootfs like a
-//! removal, but keeps the instance dir's records; a start rebuilds the rest.
+//! removal, but keeps the instance dir's records; a start rebuilds the rest. A container a live
+//! migration left frozen (stopped by CRIU) is killed at once: it cannot act on a stop signal.
+//!
+//! Live migration (`host_migrate.rs`, once [`NodeHost::enable_migration`] was called) composes
+//! `migrate::session` with this node's modules: the source dumps the running container and sends
+//! it with its overlay upper dir; the target pulls the image, mounts the received upper dir under
+//! a fresh rootfs, plugs the same IP into a network namespace held for the restore, and has CRIU
+//! restore the container there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use berth_proto::v1::InstanceStatus;
 use nix::sys::signal::Signal;
@@ -31,9 +38,13 @@ use tracing::{info, warn};
 use crate::dataplane::{network_mtu, NodeDataPlane};
 use crate::health::{Check, ExecCheck, HttpCheck, ProbeCheck, ProbeSpec, TcpCheck};
 use crate::image::{ImageConfig, ImageStore};
+use crate::migrate::session::ProgressSink;
 use crate::network::{host_veth_name, NetworkManager, NetworkPlan};
-use crate::reconcile::{Host, InstanceSpec, Liveness, Recovered, Started};
+use crate::reconcile::{Host, InstanceSpec, Liveness, MigrationOrder, Recovered, Started};
 use crate::runtime::{parse_signal, ContainerConfig, Exec, Runtime, Status};
+
+#[path = "host_migrate.rs"]
+mod migration;
 
 /// What an instance runs from, recorded at its start in `image.json`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +71,8 @@ pub struct NodeHost {
     cgroup2: Option<PathBuf>,
     /// Runs exec probes inside containers (the runtime's helper binary).
     exec: Option<Exec>,
+    /// What live migrations need; set once the node has its certificate.
+    migration: OnceLock<migration::MigrationKit>,
 }
 
 impl NodeHost {
@@ -86,7 +99,26 @@ impl NodeHost {
             instances_dir,
             plumbing,
             cgroup2,
+            migration: OnceLock::new(),
         })
+    }
+
+    /// Turns on live migration: `links` are the node's migration connections (started once the
+    /// node has its certificate), `criu` checkpoints and restores, `exe` is the agent binary
+    /// (it runs the network namespace holder of a restore). Until this is called both
+    /// [`Host::migrate_out`] and [`Host::migrate_in`] fail; a second call changes nothing.
+    pub fn enable_migration(
+        &self,
+        links: Arc<crate::migrate::link::Links>,
+        criu: Arc<crate::checkpoint::Criu>,
+        exe: PathBuf,
+    ) {
+        let kit = migration::MigrationKit { links, criu, exe };
+        if self.migration.set(kit).is_err() {
+            warn!("live migration was already enabled; keeping the first setup");
+        } else {
+            info!("live migration enabled");
+        }
     }
 
     /// Runs exec probes through `exec` instead of the runtime's create helper binary.
@@ -210,6 +242,17 @@ impl NodeHost {
     /// Removes every piece of an instance, continuing past failures so one stuck piece does not
     /// pin the rest; returns all the failures together.
     async fn teardown(&self, spec: &InstanceSpec, remove_record: bool) -> Result<(), String> {
+        self.teardown_with(spec, remove_record, false).await
+    }
+
+    /// [`Self::teardown`]; `kill_now` skips the stop signal and its grace (a failed migration's
+    /// restored copy: nobody must see it stop gracefully).
+    async fn teardown_with(
+        &self,
+        spec: &InstanceSpec,
+        remove_record: bool,
+        kill_now: bool,
+    ) -> Result<(), String> {
         let id = spec.instance_id.clone();
         let mut errors = Vec::new();
         let rm_id = id.clone();
@@ -217,6 +260,20 @@ impl NodeHost {
         let grace = spec.stop_timeout;
         if let Err(e) = self
             .blocking("remove container", move |rt| {
+                // A container a migration left frozen holds a stop signal pending until SIGCONT:
+                // waiting out its grace would only delay the SIGKILL, which works on it at once.
+                let frozen = || {
+                    rt.state(&rm_id)
+                        .ok()
+                        .flatten()
+                        .and_then(|s| s.pid)
+                        .is_some_and(is_stopped)
+                };
+                let grace = if kill_now || frozen() {
+                    Duration::ZERO
+                } else {
+                    grace
+                };
                 rt.remove_with_signal(&rm_id, signal, grace)
             })
             .await
@@ -258,6 +315,22 @@ impl NodeHost {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Whether process `pid` is stopped (by a signal or a tracer): what CRIU leaves a container's
+/// tasks in after the final dump of a live migration.
+fn is_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat_state(&stat))
+        .is_some_and(|state| matches!(state, 'T' | 't'))
+}
+
+/// The state letter of a `/proc/<pid>/stat` line (the comm before it may hold spaces and
+/// parentheses).
+fn stat_state(stat: &str) -> Option<char> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().next()?.chars().next()
 }
 
 /// The container's `/etc/resolv.conf`: the node's DNS on the network's gateway.
@@ -351,6 +424,24 @@ impl Host for NodeHost {
 
     async fn stop(&self, spec: &InstanceSpec) -> Result<(), String> {
         self.teardown(spec, true).await
+    }
+
+    async fn migrate_out(
+        &self,
+        spec: &InstanceSpec,
+        order: &MigrationOrder,
+        progress: ProgressSink,
+    ) -> Result<(), String> {
+        self.send_instance(spec, order, progress).await
+    }
+
+    async fn migrate_in(
+        &self,
+        spec: &InstanceSpec,
+        order: &MigrationOrder,
+        progress: ProgressSink,
+    ) -> Result<Started, String> {
+        self.receive_instance(spec, order, progress).await
     }
 
     fn probe_check(
@@ -613,6 +704,7 @@ mod tests {
             stopped: false,
             restart_generation: 0,
             revision: 0,
+            migration: None,
         }
     }
 
@@ -724,6 +816,17 @@ mod tests {
         let check = probe_check_for(&s, &exec, Some(&helper), || PathBuf::from("/state/ins-1"))
             .expect("exec");
         assert!(check.describe().contains("cat"), "{}", check.describe());
+    }
+
+    #[test]
+    fn stopped_processes_are_told_from_their_stat_line() {
+        let line = |state: &str| format!("42 (sh (odd) name) {state} 1 42 42 0 -1 4194560");
+        assert_eq!(stat_state(&line("T")), Some('T'));
+        assert_eq!(stat_state(&line("S")), Some('S'));
+        assert_eq!(stat_state("garbage"), None);
+        assert_eq!(stat_state("1 (x)"), None);
+        assert!(!is_stopped(std::process::id() as i32), "this test runs");
+        assert!(!is_stopped(i32::MAX), "no such process");
     }
 
     #[test]

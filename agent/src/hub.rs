@@ -40,6 +40,18 @@ pub struct NodeInfo {
     pub api_addr: String,
     /// The node's key: each registration asks the hub's CA for a certificate for it.
     pub tls: Option<Arc<NodeTls>>,
+    /// `host:port` of the node's migration endpoint ("" until it runs: it needs the certificate of
+    /// the first registration); a change registers the node again so the hub learns it.
+    pub migration_addr: Option<watch::Receiver<String>>,
+}
+
+impl NodeInfo {
+    fn current_migration_addr(&self) -> String {
+        self.migration_addr
+            .as_ref()
+            .map(|rx| rx.borrow().clone())
+            .unwrap_or_default()
+    }
 }
 
 /// The `host:port` the hub reaches an agent API bound to `bound` on ([`NodeInfo::api_addr`]): a
@@ -136,8 +148,8 @@ async fn register(client: &mut AgentServiceClient<Channel>, node: &NodeInfo) -> 
             memory_bytes: node.memory_bytes,
             wireguard_public_key: node.wireguard_public_key.clone(),
             api_addr: node.api_addr.clone(),
-            // No migration endpoint yet: the hub sends this node no migrations.
-            migration_addr: String::new(),
+            // Empty until the endpoint runs: the hub sends this node no migrations meanwhile.
+            migration_addr: node.current_migration_addr(),
             csr_pem: csr_pem.clone(),
         };
         match client.register(req).await {
@@ -173,8 +185,27 @@ fn store_certificate(tls: &NodeTls, resp: &RegisterResponse) {
 /// Registers, then heartbeats forever; registers again whenever the hub has forgotten the node.
 pub async fn run_membership(mut client: AgentServiceClient<Channel>, node: NodeInfo) {
     let mut interval = register(&mut client, &node).await;
+    let mut migration_addr = node.migration_addr.clone();
     loop {
-        tokio::time::sleep(Duration::from_secs(u64::from(interval))).await;
+        let beat = tokio::time::sleep(Duration::from_secs(u64::from(interval)));
+        match migration_addr.as_mut() {
+            Some(rx) => {
+                tokio::select! {
+                    () = beat => {}
+                    changed = rx.changed() => {
+                        if changed.is_ok() {
+                            info!(node_id = %node.node_id, addr = %rx.borrow().clone(), "migration endpoint changed; registering again");
+                            interval = register(&mut client, &node).await;
+                        } else {
+                            // The endpoint's owner is gone: nothing will change any more.
+                            migration_addr = None;
+                        }
+                        continue;
+                    }
+                }
+            }
+            None => beat.await,
+        }
         let req = HeartbeatRequest {
             node_id: node.node_id.clone(),
         };
@@ -247,8 +278,17 @@ struct Outbox {
 impl Outbox {
     fn push(&mut self, report: Report) {
         match report {
-            Report::Status(r) => {
+            Report::Status(mut r) => {
                 self.removed.remove(&r.instance_id);
+                // A plain status after a migration report keeps that report's migration part: a
+                // migration's end (its error, or DONE) must reach the hub even when the status
+                // changes again before the batch goes.
+                if r.migration.is_none() {
+                    r.migration = self
+                        .statuses
+                        .get_mut(&r.instance_id)
+                        .and_then(|old| old.migration.take());
+                }
                 self.statuses.insert(r.instance_id.clone(), r);
             }
             Report::Removed(id) => {
@@ -273,8 +313,15 @@ impl Outbox {
     /// Puts back a batch that failed, without overwriting anything newer.
     fn restore(&mut self, req: ReportStatusRequest) {
         for r in req.reports {
-            if !self.removed.contains(&r.instance_id) {
-                self.statuses.entry(r.instance_id.clone()).or_insert(r);
+            if self.removed.contains(&r.instance_id) {
+                continue;
+            }
+            match self.statuses.get_mut(&r.instance_id) {
+                Some(newer) if newer.migration.is_none() => newer.migration = r.migration,
+                Some(_) => {}
+                None => {
+                    self.statuses.insert(r.instance_id.clone(), r);
+                }
             }
         }
         for id in req.removed {
@@ -434,6 +481,48 @@ mod tests {
             req.removed.is_empty(),
             "a newer status of c cancels its older removal"
         );
+    }
+
+    #[test]
+    fn a_migration_report_survives_a_later_plain_status() {
+        let migration = |error: &str| {
+            Some(berth_proto::v1::MigrationProgress {
+                migration_id: "mig-1".into(),
+                error: error.into(),
+                ..Default::default()
+            })
+        };
+        let mut o = Outbox::default();
+        o.push(Report::Status(InstanceReport {
+            instance_id: "a".into(),
+            status: InstanceStatus::Running as i32,
+            migration: migration("target gone"),
+            ..Default::default()
+        }));
+        o.push(status("a", InstanceStatus::Unhealthy));
+        let failed = o.take("n1");
+        assert_eq!(failed.reports[0].status, InstanceStatus::Unhealthy as i32);
+        assert_eq!(failed.reports[0].migration, migration("target gone"));
+        // Sent and lost: a newer plain status takes the migration part back on.
+        o.push(status("a", InstanceStatus::Running));
+        o.restore(failed);
+        let req = o.take("n1");
+        assert_eq!(req.reports[0].status, InstanceStatus::Running as i32);
+        assert_eq!(req.reports[0].migration, migration("target gone"));
+        // A newer migration report is not overwritten by an older one.
+        o.push(Report::Status(InstanceReport {
+            instance_id: "a".into(),
+            migration: migration("old"),
+            ..Default::default()
+        }));
+        let old = o.take("n1");
+        o.push(Report::Status(InstanceReport {
+            instance_id: "a".into(),
+            migration: migration("new"),
+            ..Default::default()
+        }));
+        o.restore(old);
+        assert_eq!(o.take("n1").reports[0].migration, migration("new"));
     }
 
     #[test]

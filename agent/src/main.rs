@@ -77,6 +77,11 @@ struct Args {
     /// the advertise IP).
     #[arg(long, value_name = "ADDR:PORT|none")]
     listen_api: Option<String>,
+    /// Where live migrations arrive (QUIC over UDP, mutually authenticated with the node
+    /// certificates the hub signs): ADDR:PORT, or `none` (this node then neither sends nor
+    /// receives migrations); default: the advertise IP, port 9752. Registered with the hub.
+    #[arg(long, value_name = "ADDR:PORT|none")]
+    listen_migration: Option<String>,
 }
 
 /// A `--listen-*` flag: `none` turns the server off, no value means the advertise IP on
@@ -242,6 +247,63 @@ fn main() -> ExitCode {
     }
 }
 
+/// Starts the migration endpoint once the node has its certificate (the first registration brings
+/// it; a restarted agent has it on disk), turns migrations on in the host and publishes the
+/// endpoint's address for the next registration. Without CRIU or with a port in use, the node
+/// runs on without live migration (logged), as a node with `--listen-migration none` does.
+async fn serve_migrations(
+    addr: SocketAddr,
+    advertise_ip: IpAddr,
+    tls: Arc<berth_agent::tls::NodeTls>,
+    host: Arc<NodeHost>,
+    exe: PathBuf,
+    published: watch::Sender<String>,
+) {
+    use berth_agent::checkpoint::{Checkpointer, Criu};
+    use berth_agent::migrate::{link::Links, transport::MigrationEndpoint};
+    let identity = loop {
+        if let Some(identity) = tls.stored_identity() {
+            break identity;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let criu = Arc::new(Criu::locate());
+    let checked = criu.clone();
+    match tokio::task::spawn_blocking(move || checked.features()).await {
+        Ok(Ok(features)) => info!(?features, criu = %criu.path().display(), "CRIU found"),
+        Ok(Err(e)) => {
+            warn!(error = %e, "CRIU does not work here: live migration is off on this node");
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "CRIU check failed: live migration is off on this node");
+            return;
+        }
+    }
+    let endpoint = match MigrationEndpoint::bind(addr, &identity) {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            error!(error = %e, %addr, "cannot bind the migration endpoint: live migration is off on this node");
+            return;
+        }
+    };
+    let links = Arc::new(Links::start(endpoint));
+    let bound = match links.local_addr() {
+        Ok(bound) => bound,
+        Err(e) => {
+            error!(error = %e, "migration endpoint has no address: live migration is off on this node");
+            return;
+        }
+    };
+    host.enable_migration(links.clone(), criu, exe);
+    let reachable = hub::reachable_api_addr(bound, advertise_ip);
+    info!(addr = %reachable, "migration endpoint listening");
+    published.send_replace(reachable);
+    // The links (and their accept loop) live as long as the agent.
+    published.closed().await;
+    drop(links);
+}
+
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -293,6 +355,13 @@ async fn run(args: Args) -> Result<(), Failure> {
         berth_agent::api::DEFAULT_PORT,
     )
     .map_err(Failure::Config)?;
+    let migration_addr = listen_addr(
+        "--listen-migration",
+        args.listen_migration.as_deref(),
+        args.advertise_ip,
+        berth_agent::migrate::DEFAULT_PORT,
+    )
+    .map_err(Failure::Config)?;
     let cpu_millis = match &args.cpu {
         Some(c) => berth_proto::units::parse_cpu(c)
             .with_context(|| format!("--cpu {c:?}"))
@@ -341,7 +410,7 @@ async fn run(args: Args) -> Result<(), Failure> {
     let runtime = Runtime::new(&data.join("runtime"), format!("berth-{}", args.node_id))
         .context("runtime")
         .map_err(Failure::Setup)?
-        .with_create_helper(helper);
+        .with_create_helper(helper.clone());
     let cgroup_parent = runtime.cgroup_parent().to_owned();
     let upstreams = dns_upstreams(&args).map_err(Failure::Config)?;
     let IpAddr::V4(advertise_v4) = args.advertise_ip else {
@@ -387,6 +456,7 @@ async fn run(args: Args) -> Result<(), Failure> {
     let host = NodeHost::new(images, runtime, network, dataplane.clone(), plumbing, data)
         .context("instance dir")
         .map_err(Failure::Setup)?;
+    let host = Arc::new(host);
 
     let metrics_listener = bind("--listen-metrics", metrics_addr)
         .await
@@ -411,7 +481,21 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .context("node key")
                 .map_err(Failure::Setup)?,
         )),
+        migration_addr: None,
     };
+    let mut node = node;
+    if let (Some(addr), Some(tls)) = (migration_addr, node.tls.clone()) {
+        let (addr_tx, addr_rx) = watch::channel(String::new());
+        node.migration_addr = Some(addr_rx);
+        tokio::spawn(serve_migrations(
+            addr,
+            args.advertise_ip,
+            tls,
+            host.clone(),
+            helper.clone(),
+            addr_tx,
+        ));
+    }
     info!(node_id = %node.node_id, cpu_millis, memory_bytes, hub = %args.hub, "agent starting");
 
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
@@ -429,7 +513,7 @@ async fn run(args: Args) -> Result<(), Failure> {
 
     let board = berth_agent::status::InstanceBoard::new();
     let prober = Arc::new(berth_agent::health::Prober::new());
-    let reconciler = Reconciler::new(Arc::new(host), reports_tx)
+    let reconciler = Reconciler::new(host, reports_tx)
         .with_board(board.clone())
         .with_prober(prober.clone());
     let source = Arc::new(

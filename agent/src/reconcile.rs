@@ -54,6 +54,7 @@ use crate::health::{
     DEFAULT_FAILURE_THRESHOLD, DEFAULT_INTERVAL, DEFAULT_START_PERIOD, DEFAULT_TIMEOUT,
 };
 use crate::hub::Report;
+use crate::migrate::session::ProgressSink;
 use crate::status::{BoardEntry, InstanceBoard};
 
 /// The network an instance is plugged into.
@@ -121,6 +122,32 @@ pub struct InstanceSpec {
     /// The container revision this instance runs.
     #[serde(default)]
     pub revision: u32,
+    /// The hub's live-migration order for this instance, if one is under way. Not persisted: a
+    /// restarted agent learns it again from the hub (and a migration it was in has failed).
+    #[serde(skip)]
+    pub migration: Option<MigrationOrder>,
+}
+
+/// This node's part in a live migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationRole {
+    /// Sends the running instance away.
+    Source,
+    /// Receives it and runs it on.
+    Target,
+}
+
+/// A validated `MigrationOrder` of the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationOrder {
+    /// The hub's migration job.
+    pub migration_id: String,
+    /// What this node does.
+    pub role: MigrationRole,
+    /// The other node: the only certificate the migration's connection is accepted from/to.
+    pub peer_node_id: String,
+    /// The other node's migration endpoint (dialled by the source; unused by the target).
+    pub peer_addr: Option<std::net::SocketAddr>,
 }
 
 /// Stop timeout when the hub gives none (and in records written before it existed).
@@ -199,13 +226,6 @@ pub enum AssignmentError {
         #[source]
         source: HealthSpecError,
     },
-    /// The hub asked this node to receive a live migration, which this agent does not do yet
-    /// (it advertises no migration endpoint, so the hub should never ask).
-    #[error("assignment {instance_id}: this agent cannot receive live migrations")]
-    MigrationUnsupported {
-        /// The instance concerned.
-        instance_id: String,
-    },
 }
 
 /// The agent's probe from the hub's form: `""` durations and a 0 threshold take the defaults.
@@ -263,14 +283,10 @@ impl TryFrom<Assignment> for InstanceSpec {
                 field: "instance_id",
             });
         }
-        // Starting a migration target from scratch would make a second copy of a running replica.
-        // A source order is no danger: the replica keeps running here.
-        if a.migration
-            .as_ref()
-            .is_some_and(|m| m.role == berth_proto::v1::MigrationRole::Target as i32)
-        {
-            return Err(AssignmentError::MigrationUnsupported { instance_id: id });
-        }
+        let migration = match &a.migration {
+            None => None,
+            Some(m) => Some(migration_order(m).map_err(|(field, value)| invalid(field, &value))?),
+        };
         if a.image.is_empty() {
             return Err(AssignmentError::Missing {
                 instance_id: id,
@@ -338,8 +354,40 @@ impl TryFrom<Assignment> for InstanceSpec {
             stopped: a.stopped,
             restart_generation: a.restart_generation,
             revision: a.revision,
+            migration,
         })
     }
+}
+
+/// The agent's form of a hub order, or the offending field and value.
+fn migration_order(
+    m: &berth_proto::v1::MigrationOrder,
+) -> Result<MigrationOrder, (&'static str, String)> {
+    use berth_proto::v1::MigrationRole as Wire;
+    if m.migration_id.is_empty() {
+        return Err(("migration.migration_id", String::new()));
+    }
+    let role = match Wire::try_from(m.role) {
+        Ok(Wire::Source) => MigrationRole::Source,
+        Ok(Wire::Target) => MigrationRole::Target,
+        _ => return Err(("migration.role", m.role.to_string())),
+    };
+    if m.peer_node_id.is_empty() {
+        return Err(("migration.peer_node_id", String::new()));
+    }
+    let peer_addr = match (role, m.peer_addr.as_str()) {
+        (MigrationRole::Target, "") => None,
+        (_, addr) => Some(
+            addr.parse()
+                .map_err(|_| ("migration.peer_addr", addr.to_owned()))?,
+        ),
+    };
+    Ok(MigrationOrder {
+        migration_id: m.migration_id.clone(),
+        role,
+        peer_node_id: m.peer_node_id.clone(),
+        peer_addr,
+    })
 }
 
 /// A started instance, as the host reports it.
@@ -405,6 +453,28 @@ pub trait Host: Send + Sync + 'static {
     /// its container).
     fn probe_check(&self, spec: &InstanceSpec, probe: &ProbeSpec)
         -> Result<Arc<dyn Check>, String>;
+    /// Live-migrates the running instance to `order`'s peer (source side). It keeps running here
+    /// through the pre-copy rounds. `Ok`: the peer runs it now and the copy here is frozen, to be
+    /// removed once the hub drops the assignment. `Err`: the copy here was resumed and runs on as
+    /// before (the error says why the migration failed). `progress` must not block.
+    fn migrate_out(
+        &self,
+        _spec: &InstanceSpec,
+        _order: &MigrationOrder,
+        _progress: ProgressSink,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        async { Err("this node cannot send live migrations".to_owned()) }
+    }
+    /// Receives the instance from `order`'s peer and runs it on (target side), with the spec's
+    /// address. On error nothing of the attempt is left behind.
+    fn migrate_in(
+        &self,
+        _spec: &InstanceSpec,
+        _order: &MigrationOrder,
+        _progress: ProgressSink,
+    ) -> impl Future<Output = Result<Started, String>> + Send {
+        async { Err("this node cannot receive live migrations".to_owned()) }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -432,6 +502,13 @@ enum Phase {
     Halted,
     /// Its process exited and its restart policy keeps it that way (until it is removed).
     Exited,
+    /// A migrate-out task is sending it to another node; it runs here until the final freeze.
+    MigratingOut {
+        since: Instant,
+    },
+    /// Sent away: the target runs it, and the frozen copy here waits for the hub to drop the
+    /// assignment.
+    MigratedAway,
 }
 
 /// Where an instance goes once its halt is done.
@@ -473,6 +550,9 @@ struct Local {
     health: Health,
     /// The last start's phase timings, held back for the RUNNING report (after the probe passed).
     phases_ms: HashMap<String, f64>,
+    /// The last migration this node took part in for it: each order is carried out once, and a
+    /// failed target never falls back to starting the instance from scratch.
+    migration_tried: Option<String>,
 }
 
 impl Local {
@@ -486,7 +566,15 @@ impl Local {
             image_digest,
             health: Health::Unprobed,
             phases_ms: HashMap::new(),
+            migration_tried: None,
         }
+    }
+
+    /// The spec's migration order, unless it was carried out already.
+    fn new_order<'a>(&self, spec: &'a InstanceSpec) -> Option<&'a MigrationOrder> {
+        spec.migration
+            .as_ref()
+            .filter(|o| self.migration_tried.as_deref() != Some(o.migration_id.as_str()))
     }
 
     /// What a running instance is reported as, per its probe.
@@ -507,7 +595,9 @@ impl Local {
             return *status;
         }
         match self.phase {
-            Phase::Running { .. } => self.running_status().0,
+            Phase::Running { .. } | Phase::MigratingOut { .. } | Phase::MigratedAway => {
+                self.running_status().0
+            }
             Phase::Halted => InstanceStatus::Stopped,
             Phase::Halting { .. } | Phase::Stopping => InstanceStatus::Stopping,
             Phase::Exited => InstanceStatus::Stopped,
@@ -528,6 +618,12 @@ enum Event {
     Probed(Vec<(String, Instant, Liveness)>),
     /// A health probe's transition, with the start of the run it probed.
     Health(Instant, HealthEvent),
+    /// How a migration of an instance goes.
+    Migration(String, MigrationProgress),
+    /// A migrate-out task ended: (instance, migration, outcome).
+    MigratedOut(String, String, Result<(), String>),
+    /// A migrate-in task ended: (instance, migration, outcome).
+    MigratedIn(String, String, Result<Started, String>),
 }
 
 /// Backoff before restarting after `failures` consecutive failures: 1 s doubling to 30 s.
@@ -578,6 +674,64 @@ impl Out {
 
     fn send(&self, r: Report) {
         let _ = self.reports.send(r);
+    }
+
+    /// Sends where a migration of `local` stands, with its current status (RUNNING when it has
+    /// not reported one yet: a source runs while it migrates).
+    fn migration(&self, local: &Local, progress: MigrationProgress) {
+        let status = local
+            .last_report
+            .as_ref()
+            .map_or(InstanceStatus::Running, |(s, _)| *s);
+        self.send(Report::Status(InstanceReport {
+            instance_id: local.spec.instance_id.clone(),
+            status: status as i32,
+            reason: local
+                .last_report
+                .as_ref()
+                .map(|(_, r)| r.clone())
+                .unwrap_or_default(),
+            phases_ms: HashMap::new(),
+            restarts: local.restarts,
+            image_digest: local.image_digest.clone(),
+            migration: Some(progress),
+        }));
+    }
+}
+
+/// A migration's failure as the hub hears it.
+fn migration_failed(migration_id: &str, error: String) -> MigrationProgress {
+    MigrationProgress {
+        migration_id: migration_id.to_owned(),
+        error,
+        ..MigrationProgress::default()
+    }
+}
+
+/// The hub's form of a session's progress report.
+fn progress_to_proto(
+    migration_id: &str,
+    p: &crate::migrate::session::MigrationProgress,
+) -> MigrationProgress {
+    use crate::migrate::session::Phase as P;
+    use berth_proto::v1::MigrationPhase as W;
+    let phase = match p.phase {
+        P::Prepare => W::Prepare,
+        P::Precopy => W::Precopy,
+        P::Freeze => W::Freeze,
+        P::Transfer => W::Transfer,
+        P::Restore => W::Restore,
+        P::Switch => W::Switch,
+        P::Done => W::Done,
+    };
+    MigrationProgress {
+        migration_id: migration_id.to_owned(),
+        phase: phase as i32,
+        rounds: p.rounds,
+        bytes_sent: p.bytes_sent,
+        pages_sent: p.pages_sent,
+        downtime_ms: p.downtime_ms.unwrap_or(0),
+        error: String::new(),
     }
 }
 
@@ -785,6 +939,13 @@ impl<H: Host> Reconciler<H> {
             Event::Probed(seen) => self.on_probed(seen),
             Event::Health(since, ev) => self.on_health(since, ev),
             Event::Halted(id, result) => self.on_halted(&id, result),
+            Event::Migration(id, progress) => {
+                if let Some(l) = self.locals.get(&id) {
+                    self.out.migration(l, progress);
+                }
+            }
+            Event::MigratedOut(id, mid, result) => self.on_migrated_out(&id, &mid, result),
+            Event::MigratedIn(id, mid, result) => self.on_migrated_in(&id, &mid, result),
             Event::Stopped(id, result) => match result {
                 Ok(()) => {
                     info!(instance_id = %id, "instance removed");
@@ -841,6 +1002,69 @@ impl<H: Host> Reconciler<H> {
                 let reason = format!("{reason} (retrying in {}s)", delay.as_secs());
                 self.out
                     .report(l, InstanceStatus::Failed, reason, HashMap::new());
+            }
+        }
+    }
+
+    fn on_migrated_out(&mut self, id: &str, migration_id: &str, result: Result<(), String>) {
+        let Some(l) = self.locals.get_mut(id) else {
+            return;
+        };
+        let Phase::MigratingOut { since } = l.phase else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                // The target runs it; what is left here is frozen. Nothing probes or restarts it:
+                // the hub drops the assignment and the stop removes it.
+                info!(instance_id = %id, migration_id, "instance migrated away");
+                self.prober.stop(id);
+                l.phase = Phase::MigratedAway;
+            }
+            Err(error) => {
+                warn!(instance_id = %id, migration_id, %error, "migration failed; the instance runs on here");
+                l.phase = Phase::Running { since };
+                self.out.migration(l, migration_failed(migration_id, error));
+            }
+        }
+    }
+
+    fn on_migrated_in(&mut self, id: &str, migration_id: &str, result: Result<Started, String>) {
+        let Some(l) = self.locals.get_mut(id) else {
+            return;
+        };
+        if !matches!(l.phase, Phase::Starting) {
+            return;
+        }
+        match result {
+            Ok(started) => {
+                info!(instance_id = %id, migration_id, phases = ?started.phases_ms, "instance migrated in");
+                let since = Instant::now();
+                l.phase = Phase::Running { since };
+                if !started.image_digest.is_empty() {
+                    l.image_digest = started.image_digest;
+                }
+                // It was ready on the source a moment ago: probed as an adopted process (no start
+                // period) and RUNNING at once, which is what completes the migration at the hub.
+                l.health = Health::Unprobed;
+                start_probe(&self.host, &self.prober, &self.events_tx, l, since, true);
+                self.out
+                    .report(l, InstanceStatus::Running, String::new(), started.phases_ms);
+                let done = MigrationProgress {
+                    migration_id: migration_id.to_owned(),
+                    phase: berth_proto::v1::MigrationPhase::Done as i32,
+                    ..MigrationProgress::default()
+                };
+                self.out.migration(l, done);
+            }
+            Err(error) => {
+                // Never started from scratch instead: the source still runs it. It stays here,
+                // failed, until the hub drops the assignment (the stop then cleans up).
+                warn!(instance_id = %id, migration_id, %error, "receiving the migration failed");
+                l.phase = Phase::Exited;
+                self.out
+                    .report(l, InstanceStatus::Failed, error.clone(), HashMap::new());
+                self.out.migration(l, migration_failed(migration_id, error));
             }
         }
     }
@@ -1077,13 +1301,68 @@ impl<H: Host> Reconciler<H> {
             let Some(local) = self.locals.get_mut(&id) else {
                 continue;
             };
+            let busy = matches!(
+                local.phase,
+                Phase::Starting
+                    | Phase::Stopping
+                    | Phase::Halting { .. }
+                    | Phase::MigratingOut { .. }
+                    | Phase::MigratedAway
+            );
+            let source_order = wanted
+                .and_then(|spec| local.new_order(spec))
+                .filter(|o| o.role == MigrationRole::Source)
+                .cloned();
+            if let (false, Some(spec), Some(order)) = (busy, wanted, source_order) {
+                local.migration_tried = Some(order.migration_id.clone());
+                match local.phase {
+                    Phase::Running { since } if !spec.stopped => {
+                        info!(instance_id = %id, migration_id = %order.migration_id, to = %order.peer_node_id, "migrating away");
+                        local.phase = Phase::MigratingOut { since };
+                        let work = Work::MigrateOut(order);
+                        spawn_work(work, &self.host, &self.events_tx, local.spec.clone());
+                    }
+                    _ => {
+                        let error = "the instance is not running on the source".to_owned();
+                        self.out
+                            .migration(local, migration_failed(&order.migration_id, error));
+                    }
+                }
+                continue;
+            }
             let work = match (&local.phase, wanted) {
                 // A task is on it; its event moves it on.
-                (Phase::Starting | Phase::Stopping | Phase::Halting { .. }, _) => None,
+                (
+                    Phase::Starting
+                    | Phase::Stopping
+                    | Phase::Halting { .. }
+                    | Phase::MigratingOut { .. },
+                    _,
+                ) => None,
                 (_, None) => {
                     self.prober.stop(&id);
                     local.phase = Phase::Stopping;
                     Some(Work::Stop)
+                }
+                (Phase::MigratedAway, Some(_)) => None,
+                // Receiving a migration: only from the source, never a fresh start (that would be
+                // a second copy of a running replica).
+                (Phase::Backoff { .. }, Some(spec))
+                    if spec
+                        .migration
+                        .as_ref()
+                        .is_some_and(|o| o.role == MigrationRole::Target) =>
+                {
+                    match local.new_order(spec).cloned() {
+                        Some(order) => {
+                            info!(instance_id = %id, migration_id = %order.migration_id, "receiving a migration");
+                            local.migration_tried = Some(order.migration_id.clone());
+                            local.spec = spec.clone();
+                            local.phase = Phase::Starting;
+                            Some(Work::MigrateIn(order))
+                        }
+                        None => None,
+                    }
                 }
                 (Phase::Halted, Some(spec)) => {
                     local.spec = spec.clone();
@@ -1238,11 +1517,29 @@ fn start_probe<H: Host>(
 }
 
 /// The slow work the loop hands to a task; its outcome comes back as an [`Event`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Work {
     Start,
     Halt,
     Stop,
+    MigrateOut(MigrationOrder),
+    MigrateIn(MigrationOrder),
+}
+
+/// Progress of a migration task, into the loop's events (never blocks: the channel is unbounded).
+fn progress_sink(
+    events: &mpsc::UnboundedSender<Event>,
+    instance_id: &str,
+    migration_id: &str,
+) -> ProgressSink {
+    let (events, id, mid) = (
+        events.clone(),
+        instance_id.to_owned(),
+        migration_id.to_owned(),
+    );
+    Arc::new(move |p| {
+        let _ = events.send(Event::Migration(id.clone(), progress_to_proto(&mid, p)));
+    })
 }
 
 fn spawn_work<H: Host>(
@@ -1267,6 +1564,16 @@ fn spawn_work<H: Host>(
                 }
                 Work::Halt => Event::Halted(id, host.halt(&spec).await),
                 Work::Stop => Event::Stopped(id, host.stop(&spec).await),
+                Work::MigrateOut(order) => {
+                    let progress = progress_sink(&events, &id, &order.migration_id);
+                    let result = host.migrate_out(&spec, &order, progress).await;
+                    Event::MigratedOut(id, order.migration_id, result)
+                }
+                Work::MigrateIn(order) => {
+                    let progress = progress_sink(&events, &id, &order.migration_id);
+                    let result = host.migrate_in(&spec, &order, progress).await;
+                    Event::MigratedIn(id, order.migration_id, result)
+                }
             };
             let _ = events.send(event);
         }

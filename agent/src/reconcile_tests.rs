@@ -22,6 +22,11 @@ struct FakeState {
     exits: Vec<(String, i32)>,
     recovered: Vec<Recovered>,
     saved_restarts: Vec<(String, u32)>,
+    /// Migrations carried out: (instance, migration id), each side.
+    migrated_out: Vec<(String, String)>,
+    migrated_in: Vec<(String, String)>,
+    /// Instance ids whose next migration (either side) fails.
+    fail_next_migration: HashSet<String>,
 }
 
 /// Whether each instance's (fake) probe passes; absent = passes.
@@ -136,6 +141,44 @@ impl Host for FakeHost {
 
     fn recover(&self) -> Vec<Recovered> {
         std::mem::take(&mut self.state().recovered)
+    }
+
+    async fn migrate_out(
+        &self,
+        spec: &InstanceSpec,
+        order: &MigrationOrder,
+        progress: ProgressSink,
+    ) -> Result<(), String> {
+        progress(&fake_progress(crate::migrate::session::Phase::Precopy));
+        let mut s = self.state();
+        let id = spec.instance_id.clone();
+        s.migrated_out
+            .push((id.clone(), order.migration_id.clone()));
+        if s.fail_next_migration.remove(&id) {
+            return Err("target gone".into());
+        }
+        // Frozen, not gone: the stop removes it.
+        Ok(())
+    }
+
+    async fn migrate_in(
+        &self,
+        spec: &InstanceSpec,
+        order: &MigrationOrder,
+        progress: ProgressSink,
+    ) -> Result<Started, String> {
+        progress(&fake_progress(crate::migrate::session::Phase::Restore));
+        let mut s = self.state();
+        let id = spec.instance_id.clone();
+        s.migrated_in.push((id.clone(), order.migration_id.clone()));
+        if s.fail_next_migration.remove(&id) {
+            return Err("restore failed".into());
+        }
+        s.running.insert(id);
+        Ok(Started {
+            phases_ms: HashMap::from([("migrate".to_string(), 2.0)]),
+            image_digest: DIGEST.into(),
+        })
     }
 
     fn probe_check(
@@ -1304,43 +1347,198 @@ async fn a_failed_halt_is_reported_and_retried() {
     assert_eq!(h.host.state().starts.len(), 1);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_migration_target_order_is_refused_with_the_migration_failed_and_nothing_started() {
-    // This agent cannot receive migrations yet: starting the instance from its image instead would
-    // make a second copy of a running replica. A source order is harmless: the replica runs on.
-    let mut h = harness(FakeHost::default());
-    let mut target = assignment("ins-in");
-    target.migration = Some(berth_proto::v1::MigrationOrder {
+fn fake_progress(
+    phase: crate::migrate::session::Phase,
+) -> crate::migrate::session::MigrationProgress {
+    crate::migrate::session::MigrationProgress {
+        phase,
+        rounds: 2,
+        bytes_sent: 4096,
+        pages_sent: 1,
+        downtime_ms: None,
+    }
+}
+
+fn with_order(id: &str, role: berth_proto::v1::MigrationRole) -> Assignment {
+    let mut a = assignment(id);
+    a.migration = Some(berth_proto::v1::MigrationOrder {
         migration_id: "mig-1".into(),
-        role: berth_proto::v1::MigrationRole::Target as i32,
+        role: role as i32,
         peer_node_id: "n1".into(),
         peer_addr: "10.0.0.1:9752".into(),
         mode: 0,
     });
-    let mut source = assignment("ins-out");
-    source.migration = Some(berth_proto::v1::MigrationOrder {
-        role: berth_proto::v1::MigrationRole::Source as i32,
-        ..target.migration.clone().expect("set above")
-    });
-    send(&h, vec![target, source]);
+    a
+}
+
+/// The migration part of the reports about `id`.
+fn migration_reports(rs: &[Report], id: &str) -> Vec<MigrationProgress> {
+    rs.iter()
+        .filter_map(|r| match r {
+            Report::Status(s) if s.instance_id == id => s.migration.clone(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_sends_its_running_instance_once_and_removes_it_when_the_hub_drops_it() {
+    use berth_proto::v1::{MigrationPhase, MigrationRole};
+    let mut h = running("ins-a").await;
+    send(&h, vec![with_order("ins-a", MigrationRole::Source)]);
+    let seen = h
+        .until(|rs| !migration_reports(rs, "ins-a").is_empty())
+        .await;
+    let progress = &migration_reports(&seen, "ins-a")[0];
+    assert_eq!(progress.migration_id, "mig-1");
+    assert_eq!(progress.phase, MigrationPhase::Precopy as i32);
+    assert_eq!((progress.rounds, progress.pages_sent), (2, 1));
+    assert!(seen.iter().all(|r| !matches!(r, Report::Removed(_))));
+    // The same order again (every desired state repeats it) is not carried out twice, and the
+    // frozen copy is neither restarted nor reported gone while the hub still lists it.
+    send(&h, vec![with_order("ins-a", MigrationRole::Source)]);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    {
+        let s = h.host.state();
+        assert_eq!(s.migrated_out, [("ins-a".to_owned(), "mig-1".to_owned())]);
+        assert_eq!(s.starts, ["ins-a".to_owned()]);
+        assert!(s.stops.is_empty());
+    }
+    send(&h, vec![]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| matches!(r, Report::Removed(id) if id == "ins-a"))
+    })
+    .await;
+    assert_eq!(h.host.state().stops, ["ins-a".to_owned()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_receives_the_instance_instead_of_starting_it_and_reports_it_done() {
+    use berth_proto::v1::{MigrationPhase, MigrationRole};
+    let mut h = harness(FakeHost::default());
+    send(&h, vec![with_order("ins-in", MigrationRole::Target)]);
     let seen = h
         .until(|rs| {
-            rs.iter()
-                .any(|r| is_status(r, "ins-in", InstanceStatus::Failed))
-                && rs
-                    .iter()
-                    .any(|r| is_status(r, "ins-out", InstanceStatus::Running))
+            migration_reports(rs, "ins-in")
+                .iter()
+                .any(|m| m.phase == MigrationPhase::Done as i32)
         })
         .await;
-    let failed = seen.iter().find_map(|r| match r {
-        Report::Status(s) if s.instance_id == "ins-in" => s.migration.clone(),
+    let done = seen.iter().find_map(|r| match r {
+        Report::Status(s)
+            if s.migration
+                .as_ref()
+                .is_some_and(|m| m.phase == MigrationPhase::Done as i32) =>
+        {
+            Some(s.clone())
+        }
         _ => None,
     });
-    let failed = failed.expect("the report names the migration");
-    assert_eq!(failed.migration_id, "mig-1");
-    assert!(
-        failed.error.contains("cannot receive live migrations"),
-        "{failed:?}"
+    // DONE comes with RUNNING: that pair is what completes the job at the hub.
+    assert_eq!(done.map(|s| s.status), Some(InstanceStatus::Running as i32));
+    assert!(migration_reports(&seen, "ins-in")
+        .iter()
+        .any(|m| m.phase == MigrationPhase::Restore as i32));
+    let s = h.host.state();
+    assert_eq!(s.migrated_in, [("ins-in".to_owned(), "mig-1".to_owned())]);
+    assert!(s.starts.is_empty(), "never started from its image");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_migrations_keep_the_source_running_and_never_start_the_target_from_scratch() {
+    use berth_proto::v1::MigrationRole;
+    let host = FakeHost::default();
+    host.state().fail_next_migration = HashSet::from(["ins-out".to_owned(), "ins-in".to_owned()]);
+    let mut h = harness(host);
+    send(&h, vec![assignment("ins-out")]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-out", InstanceStatus::Running))
+    })
+    .await;
+    send(
+        &h,
+        vec![
+            with_order("ins-out", MigrationRole::Source),
+            with_order("ins-in", MigrationRole::Target),
+        ],
     );
-    assert_eq!(h.host.state().starts, vec!["ins-out".to_owned()]);
+    let failed = |rs: &[Report], id: &str| {
+        migration_reports(rs, id)
+            .iter()
+            .any(|m| m.migration_id == "mig-1" && !m.error.is_empty())
+    };
+    let seen = h
+        .until(|rs| failed(rs, "ins-out") && failed(rs, "ins-in"))
+        .await;
+    assert!(seen
+        .iter()
+        .any(|r| is_status(r, "ins-in", InstanceStatus::Failed)));
+    // Long after: the source still runs (no restart), the target was never started.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    {
+        let s = h.host.state();
+        assert_eq!(s.starts, ["ins-out".to_owned()]);
+        assert_eq!(s.migrated_in.len(), 1);
+        assert_eq!(s.migrated_out.len(), 1);
+        assert!(s.running.contains("ins-out"));
+    }
+    // The hub drops the failed target's assignment: it is cleaned up and reported gone.
+    send(&h, vec![assignment("ins-out")]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| matches!(r, Report::Removed(id) if id == "ins-in"))
+    })
+    .await;
+    assert_eq!(h.host.state().stops, ["ins-in".to_owned()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_order_for_an_instance_that_does_not_run_fails_at_once() {
+    use berth_proto::v1::MigrationRole;
+    let mut h = harness(FakeHost::default());
+    let mut a = with_order("ins-a", MigrationRole::Source);
+    a.stopped = true;
+    send(&h, vec![a]);
+    let seen = h
+        .until(|rs| !migration_reports(rs, "ins-a").is_empty())
+        .await;
+    assert!(migration_reports(&seen, "ins-a")[0]
+        .error
+        .contains("not running"));
+    assert!(h.host.state().migrated_out.is_empty());
+}
+
+#[test]
+fn migration_orders_are_validated_by_field() {
+    use berth_proto::v1::MigrationRole;
+    let spec = InstanceSpec::try_from(with_order("ins-a", MigrationRole::Source)).expect("valid");
+    let order = spec.migration.expect("order kept");
+    assert_eq!(order.role, crate::reconcile::MigrationRole::Source);
+    assert_eq!(
+        order.peer_addr,
+        Some("10.0.0.1:9752".parse().expect("addr"))
+    );
+    // A target needs no address (the source dials it).
+    let mut a = with_order("ins-a", MigrationRole::Target);
+    if let Some(m) = a.migration.as_mut() {
+        m.peer_addr.clear();
+    }
+    assert!(InstanceSpec::try_from(a).is_ok());
+    type Spoil = fn(&mut berth_proto::v1::MigrationOrder);
+    let cases: [(&str, Spoil); 4] = [
+        ("migration.role", |m| m.role = 0),
+        ("migration.peer_addr", |m| m.peer_addr = "nowhere".into()),
+        ("migration.peer_node_id", |m| m.peer_node_id.clear()),
+        ("migration.migration_id", |m| m.migration_id.clear()),
+    ];
+    for (field, spoil) in cases {
+        let mut a = with_order("ins-a", MigrationRole::Source);
+        if let Some(m) = a.migration.as_mut() {
+            spoil(m);
+        }
+        let err = InstanceSpec::try_from(a).expect_err(field).to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
 }

@@ -182,8 +182,7 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
     assert_eq!(c["instances"][0]["node_id"], "n1");
 
     // The target runs it: the switch, in one step.
-    let mut done = progress(&mid, MigrationPhase::Done);
-    done.downtime_ms = 42;
+    let done = progress(&mid, MigrationPhase::Done);
     report(&hub, "n2", iid, InstanceStatus::Running, Some(done)).await;
     let j = job(&hub, &mid).await;
     assert_eq!(
@@ -191,7 +190,23 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
         (
             &Value::from("COMPLETED"),
             &Value::from("DONE"),
-            &Value::from(42)
+            &Value::from(0)
+        )
+    );
+    // The source hears the target's verdict after that and knows the downtime: still recorded,
+    // and nothing else of the finished job changes.
+    let mut switched = progress(&mid, MigrationPhase::Switch);
+    switched.downtime_ms = 42;
+    switched.rounds = 99;
+    report(&hub, "n1", iid, InstanceStatus::Running, Some(switched)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(
+        (&j["status"], &j["phase"], &j["downtime_ms"], &j["rounds"]),
+        (
+            &Value::from("COMPLETED"),
+            &Value::from("DONE"),
+            &Value::from(42),
+            &Value::from(3)
         )
     );
     assert!(!j["finished_at"].as_str().unwrap().is_empty());

@@ -405,6 +405,13 @@ impl ImageStore {
         Ok(dirs.rootfs)
     }
 
+    /// The writable layer [`Self::mount_rootfs`] stacks for an instance: `<instance_dir>/upper`.
+    /// A live migration carries it over; a directory already there when the rootfs is mounted
+    /// becomes the upper as it is (the target puts the received one there first).
+    pub fn upper_dir(instance_dir: &Path) -> PathBuf {
+        overlay::InstanceDirs::new(instance_dir).upper
+    }
+
     /// Unmounts and removes the instance's rootfs, upper and work directories. Idempotent.
     pub fn release_rootfs(&self, instance_dir: &Path) -> Result<(), ImageError> {
         let instance_dir = std::path::absolute(instance_dir).map_err(|source| ImageError::Io {

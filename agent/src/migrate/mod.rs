@@ -2,6 +2,9 @@
 //! connections. CRIU checkpoints it; only the pages that changed since the previous round cross
 //! the wire (`pages`), framed and checksummed on QUIC streams (`wire`).
 
+/// UDP port of the migration endpoint unless `--listen-migration` says otherwise.
+pub const DEFAULT_PORT: u16 = 9752;
+
 pub mod link;
 pub mod pages;
 pub mod session;

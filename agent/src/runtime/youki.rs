@@ -406,6 +406,35 @@ impl Runtime {
         Ok(())
     }
 
+    /// Starts the log shim of container `id` before CRIU restores it (the target end of a live
+    /// migration): writing `log_path`, registered like a created container's (so `remove` waits
+    /// for its last output). Returns the write ends of its stdout and stderr pipes, which replace
+    /// the dumped init's; close them once the restore is done, so the shim sees EOF when the
+    /// container's last process exits. Fails when no log shim is configured.
+    pub fn spawn_log_shim(
+        &self,
+        id: &str,
+        log_path: &Path,
+    ) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+        let shim = self
+            .log_shim
+            .as_ref()
+            .ok_or_else(|| RuntimeError::InvalidConfig {
+                id: id.to_owned(),
+                reason: "no log shim configured: a restored container's output needs one"
+                    .to_owned(),
+            })?;
+        self.reap_shims();
+        let pipes = shim
+            .spawn(log_path)
+            .map_err(|source| RuntimeError::LogShim {
+                id: id.to_owned(),
+                source,
+            })?;
+        self.lock_shims().push((id.to_owned(), pipes.pid));
+        Ok((pipes.stdout, pipes.stderr))
+    }
+
     /// Sets `id`'s cpu quota and memory limit in its cgroups (see [`cgroup::set_limits`]); for a
     /// restored container, whose limits CRIU did not write.
     pub fn set_limits(

@@ -175,11 +175,34 @@ impl Service {
             };
             let j = &job.value;
             let from_target = node_id == j.target_node;
-            if !j.in_progress()
-                || j.instance_id != report.instance_id
-                || (node_id != j.source_node && !from_target)
-            {
+            if j.instance_id != report.instance_id || (node_id != j.source_node && !from_target) {
                 return Ok(());
+            }
+            if !j.in_progress() {
+                // The source learns the downtime when the target's verdict reaches it, which
+                // can be after the target's RUNNING completed the job: late, but still its figure.
+                let late_downtime = j.status == status::COMPLETED
+                    && !from_target
+                    && p.downtime_ms > 0
+                    && j.downtime_ms == 0;
+                if !late_downtime {
+                    return Ok(());
+                }
+                let mut next = j.clone();
+                next.downtime_ms = p.downtime_ms;
+                next.updated_at = now_rfc3339();
+                let key = keys::migration(&j.migration_id);
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        job.mod_revision,
+                    )])
+                    .and_then([TxnOp::put(key, to_json(&next), None)]);
+                if self.store.txn(txn).await?.succeeded() {
+                    return Ok(());
+                }
+                continue;
             }
             if !p.error.is_empty() {
                 let reason = format!("node {node_id}: {}", p.error);

@@ -1,0 +1,256 @@
+//! Live migration as a user sees it, on netns hosts: a container whose shell keeps a counter in
+//! memory moves to another node with its memory, files, address and an open TCP connection.
+
+use berth_tests::api::{instances, placements};
+use berth_tests::{wait_for, Cluster};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// A counter kept in a shell variable (memory, not a file it reads back), written out every 50 ms
+/// and served by httpd; and everything that arrives on TCP port 7000 appended to `/www/received`
+/// (busybox nc ends the connection when its stdin ends: the sleep keeps it open).
+const COUNTER: &str = "mkdir -p /www; i=0; \
+     (while true; do i=$((i+1)); echo $i > /www/count; sleep 0.05; done) & \
+     (sleep 1000000 | nc -l -p 7000 > /www/received) & \
+     exec httpd -f -p 80 -h /www";
+
+/// A client that holds one TCP connection to `ip:7000` open and sends a number down it every
+/// 100 ms. If the connection breaks, nc exits and the container with it (and is restarted).
+fn client(ip: &str) -> String {
+    format!("i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done | nc {ip} 7000")
+}
+
+/// The last number of a text of lines of numbers.
+fn last_number(text: &str) -> Option<u64> {
+    text.lines().rev().find_map(|l| l.trim().parse().ok())
+}
+
+fn get_number(cluster: &Cluster, node: &str, ip: &str, path: &str) -> anyhow::Result<u64> {
+    let url = format!("http://{ip}/{path}");
+    let out = cluster.on_host(node, "curl", &["-sS", "--max-time", "3", &url])?;
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    last_number(&body).ok_or_else(|| anyhow::anyhow!("{url} from {node}: {body:?}"))
+}
+
+fn the_instance(c: &Value) -> Value {
+    let all = instances(c);
+    assert_eq!(all.len(), 1, "one replica: {c}");
+    all[0].clone()
+}
+
+#[test]
+fn a_running_container_moves_with_its_memory_files_address_and_connections() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .start()
+        .expect("starting the cluster");
+    let api = cluster.api().clone();
+    let net = api
+        .create_network("moving", "10.30.0.0/16")
+        .expect("network create");
+    let id = api
+        .create_container(&json!({
+            "name": "counter", "image": cluster.demo_image(), "cpu": "0.2", "memory": "64MB",
+            "network_id": net["network_id"], "command": ["sh", "-c", COUNTER],
+        }))
+        .expect("deploy the counter");
+    let c = api
+        .wait_running(&id, 1, Duration::from_secs(90))
+        .expect("the counter runs");
+    let (_, source, ip) = placements(&c)[0].clone();
+    let iid = the_instance(&c)["instance_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+
+    let client_id = api
+        .create_container(&json!({
+            "name": "client", "image": cluster.demo_image(), "cpu": "0.1", "memory": "32MB",
+            "network_id": net["network_id"], "command": ["sh", "-c", client(&ip)],
+        }))
+        .expect("deploy the client");
+    let cc = api
+        .wait_running(&client_id, 1, Duration::from_secs(90))
+        .expect("the client runs");
+    let client_node = placements(&cc)[0].1.clone();
+    // The target: a third node when the client sits on another node than the counter.
+    let target = cluster
+        .node_ids()
+        .iter()
+        .find(|n| **n != source && **n != client_node)
+        .or_else(|| cluster.node_ids().iter().find(|n| **n != source))
+        .cloned()
+        .expect("another node");
+
+    let received = |node: &str| get_number(&cluster, node, &ip, "received");
+    wait_for(
+        "data over the client's connection",
+        Duration::from_secs(20),
+        || {
+            Ok(match received(&source) {
+                Ok(n) if n > 5 => Ok(n),
+                other => Err(format!("{other:?}")),
+            })
+        },
+    )
+    .expect("the client's connection carries data");
+    let count_before = get_number(&cluster, &source, &ip, "count").expect("count");
+
+    let r = api
+        .post(
+            &format!("/v1/containers/{id}/migrate"),
+            &json!({ "target_node": target }),
+        )
+        .expect("migrate request")
+        .expect_status(202, "migrate")
+        .expect("202");
+    assert_eq!(r.body["status"], "IN_PROGRESS", "{}", r.text);
+    let mid = r.body["migration_id"]
+        .as_str()
+        .expect("migration_id")
+        .to_owned();
+    // A second request for the same replica while it moves is a conflict.
+    let again = api
+        .post(
+            &format!("/v1/containers/{id}/migrate"),
+            &json!({ "target_node": target }),
+        )
+        .expect("second migrate request");
+    assert_eq!(again.status, 409, "second request: {}", again.text);
+
+    let job = wait_for("the migration to complete", Duration::from_secs(90), || {
+        let j = api.get(&format!("/v1/migrations/{mid}"))?.body;
+        Ok(match j["status"].as_str() {
+            Some("COMPLETED") if j["downtime_ms"].as_u64().unwrap_or(0) > 0 => Ok(j),
+            Some("FAILED") => anyhow::bail!("migration failed: {j}"),
+            _ => Err(j.to_string()),
+        })
+    })
+    .expect("the job completes with its downtime");
+    eprintln!("migration: {job}");
+    assert_eq!(job["source_node"], source.as_str());
+    assert_eq!(job["target_node"], target.as_str());
+    assert_eq!(job["instance_id"], iid.as_str());
+    assert_eq!(job["phase"], "DONE");
+    assert!(job["rounds"].as_u64().unwrap_or(0) >= 1, "{job}");
+    assert!(job["bytes_sent"].as_u64().unwrap_or(0) > 0, "{job}");
+
+    // Same replica, same address, on the target, not restarted.
+    let c = api
+        .wait_running(&id, 1, Duration::from_secs(30))
+        .expect("still running");
+    let inst = the_instance(&c);
+    assert_eq!(inst["instance_id"], iid.as_str());
+    assert_eq!(inst["node_id"], target.as_str(), "{c}");
+    assert_eq!(inst["ip"], ip.as_str());
+    assert_eq!(inst["restarts"], 0, "{c}");
+
+    // The counter went on from where it was (memory came along), and goes on.
+    let count_after = wait_for("the counter on the target", Duration::from_secs(10), || {
+        Ok(get_number(&cluster, &target, &ip, "count").map_err(|e| format!("{e:#}")))
+    })
+    .expect("the target serves the counter");
+    assert!(
+        count_after >= count_before,
+        "counter reset: {count_before} before, {count_after} after"
+    );
+    wait_for("the counter to go on", Duration::from_secs(10), || {
+        let n = get_number(&cluster, &target, &ip, "count")?;
+        Ok(if n > count_after {
+            Ok(())
+        } else {
+            Err(n.to_string())
+        })
+    })
+    .expect("the counter goes on");
+
+    // The client's connection survived: more data arrives, and the client never restarted.
+    let got = received(&target).expect("received on the target");
+    wait_for(
+        "more data over the same connection",
+        Duration::from_secs(15),
+        || {
+            let n = received(&target)?;
+            Ok(if n > got + 5 {
+                Ok(())
+            } else {
+                Err(n.to_string())
+            })
+        },
+    )
+    .expect("the connection carries data after the move");
+    let cc = api.container(&client_id).expect("client").expect("exists");
+    assert_eq!(the_instance(&cc)["restarts"], 0, "client reconnected: {cc}");
+
+    // Nothing of it is left on the source.
+    wait_for("the source copy to go", Duration::from_secs(30), || {
+        let pid = cluster.init_pid(&source, &iid);
+        Ok(if pid.is_none() {
+            Ok(())
+        } else {
+            Err(format!("{pid:?}"))
+        })
+    })
+    .expect("the source's frozen copy is removed");
+
+    // The job is listed for the container.
+    let list = api
+        .get(&format!("/v1/migrations?container={id}"))
+        .expect("list")
+        .body;
+    assert_eq!(list["migrations"][0]["migration_id"], mid.as_str());
+}
+
+#[test]
+fn migrations_to_unknown_or_unfit_nodes_are_refused() {
+    // Each node has room for one of these containers only.
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .node_capacity("1", "256MB")
+        .start()
+        .expect("starting the cluster");
+    let api = cluster.api().clone();
+    let net = api
+        .create_network("stay", "10.31.0.0/16")
+        .expect("network create");
+    let deploy = |name: &str| {
+        let id = api
+            .create_container(&json!({
+                "name": name, "image": cluster.demo_image(), "cpu": "0.2", "memory": "160MB",
+                "network_id": net["network_id"],
+            }))
+            .expect("deploy");
+        let c = api
+            .wait_running(&id, 1, Duration::from_secs(90))
+            .expect("running");
+        (id, placements(&c)[0].1.clone())
+    };
+    let (id, source) = deploy("big-a");
+    let (_, other) = deploy("big-b");
+    assert_ne!(source, other, "the second one had to go to the other node");
+    let path = format!("/v1/containers/{id}/migrate");
+    let refused = |body: Value, status: u16| {
+        let r = api.post(&path, &body).expect("request");
+        assert_eq!(r.status, status, "{body}: {}", r.text);
+    };
+    refused(json!({"target_node": "no-such-node"}), 404);
+    refused(json!({"target_node": source}), 400);
+    refused(json!({"target_node": other}), 400);
+    refused(json!({"target_node": 7}), 400);
+    refused(json!({"mode": "teleport"}), 400);
+    // Without a target the scheduler finds no node with room either.
+    let r = api.post(&path, &json!({})).expect("request");
+    assert!(r.status == 400 || r.status == 409, "{}", r.text);
+    // Nothing moved, nothing is in flight.
+    let after = api.container(&id).expect("get").expect("exists");
+    assert_eq!(placements(&after)[0].1, source);
+    let list = api
+        .get(&format!("/v1/migrations?container={id}"))
+        .expect("list")
+        .body;
+    assert_eq!(
+        list["migrations"].as_array().map(Vec::len),
+        Some(0),
+        "{list}"
+    );
+}
