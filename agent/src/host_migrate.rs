@@ -36,7 +36,7 @@ use crate::migrate::session::{
 use crate::migrate::wire::DEFAULT_MAX_PAYLOAD;
 use crate::network::holder::NetnsHolder;
 use crate::network::NetworkPlan;
-use crate::reconcile::{InstanceSpec, MigrationOrder, Started};
+use crate::reconcile::{InstanceSpec, MigrationMode, MigrationOrder, Started};
 
 /// How long the target waits for the source's connection.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -113,8 +113,7 @@ impl NodeHost {
                     .filter(|s| s.status == crate::runtime::Status::Running)
                     .and_then(|s| s.pid)
                     .ok_or_else(|| format!("instance {state_id} has no running container here"))?;
-                let config = runtime.bundle_dir(&state_id).join("config.json");
-                let mounts = bind_mount_points(&config).map_err(|e| e.to_string())?;
+                let mounts = external_mounts_of(&runtime, &state_id, &instance_dir)?;
                 let upper = ImageStore::upper_dir(&instance_dir);
                 Ok((pid, mounts, upper.is_dir().then_some(upper)))
             })
@@ -129,7 +128,13 @@ impl NodeHost {
             dump,
             work_dir: work_dir.clone(),
             upper_dir,
-            precopy: PrecopyPolicy::default(),
+            precopy: match order.mode {
+                MigrationMode::Precopy => PrecopyPolicy::default(),
+                MigrationMode::Stopcopy => PrecopyPolicy {
+                    max_rounds: 0,
+                    ..PrecopyPolicy::default()
+                },
+            },
             timeouts: Timeouts::default(),
             max_payload: DEFAULT_MAX_PAYLOAD,
         };
@@ -377,6 +382,9 @@ impl Landing<'_> {
         let resolv_conf = write_resolv_conf(&dir, spec)?;
         let external_mounts =
             external_mount_sources(&received.metadata.external_mounts, &resolv_conf)?;
+        // A restored container has no bundle: what its next dump must mark external is kept
+        // beside its record.
+        write_external_mounts(&dir, &received.metadata.external_mounts)?;
         self.phase("rootfs", t);
 
         let t = Instant::now();
@@ -448,14 +456,21 @@ impl Landing<'_> {
             rt.set_limits(&id, cpu, memory)?;
             if let Some(cgroup2) = &cgroup2 {
                 // Service routing sees only sockets of processes in the node's cgroup2 subtree;
-                // the restored tree is more than its init, so every process joins.
+                // the restored tree is more than its init, so every process joins (CRIU put them
+                // there already when the source had them there; this makes sure). A process that
+                // exited since it was listed (a shell's short-lived child) needs no moving.
                 let dirs = crate::runtime::cgroup::container_dirs(rt.cgroup_parent(), &id);
                 let mut pids = crate::runtime::cgroup::pids(&dirs);
                 if !pids.contains(&pid) {
                     pids.push(pid);
                 }
                 for p in pids {
-                    crate::runtime::cgroup::join_cgroup2(cgroup2, rt.cgroup_parent(), &id, p)?;
+                    match crate::runtime::cgroup::join_cgroup2(cgroup2, rt.cgroup_parent(), &id, p)
+                    {
+                        Err(crate::runtime::RuntimeError::Io { source, .. })
+                            if p != pid && source.raw_os_error() == Some(libc::ESRCH) => {}
+                        other => other?,
+                    }
                 }
             }
             Ok(())
@@ -649,6 +664,38 @@ fn says_not_expected(reason: &[u8]) -> bool {
     reason
         .windows(NOT_EXPECTED_REASON.len())
         .any(|w| w == NOT_EXPECTED_REASON)
+}
+
+/// Where a restored container's external mount points are kept (it has no bundle
+/// `config.json` to read them from).
+const EXTERNAL_MOUNTS_FILE: &str = "external-mounts.json";
+
+/// The bind mounts of container `id` a dump must mark external: from its bundle when the runtime
+/// created it, else from what its restore recorded (it came here by migration).
+fn external_mounts_of(
+    runtime: &crate::runtime::Runtime,
+    id: &str,
+    instance_dir: &Path,
+) -> Result<Vec<String>, String> {
+    let config = runtime.bundle_dir(id).join("config.json");
+    if config.exists() {
+        return bind_mount_points(&config).map_err(|e| e.to_string());
+    }
+    let recorded = instance_dir.join(EXTERNAL_MOUNTS_FILE);
+    let bytes = std::fs::read(&recorded).map_err(|e| {
+        format!(
+            "instance {id} has neither {} nor {}: {e}",
+            config.display(),
+            recorded.display()
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", recorded.display()))
+}
+
+fn write_external_mounts(instance_dir: &Path, mounts: &[String]) -> Result<(), String> {
+    let path = instance_dir.join(EXTERNAL_MOUNTS_FILE);
+    let bytes = serde_json::to_vec(mounts).map_err(|e| format!("encode external mounts: {e}"))?;
+    std::fs::write(&path, bytes).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -148,6 +148,17 @@ pub struct MigrationOrder {
     pub peer_node_id: String,
     /// The other node's migration endpoint (dialled by the source; unused by the target).
     pub peer_addr: Option<std::net::SocketAddr>,
+    /// How memory moves.
+    pub mode: MigrationMode,
+}
+
+/// How a migration moves memory (the source decides; the target follows the stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationMode {
+    /// Pre-copy rounds while the delta shrinks (what `auto` means until post-copy exists).
+    Precopy,
+    /// No pre-copy: one dump of the frozen container, sent whole.
+    Stopcopy,
 }
 
 /// Stop timeout when the hub gives none (and in records written before it existed).
@@ -382,11 +393,19 @@ fn migration_order(
                 .map_err(|_| ("migration.peer_addr", addr.to_owned()))?,
         ),
     };
+    use berth_proto::v1::MigrationMode as WireMode;
+    let mode = match WireMode::try_from(m.mode) {
+        Ok(WireMode::Unspecified | WireMode::Auto | WireMode::Precopy) => MigrationMode::Precopy,
+        Ok(WireMode::Stopcopy) => MigrationMode::Stopcopy,
+        // The hub refuses post-copy jobs; an agent that cannot do one says so by field.
+        Ok(WireMode::Postcopy) | Err(_) => return Err(("migration.mode", m.mode.to_string())),
+    };
     Ok(MigrationOrder {
         migration_id: m.migration_id.clone(),
         role,
         peer_node_id: m.peer_node_id.clone(),
         peer_addr,
+        mode,
     })
 }
 

@@ -1520,6 +1520,16 @@ fn migration_orders_are_validated_by_field() {
         order.peer_addr,
         Some("10.0.0.1:9752".parse().expect("addr"))
     );
+    assert_eq!(order.mode, crate::reconcile::MigrationMode::Precopy);
+    let mut a = with_order("ins-a", MigrationRole::Source);
+    if let Some(m) = a.migration.as_mut() {
+        m.mode = berth_proto::v1::MigrationMode::Stopcopy as i32;
+    }
+    let stopcopy = InstanceSpec::try_from(a).expect("valid").migration;
+    assert_eq!(
+        stopcopy.map(|o| o.mode),
+        Some(crate::reconcile::MigrationMode::Stopcopy)
+    );
     // A target needs no address (the source dials it).
     let mut a = with_order("ins-a", MigrationRole::Target);
     if let Some(m) = a.migration.as_mut() {
@@ -1527,8 +1537,11 @@ fn migration_orders_are_validated_by_field() {
     }
     assert!(InstanceSpec::try_from(a).is_ok());
     type Spoil = fn(&mut berth_proto::v1::MigrationOrder);
-    let cases: [(&str, Spoil); 4] = [
+    let cases: [(&str, Spoil); 5] = [
         ("migration.role", |m| m.role = 0),
+        ("migration.mode", |m| {
+            m.mode = berth_proto::v1::MigrationMode::Postcopy as i32;
+        }),
         ("migration.peer_addr", |m| m.peer_addr = "nowhere".into()),
         ("migration.peer_node_id", |m| m.peer_node_id.clear()),
         ("migration.migration_id", |m| m.migration_id.clear()),

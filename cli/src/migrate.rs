@@ -24,8 +24,9 @@ pub struct MigrateArgs {
     /// The replica to move (needed when the container has several; see `berth inspect`).
     #[arg(long = "instance", value_name = "ID")]
     pub instance: Option<String>,
-    /// How memory moves: auto (default) or precopy (postcopy is not available yet).
-    #[arg(long, value_parser = ["auto", "precopy"])]
+    /// How memory moves: auto (default), precopy, or stopcopy (one dump of the frozen container,
+    /// the baseline); postcopy is not available yet.
+    #[arg(long, value_parser = ["auto", "precopy", "stopcopy"])]
     pub mode: Option<String>,
     /// Follow the job to its end (phase, rounds, bytes, then the downtime); exit status 1 when it
     /// failed.

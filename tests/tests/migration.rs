@@ -96,19 +96,7 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
     .expect("the client's connection carries data");
     let count_before = get_number(&cluster, &source, &ip, "count").expect("count");
 
-    let r = api
-        .post(
-            &format!("/v1/containers/{id}/migrate"),
-            &json!({ "target_node": target }),
-        )
-        .expect("migrate request")
-        .expect_status(202, "migrate")
-        .expect("202");
-    assert_eq!(r.body["status"], "IN_PROGRESS", "{}", r.text);
-    let mid = r.body["migration_id"]
-        .as_str()
-        .expect("migration_id")
-        .to_owned();
+    let mid = migrate(&api, &id, json!({ "target_node": target }));
     // A second request for the same replica while it moves is a conflict.
     let again = api
         .post(
@@ -118,16 +106,9 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
         .expect("second migrate request");
     assert_eq!(again.status, 409, "second request: {}", again.text);
 
-    let job = wait_for("the migration to complete", Duration::from_secs(90), || {
-        let j = api.get(&format!("/v1/migrations/{mid}"))?.body;
-        Ok(match j["status"].as_str() {
-            Some("COMPLETED") if j["downtime_ms"].as_u64().unwrap_or(0) > 0 => Ok(j),
-            Some("FAILED") => anyhow::bail!("migration failed: {j}"),
-            _ => Err(j.to_string()),
-        })
-    })
-    .expect("the job completes with its downtime");
+    let job = wait_completed(&api, &mid);
     eprintln!("migration: {job}");
+    assert_eq!(job["status"], "COMPLETED");
     assert_eq!(job["source_node"], source.as_str());
     assert_eq!(job["target_node"], target.as_str());
     assert_eq!(job["instance_id"], iid.as_str());
@@ -193,12 +174,206 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
     })
     .expect("the source's frozen copy is removed");
 
-    // The job is listed for the container.
+    // And back, as stop-and-copy (one dump of the frozen container, nothing ahead of it): the
+    // same guarantees, in one round.
+    let back = migrate(
+        &api,
+        &id,
+        json!({ "target_node": source, "mode": "stopcopy" }),
+    );
+    let job = wait_completed(&api, &back);
+    eprintln!("stop-and-copy back: {job}");
+    assert_eq!(
+        (job["mode"].as_str(), job["rounds"].as_u64()),
+        (Some("stopcopy"), Some(1))
+    );
+    let c = api.container(&id).expect("get").expect("exists");
+    let inst = the_instance(&c);
+    assert_eq!(
+        (inst["node_id"].as_str(), inst["ip"].as_str()),
+        (Some(source.as_str()), Some(ip.as_str()))
+    );
+    assert_eq!(inst["restarts"], 0, "{c}");
+    let count_back = get_number(&cluster, &source, &ip, "count").expect("count on the source");
+    assert!(
+        count_back >= count_after,
+        "counter reset: {count_after} → {count_back}"
+    );
+    let got = received(&source).expect("received");
+    wait_for(
+        "data over the same connection, back home",
+        Duration::from_secs(15),
+        || {
+            let n = received(&source)?;
+            Ok(if n > got + 5 {
+                Ok(())
+            } else {
+                Err(n.to_string())
+            })
+        },
+    )
+    .expect("the connection survives the second move too");
+    let cc = api.container(&client_id).expect("client").expect("exists");
+    assert_eq!(the_instance(&cc)["restarts"], 0, "client reconnected: {cc}");
+
+    // Both jobs are listed for the container.
     let list = api
         .get(&format!("/v1/migrations?container={id}"))
         .expect("list")
         .body;
-    assert_eq!(list["migrations"][0]["migration_id"], mid.as_str());
+    let ids: Vec<&str> = list["migrations"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|m| m["migration_id"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        ids.contains(&mid.as_str()) && ids.contains(&back.as_str()),
+        "{list}"
+    );
+}
+
+/// `POST /v1/containers/{id}/migrate` with `body`; the job id.
+fn migrate(api: &berth_tests::api::Api, id: &str, body: Value) -> String {
+    let r = api
+        .post(&format!("/v1/containers/{id}/migrate"), &body)
+        .expect("migrate request")
+        .expect_status(202, "migrate")
+        .expect("202");
+    r.body["migration_id"]
+        .as_str()
+        .expect("migration_id")
+        .to_owned()
+}
+
+/// Waits for job `mid` to complete with its downtime known; its JSON.
+fn wait_completed(api: &berth_tests::api::Api, mid: &str) -> Value {
+    wait_for("the migration to complete", Duration::from_secs(90), || {
+        let j = api.get(&format!("/v1/migrations/{mid}"))?.body;
+        Ok(match j["status"].as_str() {
+            Some("COMPLETED") if j["downtime_ms"].as_u64().unwrap_or(0) > 0 => Ok(j),
+            Some("FAILED") => anyhow::bail!("migration failed: {j}"),
+            _ => Err(j.to_string()),
+        })
+    })
+    .expect("the job completes with its downtime")
+}
+
+/// Keeps ~48 MB of shell memory changing all the time, so pre-copy has rounds to run, and counts
+/// its passes (served at /count).
+const CHURN: &str = "mkdir -p /www; x=$(head -c 48000000 /dev/zero | tr '\\0' a); i=0; \
+     (while true; do x=\"${x%?}b\"; i=$((i+1)); echo $i > /www/count; done) & \
+     exec httpd -f -p 80 -h /www";
+
+#[test]
+fn killing_the_target_agent_midway_leaves_the_source_serving_and_the_job_failed() {
+    let mut cluster = Cluster::builder()
+        .nodes(2)
+        .start()
+        .expect("starting the cluster");
+    let api = cluster.api().clone();
+    let net = api
+        .create_network("churn", "10.32.0.0/16")
+        .expect("network create");
+    let id = api
+        .create_container(&json!({
+            "name": "churn", "image": cluster.demo_image(), "cpu": "0.5", "memory": "256MB",
+            "network_id": net["network_id"], "command": ["sh", "-c", CHURN],
+        }))
+        .expect("deploy");
+    let c = api
+        .wait_running(&id, 1, Duration::from_secs(90))
+        .expect("running");
+    let (iid, source, ip) = placements(&c)[0].clone();
+    wait_for("the churn to count", Duration::from_secs(30), || {
+        Ok(get_number(&cluster, &source, &ip, "count").map_err(|e| format!("{e:#}")))
+    })
+    .expect("the container counts");
+    let nodes = cluster.node_ids().to_vec();
+    let target_index = nodes
+        .iter()
+        .position(|n| *n != source)
+        .expect("another node");
+    let target = nodes[target_index].clone();
+
+    let mid = migrate(&api, &id, json!({ "target_node": target }));
+    // Under way: memory is being copied while the container runs on.
+    wait_for("pre-copy to begin", Duration::from_secs(30), || {
+        let j = api.get(&format!("/v1/migrations/{mid}"))?.body;
+        Ok(match (j["status"].as_str(), j["phase"].as_str()) {
+            (Some("IN_PROGRESS"), Some("PRECOPY" | "FREEZE" | "TRANSFER")) => Ok(()),
+            (Some("IN_PROGRESS"), _) => Err(j.to_string()),
+            _ => anyhow::bail!("the job ended before the target could be killed: {j}"),
+        })
+    })
+    .expect("the migration is under way");
+    cluster.kill_agent(target_index);
+
+    let job = wait_for("the job to fail", Duration::from_secs(90), || {
+        let j = api.get(&format!("/v1/migrations/{mid}"))?.body;
+        Ok(match j["status"].as_str() {
+            Some("FAILED") => Ok(j),
+            Some("COMPLETED") => anyhow::bail!("completed without its target: {j}"),
+            _ => Err(j.to_string()),
+        })
+    })
+    .expect("the job fails");
+    eprintln!("failed job: {job}");
+    assert!(
+        !job["error"].as_str().unwrap_or_default().is_empty(),
+        "{job}"
+    );
+
+    // The replica is where it was, running, never restarted, and serving; its counter goes on.
+    let c = api
+        .wait_running(&id, 1, Duration::from_secs(30))
+        .expect("still running");
+    let inst = the_instance(&c);
+    assert_eq!(
+        (inst["instance_id"].as_str(), inst["node_id"].as_str()),
+        (Some(iid.as_str()), Some(source.as_str())),
+        "{c}"
+    );
+    assert_eq!(inst["restarts"], 0, "{c}");
+    let before = get_number(&cluster, &source, &ip, "count").expect("count");
+    wait_for(
+        "the source to go on counting",
+        Duration::from_secs(15),
+        || {
+            let n = get_number(&cluster, &source, &ip, "count")?;
+            Ok(if n > before {
+                Ok(())
+            } else {
+                Err(n.to_string())
+            })
+        },
+    )
+    .expect("the source runs on (resumed if it was frozen)");
+
+    // The target's agent comes back and keeps nothing of the failed attempt.
+    cluster
+        .start_agent(target_index)
+        .expect("restart the target agent");
+    cluster
+        .wait_nodes_healthy(Duration::from_secs(30))
+        .expect("the target is back");
+    wait_for(
+        "the target to hold no copy",
+        Duration::from_secs(30),
+        || {
+            let pid = cluster.init_pid(&target, &iid);
+            Ok(if pid.is_none() {
+                Ok(())
+            } else {
+                Err(format!("{pid:?}"))
+            })
+        },
+    )
+    .expect("nothing left on the target");
+    let c = api.container(&id).expect("get").expect("exists");
+    assert_eq!(the_instance(&c)["node_id"], source.as_str());
 }
 
 #[test]

@@ -26,7 +26,7 @@ pub struct MigrateSpec {
     pub instance_id: String,
     /// Empty: the scheduler picks a node that fits.
     pub target_node: String,
-    /// "auto" (or empty), "precopy" or "postcopy".
+    /// "auto" (or empty), "precopy", "postcopy" or "stopcopy".
     pub mode: String,
 }
 
@@ -533,15 +533,16 @@ fn parse_mode(mode: &str) -> Result<&'static str, ServiceError> {
     match mode {
         "" | "auto" => Ok("auto"),
         "precopy" => Ok("precopy"),
+        "stopcopy" => Ok("stopcopy"),
         // Lazy pages are not carried by the nodes' migration session yet: say so rather than
         // quietly copying ahead.
         "postcopy" => Err(ServiceError::invalid(
             "mode",
-            "postcopy is not available yet: use precopy or auto",
+            "postcopy is not available yet: use precopy, stopcopy or auto",
         )),
         other => Err(ServiceError::invalid(
             "mode",
-            format!("{other:?} is not one of auto, precopy, postcopy"),
+            format!("{other:?} is not one of auto, precopy, postcopy, stopcopy"),
         )),
     }
 }
@@ -550,6 +551,7 @@ fn mode_to_proto(mode: &str) -> v1::MigrationMode {
     match mode {
         "precopy" => v1::MigrationMode::Precopy,
         "postcopy" => v1::MigrationMode::Postcopy,
+        "stopcopy" => v1::MigrationMode::Stopcopy,
         _ => v1::MigrationMode::Auto,
     }
 }
@@ -559,6 +561,7 @@ pub fn mode_from_proto(mode: i32) -> &'static str {
     match v1::MigrationMode::try_from(mode).unwrap_or_default() {
         v1::MigrationMode::Precopy => "precopy",
         v1::MigrationMode::Postcopy => "postcopy",
+        v1::MigrationMode::Stopcopy => "stopcopy",
         v1::MigrationMode::Auto | v1::MigrationMode::Unspecified => "auto",
     }
 }
