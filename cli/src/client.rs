@@ -216,6 +216,8 @@ pub struct Node {
     pub memory_total: u64,
     pub memory_available: u64,
     pub instances: u32,
+    /// Cordoned (drained): nothing new is placed there.
+    pub unschedulable: bool,
 }
 
 #[derive(Deserialize)]

@@ -9,6 +9,7 @@ mod events;
 mod lifecycle;
 mod logs;
 mod migrate;
+mod node;
 mod output;
 mod spec;
 mod stats;
@@ -76,6 +77,9 @@ enum Command {
     },
     /// List nodes with their capacity.
     Nodes,
+    /// Drain a node (cordon it and move its instances away) or uncordon it.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
     /// Stop every replica (or one): the stop signal, then SIGKILL after the stop timeout.
     Stop(lifecycle::TargetArgs),
     /// Start the stopped replicas (or one) again.
@@ -339,6 +343,7 @@ async fn run(cli: Cli) -> Result<bool> {
         Command::Nodes => {
             emit(&output::nodes_table(&hub.nodes().await?))?;
         }
+        Command::Node(command) => emit(&node::run(&hub, &command).await?)?,
         Command::Stop(args) => emit(&lifecycle::action(&hub, Action::Stop, &args).await?)?,
         Command::Start(args) => emit(&lifecycle::action(&hub, Action::Start, &args).await?)?,
         Command::Restart(args) => emit(&lifecycle::action(&hub, Action::Restart, &args).await?)?,

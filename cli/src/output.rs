@@ -148,7 +148,7 @@ pub fn nodes_table(nodes: &[Node]) -> String {
                 n.node_id.clone(),
                 cell(&n.hostname),
                 cell(&n.ip),
-                cell(&n.status),
+                node_status(n),
                 format!("{}/{}", human_cpu(n.cpu_available), human_cpu(n.cpu_total)),
                 format!(
                     "{}/{}",
@@ -171,6 +171,15 @@ pub fn nodes_table(nodes: &[Node]) -> String {
         ],
         &rows,
     )
+}
+
+/// The node's health, with `SchedulingDisabled` when it is cordoned (as kubectl shows it).
+fn node_status(n: &Node) -> String {
+    if n.unschedulable {
+        format!("{},SchedulingDisabled", cell(&n.status))
+    } else {
+        cell(&n.status)
+    }
 }
 
 fn restart_cell(c: &Container) -> String {

@@ -76,6 +76,10 @@ pub mod types {
     pub const HEALTHY: &str = "healthy";
     /// A node was declared DOWN and its instances moved.
     pub const DOWN: &str = "down";
+    /// A node was cordoned and its instances sent away (`POST /v1/nodes/{id}/drain`).
+    pub const DRAINED: &str = "drained";
+    /// A cordoned node may receive instances again (`POST /v1/nodes/{id}/uncordon`).
+    pub const UNCORDONED: &str = "uncordoned";
     /// A migration started.
     pub const STARTED: &str = "started";
     /// A migration finished.

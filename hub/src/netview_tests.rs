@@ -40,6 +40,7 @@ impl Builder {
                 wireguard_public_key: format!("key-{id}"),
                 api_addr: String::new(),
                 migration_addr: String::new(),
+                unschedulable: false,
             }),
         );
         if alive {

@@ -1,8 +1,8 @@
 //! Placement of instances on nodes: pure, no I/O, deterministic for the same input.
 //!
 //! The reconciler hands in every node's capacity, what is already placed and what is pending; it gets back
-//! one decision per pending request, in order. Each request goes to a healthy node with enough free cpu and
-//! memory, preferring, in order:
+//! one decision per pending request, in order. Each request goes to a healthy node that is not cordoned
+//! (`unschedulable`) with enough free cpu and memory, preferring, in order:
 //! 1. the node with the fewest replicas of the same container (spreading, so losing a node loses few),
 //! 2. the node with the most free resources, as the sum of its free cpu and free memory fractions (so
 //!    neither resource is exhausted first and load stays balanced),
@@ -29,6 +29,8 @@ pub struct NodeCapacity {
     pub memory_bytes: u64,
     /// Whether heartbeats arrive; unhealthy nodes get nothing new.
     pub healthy: bool,
+    /// Cordoned by an operator (drain): gets nothing new, keeps what it has.
+    pub unschedulable: bool,
 }
 
 /// An instance already placed on a node; it holds its resources there.
@@ -83,6 +85,7 @@ const SCORE_SCALE: u128 = 1_000_000;
 struct Node<'a> {
     id: &'a str,
     healthy: bool,
+    unschedulable: bool,
     cpu_total: u64,
     memory_total: u64,
     cpu_free: u64,
@@ -100,8 +103,13 @@ impl Node<'_> {
         self.memory_free >= r.memory_bytes
     }
 
+    /// Whether it may receive new instances at all.
+    fn open(&self) -> bool {
+        self.healthy && !self.unschedulable
+    }
+
     fn fits(&self, r: &Request) -> bool {
-        self.healthy && self.has_cpu(r) && self.has_memory(r)
+        self.open() && self.has_cpu(r) && self.has_memory(r)
     }
 
     /// Takes an instance's resources off the node's free resources.
@@ -133,7 +141,7 @@ struct Spread {
     counts: Vec<(usize, u32)>,
     /// Position in `counts` of each node index.
     position: HashMap<usize, usize>,
-    /// How many of those nodes are healthy.
+    /// How many of those nodes may receive new instances.
     healthy_nodes: usize,
 }
 
@@ -175,6 +183,7 @@ pub fn schedule(nodes: &[NodeCapacity], placed: &[Placed], pending: &[Request]) 
         .map(|n| Node {
             id: &n.node_id,
             healthy: n.healthy,
+            unschedulable: n.unschedulable,
             cpu_total: n.cpu_millis,
             memory_total: n.memory_bytes,
             cpu_free: n.cpu_millis,
@@ -194,7 +203,7 @@ pub fn schedule(nodes: &[NodeCapacity], placed: &[Placed], pending: &[Request]) 
         spreads
             .entry(p.container_id.as_str())
             .or_default()
-            .add(i, state[i].healthy);
+            .add(i, state[i].open());
     }
 
     for n in &mut state {
@@ -203,7 +212,7 @@ pub fn schedule(nodes: &[NodeCapacity], placed: &[Placed], pending: &[Request]) 
     let mut ranked: BTreeSet<Rank> = state
         .iter()
         .enumerate()
-        .filter(|(_, n)| n.healthy)
+        .filter(|(_, n)| n.open())
         .map(|(i, n)| (Reverse(n.score), i))
         .collect();
     // Shapes (cpu, memory) that fit nowhere, with their reason; valid until the next placement.
@@ -255,7 +264,7 @@ pub fn schedule(nodes: &[NodeCapacity], placed: &[Placed], pending: &[Request]) 
         spreads
             .entry(r.container_id.as_str())
             .or_default()
-            .add(i, node.healthy);
+            .add(i, node.open());
         unfit.clear();
         decisions.push(Decision::Place {
             instance_id: r.instance_id.clone(),
@@ -267,10 +276,12 @@ pub fn schedule(nodes: &[NodeCapacity], placed: &[Placed], pending: &[Request]) 
 
 /// Says why no node fits `r`, counting nodes by what they lack.
 fn unschedulable_reason(nodes: &[Node<'_>], r: &Request) -> String {
-    let (mut unhealthy, mut lack_both, mut lack_cpu, mut lack_memory) = (0, 0, 0, 0);
+    let (mut unhealthy, mut cordoned, mut lack_both, mut lack_cpu, mut lack_memory) =
+        (0, 0, 0, 0, 0);
     for n in nodes {
         match (n.healthy, n.has_cpu(r), n.has_memory(r)) {
             (false, _, _) => unhealthy += 1,
+            (true, _, _) if n.unschedulable => cordoned += 1,
             (true, false, false) => lack_both += 1,
             (true, false, true) => lack_cpu += 1,
             (true, true, false) => lack_memory += 1,
@@ -287,6 +298,7 @@ fn unschedulable_reason(nodes: &[Node<'_>], r: &Request) -> String {
         (lack_memory, lack(lack_memory, "memory")),
         (lack_both, lack(lack_both, "cpu and memory")),
         (unhealthy, format!("{unhealthy} unhealthy")),
+        (cordoned, format!("{cordoned} unschedulable")),
     ]
     .into_iter()
     .filter(|(n, _)| *n > 0)

@@ -176,11 +176,34 @@ fn nodes_table_shows_available_over_total() {
         memory_total: 24 << 30,
         memory_available: (24 << 30) - (192 << 20),
         instances: 3,
+        unschedulable: false,
     }];
     assert_eq!(
         nodes_table(&nodes),
         "NODE ID   HOSTNAME   IP          STATUS    CPU     MEMORY          INSTANCES\n\
          node-a    host-a     10.99.0.2   HEALTHY   0.5/2   23.8GiB/24GiB   3\n"
+    );
+}
+
+#[test]
+fn nodes_table_marks_cordoned_nodes() {
+    let node = |id: &str, unschedulable: bool| Node {
+        node_id: id.to_owned(),
+        hostname: id.to_owned(),
+        ip: "10.99.0.2".to_owned(),
+        status: "HEALTHY".to_owned(),
+        cpu_total: 2.0,
+        cpu_available: 2.0,
+        memory_total: 1 << 30,
+        memory_available: 1 << 30,
+        instances: 0,
+        unschedulable,
+    };
+    assert_eq!(
+        nodes_table(&[node("n1", true), node("n2", false)]),
+        "NODE ID   HOSTNAME   IP          STATUS                       CPU   MEMORY      INSTANCES\n\
+         n1        n1         10.99.0.2   HEALTHY,SchedulingDisabled   2/2   1GiB/1GiB   0\n\
+         n2        n2         10.99.0.2   HEALTHY                      2/2   1GiB/1GiB   0\n"
     );
 }
 

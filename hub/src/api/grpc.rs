@@ -312,6 +312,22 @@ impl NodeService for Grpc {
             self.service.get_node(&req.get_ref().node_id).await?,
         ))
     }
+
+    #[tracing::instrument(skip_all,
+        fields(node_id = %req.get_ref().node_id, live = req.get_ref().live))]
+    async fn drain(&self, req: Request<v1::DrainNodeRequest>) -> GrpcResult<v1::DrainNodeResponse> {
+        let r = req.get_ref();
+        Ok(Response::new(
+            self.service.drain_node(&r.node_id, r.live).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(node_id = %req.get_ref().node_id))]
+    async fn uncordon(&self, req: Request<v1::UncordonNodeRequest>) -> GrpcResult<v1::Node> {
+        Ok(Response::new(
+            self.service.uncordon_node(&req.get_ref().node_id).await?,
+        ))
+    }
 }
 
 #[tonic::async_trait]

@@ -6,6 +6,7 @@ pub mod grpc_events;
 pub mod lifecycle;
 pub mod logs;
 pub mod migrations;
+pub mod nodes;
 pub mod rest;
 mod rest_types;
 

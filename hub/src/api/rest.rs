@@ -62,6 +62,8 @@ pub fn router(service: Service) -> Router {
         .route("/v1/migrations/{id}", get(super::migrations::get))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/nodes/{id}/drain", post(super::nodes::drain))
+        .route("/v1/nodes/{id}/uncordon", post(super::nodes::uncordon))
         .route("/v1/events", get(super::events::get_events))
         .route("/metrics", get(crate::metrics::scrape))
         .fallback(not_found)

@@ -501,6 +501,9 @@ pub struct NodeJson {
     /// `host:port` of the node's agent API.
     #[serde(default)]
     pub api_addr: String,
+    /// Cordoned: nothing new is placed or migrated there.
+    #[serde(default)]
+    pub unschedulable: bool,
 }
 
 impl From<v1::Node> for NodeJson {
@@ -518,6 +521,7 @@ impl From<v1::Node> for NodeJson {
             tunnel_ip: n.tunnel_ip,
             wireguard_public_key: n.wireguard_public_key,
             api_addr: n.api_addr,
+            unschedulable: n.unschedulable,
         }
     }
 }

@@ -45,6 +45,7 @@ pub(crate) fn capacity(snap: &Snapshot) -> (Vec<NodeCapacity>, Vec<Placed>) {
             cpu_millis: n.value.cpu_millis,
             memory_bytes: n.value.memory_bytes,
             healthy: snap.alive.contains(&n.value.node_id),
+            unschedulable: n.value.unschedulable,
         })
         .collect();
     let arriving: HashMap<&str, &str> = snap

@@ -11,7 +11,13 @@ fn node(id: &str, cpu_millis: u64, memory_bytes: u64) -> NodeCapacity {
         cpu_millis,
         memory_bytes,
         healthy: true,
+        unschedulable: false,
     }
+}
+
+fn cordoned(mut n: NodeCapacity) -> NodeCapacity {
+    n.unschedulable = true;
+    n
 }
 
 fn down(mut n: NodeCapacity) -> NodeCapacity {
@@ -435,5 +441,48 @@ fn large_cluster_many_small_containers() {
     assert_eq!(
         reason(&d[19_999]),
         "no node has 9 cpu and 1GiB free (10000 nodes: 10000 lack cpu)"
+    );
+}
+
+#[test]
+fn cordoned_nodes_get_nothing_new_but_keep_what_they_hold() {
+    let nodes = [
+        cordoned(node("a", 4000, 8 * GI)),
+        node("b", 1000, GI),
+        down(node("c", 4000, 8 * GI)),
+    ];
+    // What runs on the cordoned node still holds its resources there.
+    let placed = [Placed {
+        node_id: "a".into(),
+        container_id: "web".into(),
+        cpu_millis: 500,
+        memory_bytes: 256 * MI,
+    }];
+    let d = schedule(
+        &nodes,
+        &placed,
+        &[
+            req("i1", "web", 500, 256 * MI),
+            req("i2", "web", 500, 256 * MI),
+            req("i3", "web", 500, 256 * MI),
+        ],
+    );
+    // Spreading would prefer "a" (emptiest) or a node without a replica; only "b" is open.
+    assert_eq!(
+        d[..2],
+        [
+            Decision::Place {
+                instance_id: "i1".into(),
+                node_id: "b".into()
+            },
+            Decision::Place {
+                instance_id: "i2".into(),
+                node_id: "b".into()
+            }
+        ]
+    );
+    assert_eq!(
+        reason(&d[2]),
+        "no node has 0.5 cpu and 256MiB free (3 nodes: 1 lacks cpu, 1 unhealthy, 1 unschedulable)"
     );
 }

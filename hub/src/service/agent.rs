@@ -103,8 +103,15 @@ impl Service {
                 wireguard_public_key: req.wireguard_public_key.clone(),
                 api_addr: req.api_addr.clone(),
                 migration_addr: req.migration_addr.clone(),
+                // A cordon outlives the agent's restarts: only `/uncordon` lifts it.
+                unschedulable: previous.as_ref().is_some_and(|p| p.value.unschedulable),
             };
-            let mut compares = vec![];
+            // Guarded on the record read, so a drain or uncordon committed meanwhile is not lost.
+            let mut compares = vec![Compare::mod_revision(
+                keys::node(&req.node_id),
+                CompareOp::Equal,
+                previous.as_ref().map_or(0, |p| p.mod_revision),
+            )];
             let mut ops = vec![
                 TxnOp::put(keys::node(&record.node_id), to_json(&record), None),
                 TxnOp::put(
@@ -133,7 +140,7 @@ impl Service {
                 .await?
                 .succeeded()
             {
-                // Another node claimed that tunnel address first: pick again.
+                // Another node claimed that tunnel address first, or the record changed: again.
                 continue;
             }
             tracing::info!(node_id = %record.node_id, ip = %record.ip, cpu_millis = record.cpu_millis,

@@ -6,6 +6,7 @@
 pub mod actions;
 mod agent;
 mod containers;
+mod drain;
 pub mod endpoints;
 mod error;
 pub mod lifecycle;

@@ -346,6 +346,7 @@ pub fn node_to_proto(
         tunnel_ip: n.tunnel_ip.clone(),
         wireguard_public_key: n.wireguard_public_key.clone(),
         api_addr: n.api_addr.clone(),
+        unschedulable: n.unschedulable,
     }
 }
 

@@ -194,6 +194,7 @@ fn node_capacity_left() {
         wireguard_public_key: String::new(),
         api_addr: String::new(),
         migration_addr: String::new(),
+        unschedulable: false,
     };
     let c = container(1, false);
     let i = instance(0, "n1", "10.0.0.2", None, false);

@@ -357,4 +357,8 @@ pub struct NodeRecord {
     /// `host:port` of the agent's migration endpoint; empty: it takes part in no migration.
     #[serde(default)]
     pub migration_addr: String,
+    /// Cordoned (`POST /v1/nodes/{id}/drain`): nothing new is placed or migrated here; what runs
+    /// here keeps running. Kept across re-registrations; cleared by `/uncordon`.
+    #[serde(default)]
+    pub unschedulable: bool,
 }
