@@ -429,3 +429,91 @@ fn migrations_to_unknown_or_unfit_nodes_are_refused() {
         "{list}"
     );
 }
+
+#[test]
+fn a_live_drain_moves_every_instance_away_without_a_restart() {
+    let cluster = Cluster::builder()
+        .nodes(2)
+        .start()
+        .expect("starting the cluster");
+    let api = cluster.api().clone();
+    let nodes = cluster.node_ids().to_vec();
+    let (busy, spare) = (nodes[0].clone(), nodes[1].clone());
+    // Everything lands on `busy` while `spare` is cordoned (a drain of an empty node).
+    let cordon = api
+        .post(&format!("/v1/nodes/{spare}/drain"), &json!({}))
+        .expect("drain")
+        .expect_status(202, "cordon the spare node")
+        .expect("202");
+    assert_eq!(cordon.body["unschedulable"], true, "{}", cordon.text);
+    let net = api
+        .create_network("drained", "10.33.0.0/16")
+        .expect("network create");
+    let id = api
+        .create_container(&json!({
+            "name": "five", "image": cluster.demo_image(), "cpu": "0.1", "memory": "32MB",
+            "network_id": net["network_id"], "command": ["sh", "-c", COUNTER], "replicas": 5,
+        }))
+        .expect("deploy");
+    let c = api
+        .wait_running(&id, 5, Duration::from_secs(120))
+        .expect("five running");
+    let before = placements(&c);
+    assert!(before.iter().all(|p| p.1 == busy), "{c}");
+    let uncordoned = api
+        .post(&format!("/v1/nodes/{spare}/uncordon"), &json!({}))
+        .expect("uncordon")
+        .expect_status(200, "uncordon")
+        .expect("200");
+    assert_eq!(
+        uncordoned.body["unschedulable"], false,
+        "{}",
+        uncordoned.text
+    );
+
+    let drain = api
+        .post(&format!("/v1/nodes/{busy}/drain"), &json!({"live": true}))
+        .expect("drain")
+        .expect_status(202, "live drain")
+        .expect("202");
+    let jobs: Vec<String> = drain.body["migrations"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|j| j["migration_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(jobs.len(), 5, "{}", drain.text);
+    for mid in &jobs {
+        let job = wait_completed(&api, mid);
+        assert_eq!(job["target_node"], spare.as_str(), "{job}");
+    }
+    let c = api
+        .wait_running(&id, 5, Duration::from_secs(30))
+        .expect("five still running");
+    let after = placements(&c);
+    // The same instances with the same addresses, all on the spare node, none restarted.
+    let key = |p: &Vec<(String, String, String)>| -> Vec<(String, String)> {
+        p.iter().map(|(i, _, ip)| (i.clone(), ip.clone())).collect()
+    };
+    assert_eq!(key(&after), key(&before));
+    assert!(after.iter().all(|p| p.1 == spare), "{c}");
+    for inst in instances(&c) {
+        assert_eq!(inst["restarts"], 0, "{inst}");
+    }
+    for (_, _, ip) in &after {
+        wait_for(
+            "the counter on the spare node",
+            Duration::from_secs(10),
+            || Ok(get_number(&cluster, &spare, ip, "count").map_err(|e| format!("{e:#}"))),
+        )
+        .expect("each moved instance serves its counter");
+    }
+    let node = api.get(&format!("/v1/nodes/{busy}")).expect("node").body;
+    assert_eq!(node["unschedulable"], true, "{node}");
+    api.post(&format!("/v1/nodes/{busy}/uncordon"), &json!({}))
+        .expect("uncordon")
+        .expect_status(200, "uncordon the drained node")
+        .expect("200");
+}
