@@ -172,6 +172,11 @@ impl NodeHost {
                     pages_sent = outcome.pages_sent,
                     bytes_sent = outcome.bytes_sent,
                     downtime_ms = outcome.downtime.as_millis() as u64,
+                    final_dump_ms = outcome.rounds.last().map_or(0, |r| r.dump.as_millis() as u64),
+                    target_images_ms = outcome.target.images_ms,
+                    target_prepare_ms = outcome.target.prepare_ms,
+                    target_restore_ms = outcome.target.restore_ms,
+                    target_adopt_ms = outcome.target.adopt_ms,
                     "instance sent: the target runs it, the copy here stays frozen until removed"
                 );
                 Ok(())
