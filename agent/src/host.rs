@@ -208,27 +208,7 @@ impl NodeHost {
             crate::runtime::cgroup::join_cgroup2(cgroup2, self.runtime.cgroup_parent(), &id, pid)
                 .map_err(|e| format!("cgroup2: {e}"))?;
         }
-        let attached = {
-            let net = &spec.network;
-            let plan = NetworkPlan {
-                network_id: net.network_id.clone(),
-                gateway: net.gateway,
-                prefix_len: net.cidr.prefix_len(),
-                mtu: network_mtu(net.encrypted),
-            };
-            let _guard = self.plumbing.lock().await;
-            self.network
-                .ensure_bridge(&plan)
-                .await
-                .map_err(|e| format!("network: {e}"))?;
-            self.network
-                .attach(&id, &plan, pid, spec.ip)
-                .await
-                .map_err(|e| format!("network: {e}"))?
-        };
-        self.dataplane
-            .attach_instance(&attached.veth, spec.network.vni)
-            .map_err(|e| format!("network policy: {e}"))?;
+        self.plug_in(spec, pid).await?;
         phases.insert("network".into(), ms(t));
 
         let t = Instant::now();
@@ -237,6 +217,33 @@ impl NodeHost {
             .await?;
         phases.insert("start".into(), ms(t));
         Ok(image.digest)
+    }
+
+    /// Plugs the network namespace of process `pid` into the instance's network with its address
+    /// (bridge, veth, routes) and hands the veth to the data plane.
+    pub(crate) async fn plug_in(&self, spec: &InstanceSpec, pid: i32) -> Result<(), String> {
+        let net = &spec.network;
+        let plan = NetworkPlan {
+            network_id: net.network_id.clone(),
+            gateway: net.gateway,
+            prefix_len: net.cidr.prefix_len(),
+            mtu: network_mtu(net.encrypted),
+        };
+        let attached = {
+            let _guard = self.plumbing.lock().await;
+            self.network
+                .ensure_bridge(&plan)
+                .await
+                .map_err(|e| format!("network: {e}"))?;
+            self.network
+                .attach(&spec.instance_id, &plan, pid, spec.ip)
+                .await
+                .map_err(|e| format!("network: {e}"))?
+        };
+        self.dataplane
+            .attach_instance(&attached.veth, spec.network.vni)
+            .map(|_| ())
+            .map_err(|e| format!("network policy: {e}"))
     }
 
     /// Removes every piece of an instance, continuing past failures so one stuck piece does not

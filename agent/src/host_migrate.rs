@@ -26,7 +26,6 @@ use tracing::{info, warn};
 
 use super::{ms, write_image_facts, write_record, write_resolv_conf, ImageFacts, NodeHost};
 use crate::checkpoint::{bind_mount_points, Criu, DumpMode, DumpRequest, RestoreReport};
-use crate::dataplane::network_mtu;
 use crate::image::{ImageStore, PulledImage};
 use crate::migrate::link::Links;
 use crate::migrate::session::{
@@ -35,7 +34,6 @@ use crate::migrate::session::{
 };
 use crate::migrate::wire::DEFAULT_MAX_PAYLOAD;
 use crate::network::holder::NetnsHolder;
-use crate::network::NetworkPlan;
 use crate::reconcile::{InstanceSpec, MigrationMode, MigrationOrder, Started};
 
 /// How long the target waits for the source's connection.
@@ -401,27 +399,7 @@ impl Landing<'_> {
         let (holder_pid, netns) = (holder.pid(), holder.netns_path());
         // Kept before anything else can fail, so the namespace goes with the attempt.
         self.lock().holder = Some(holder);
-        let attached = {
-            let net = &spec.network;
-            let plan = NetworkPlan {
-                network_id: net.network_id.clone(),
-                gateway: net.gateway,
-                prefix_len: net.cidr.prefix_len(),
-                mtu: network_mtu(net.encrypted),
-            };
-            let _guard = host.plumbing.lock().await;
-            host.network
-                .ensure_bridge(&plan)
-                .await
-                .map_err(|e| format!("network: {e}"))?;
-            host.network
-                .attach(&id, &plan, holder_pid, spec.ip)
-                .await
-                .map_err(|e| format!("network: {e}"))?
-        };
-        host.dataplane
-            .attach_instance(&attached.veth, spec.network.vni)
-            .map_err(|e| format!("network policy: {e}"))?;
+        host.plug_in(spec, holder_pid).await?;
         self.phase("network", t);
 
         let wanted = pipes_to_replace(&received.metadata.stdio);

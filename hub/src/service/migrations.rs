@@ -190,16 +190,7 @@ impl Service {
                 }
                 let mut next = j.clone();
                 next.downtime_ms = p.downtime_ms;
-                next.updated_at = now_rfc3339();
-                let key = keys::migration(&j.migration_id);
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        job.mod_revision,
-                    )])
-                    .and_then([TxnOp::put(key, to_json(&next), None)]);
-                if self.store.txn(txn).await?.succeeded() {
+                if self.put_if_unchanged(&job, next).await? {
                     return Ok(());
                 }
                 continue;
@@ -227,20 +218,30 @@ impl Service {
             if next == *j {
                 return Ok(());
             }
-            next.updated_at = now_rfc3339();
-            let key = keys::migration(&j.migration_id);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    job.mod_revision,
-                )])
-                .and_then([TxnOp::put(key, to_json(&next), None)]);
-            if self.store.txn(txn).await?.succeeded() {
+            if self.put_if_unchanged(&job, next).await? {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Writes `next` (stamped now) over `job` unless the record changed since it was read; false
+    /// when it did (the caller reads again).
+    async fn put_if_unchanged(
+        &self,
+        job: &Versioned<MigrationRecord>,
+        mut next: MigrationRecord,
+    ) -> Result<bool, ServiceError> {
+        next.updated_at = now_rfc3339();
+        let key = keys::migration(&next.migration_id);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                job.mod_revision,
+            )])
+            .and_then([TxnOp::put(key, to_json(&next), None)]);
+        Ok(self.store.txn(txn).await?.succeeded())
     }
 }
 
