@@ -15,25 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_agent::checkpoint::{
-    bind_mount_points, Checkpointer, Criu, DumpMode, DumpRequest, RestoreRequest, ResumeRequest,
+    bind_mount_points, Checkpointer, DumpMode, DumpRequest, RestoreRequest, ResumeRequest,
 };
 use berth_agent::runtime::cgroup;
-use runtime_support::{suffix, wait_for, Fixture};
+use runtime_support::{require_criu, suffix, wait_for, Fixture};
 
 /// Counts in a shell variable (memory), mirrors it to /tmp/c and says `tick N` every 10.
 const COUNTER: &str = "echo ready; i=0; while true; do i=$((i+1)); echo $i > /tmp/c; \
                        [ $((i % 10)) -eq 0 ] && echo tick $i; sleep 0.1; done";
-
-/// States what these tests need.
-fn require_criu() -> Criu {
-    runtime_support::require_root();
-    let criu = Criu::locate();
-    assert!(
-        criu.path().exists(),
-        "checkpoint tests need CRIU at /usr/local/sbin/criu (cargo xtask install)"
-    );
-    criu
-}
 
 fn counter(rootfs: &Path) -> u64 {
     // The shell rewrites the file every 100 ms: retry a torn read.
@@ -48,6 +37,14 @@ fn counter(rootfs: &Path) -> u64 {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("no counter in {}", rootfs.display());
+}
+
+/// The counter of a container CRIU left stopped: read once, since nothing rewrites it. The freeze
+/// may have caught the shell between truncating the file and writing it: then 0, a lower bound.
+fn frozen_counter(rootfs: &Path) -> (String, u64) {
+    let raw = std::fs::read_to_string(rootfs.join("tmp/c")).unwrap_or_default();
+    let n = raw.trim().parse().unwrap_or(0);
+    (raw, n)
 }
 
 fn proc_state(pid: i32) -> Option<char> {
@@ -164,9 +161,13 @@ fn leave_stopped_dump_then_resume_continues() {
         .unwrap();
     eprintln!("leave-stopped dump: {report:?}");
     assert_eq!(proc_state(pid), Some('T'), "init stopped after the dump");
-    let frozen_at = counter(&f.rootfs);
+    let (frozen, frozen_at) = frozen_counter(&f.rootfs);
     std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(counter(&f.rootfs), frozen_at, "nothing runs while stopped");
+    assert_eq!(
+        frozen_counter(&f.rootfs).0,
+        frozen,
+        "nothing runs while stopped"
+    );
 
     let resumed = criu
         .resume(&ResumeRequest {
@@ -220,7 +221,7 @@ fn final_dump_restores_into_a_new_rootfs_netns_and_cgroup() {
     dump.external_mounts = bind_mount_points(&bundle_config).unwrap();
     assert_eq!(dump.external_mounts, vec!["/etc/resolv.conf".to_owned()]);
     criu.dump(&dump).unwrap();
-    let at_dump = counter(&f.rootfs);
+    let (_, at_dump) = frozen_counter(&f.rootfs);
 
     // The target's copy of the files (the rootfs upper dir travels separately in a migration).
     let rootfs2 = f.dir.path().join("rootfs2");
@@ -327,7 +328,11 @@ fn final_dump_restores_into_a_new_rootfs_netns_and_cgroup() {
         tick > at_dump,
         "tick {tick} after dump at {at_dump}: not reset"
     );
-    assert_eq!(counter(&f.rootfs), at_dump, "the source did not move");
+    assert_eq!(
+        frozen_counter(&f.rootfs).1,
+        at_dump,
+        "the source did not move"
+    );
     // The external mount came from the target's file.
     let resolv =
         std::fs::read_to_string(format!("/proc/{}/root/etc/resolv.conf", restored.0)).unwrap();

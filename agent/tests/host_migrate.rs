@@ -19,26 +19,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_agent::checkpoint::{
-    bind_mount_points, Checkpointer, Criu, DumpMode, DumpRequest, RestoreRequest,
+    bind_mount_points, Checkpointer, DumpMode, DumpRequest, RestoreRequest,
 };
 use berth_agent::network::holder::NetnsHolder;
 use berth_agent::runtime::{cgroup, Runtime, Status};
-use runtime_support::{remove_cgroup_tree, suffix, wait_for, Fixture, AGENT};
+use runtime_support::{remove_cgroup_tree, require_criu, suffix, wait_for, Fixture, AGENT};
 
 /// Counts in a shell variable (memory) and says `tick N` every 10.
 const COUNTER: &str = "echo ready; i=0; while true; do i=$((i+1)); \
                        [ $((i % 10)) -eq 0 ] && echo tick $i; sleep 0.1; done";
-
-/// States what this test needs.
-fn require_criu() -> Criu {
-    runtime_support::require_root();
-    let criu = Criu::locate();
-    assert!(
-        criu.path().exists(),
-        "migration tests need CRIU at /usr/local/sbin/criu (cargo xtask install)"
-    );
-    criu
-}
 
 /// The "target node's" runtime: its own root and cgroup parent; removes its container and
 /// cgroups on drop.

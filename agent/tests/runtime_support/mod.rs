@@ -28,6 +28,18 @@ pub fn require_root() {
     );
 }
 
+/// CRIU as the agent finds it, for the checkpoint and migration tests; fails loudly without it
+/// (and without root).
+pub fn require_criu() -> berth_agent::checkpoint::Criu {
+    require_root();
+    let criu = berth_agent::checkpoint::Criu::locate();
+    assert!(
+        criu.path().exists(),
+        "checkpoint and migration tests need CRIU at /usr/local/sbin/criu (cargo xtask install)"
+    );
+    criu
+}
+
 /// A random suffix for ids and cgroup parents, so concurrent runs never collide.
 pub fn suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
