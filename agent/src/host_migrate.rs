@@ -62,9 +62,6 @@ const STAGING_ALLOWANCE: u64 = 4 << 30;
 /// Space left free on the data dir's filesystem by a migration's staging.
 const DISK_RESERVE: u64 = 512 << 20;
 
-/// The longest migration id taken into a path.
-const MAX_MIGRATION_ID: usize = 64;
-
 /// What live migrations need, given once the node has its certificate.
 pub(super) struct MigrationKit {
     /// The node's migration connections.
@@ -564,15 +561,11 @@ fn free_disk(path: &Path) -> Option<u64> {
 
 /// Migration ids go into directory names: only what the hub makes (`mig-` + hex) passes.
 fn check_migration_id(id: &str) -> Result<(), String> {
-    let ok = (1..=MAX_MIGRATION_ID).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+    if crate::migrate::link::is_valid_id(id) {
         Ok(())
     } else {
         Err(format!(
-            "migration id {id:?} is not one (1-{MAX_MIGRATION_ID} characters of a-z, 0-9, '-')"
+            "migration id {id:?} is not one (1-64 characters of a-z, 0-9, '-')"
         ))
     }
 }

@@ -192,12 +192,17 @@ impl Drop for Expecting {
     }
 }
 
-fn check_id(id: &str) -> Result<(), LinkError> {
-    let ok = (1..=MAX_ID_LEN).contains(&id.len())
+/// Whether `id` can be a migration id: what the hub makes (`mig-` + hex) passes; nothing that could
+/// escape a directory name or a log line does.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len())
         && id
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn check_id(id: &str) -> Result<(), LinkError> {
+    if is_valid_id(id) {
         Ok(())
     } else {
         Err(LinkError::BadId(id.to_owned()))
