@@ -10,9 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use berth_hub::api::grpc::Grpc;
 use berth_hub::reconciler::Reconciler;
-use berth_proto::v1::agent_service_server::AgentService;
 use berth_proto::v1::node_service_server::NodeService;
 use berth_proto::v1::{self, InstanceStatus};
 use common::{assert_invalid, wait_for, Hub};
@@ -22,43 +20,8 @@ const GIB: u64 = 1 << 30;
 
 /// Registers a node that can send and receive live migrations.
 async fn register(hub: &Hub, node: &str, memory_bytes: u64) {
-    let req = v1::RegisterRequest {
-        node_id: node.into(),
-        hostname: node.into(),
-        advertise_ip: "127.0.0.1".into(),
-        cpu_millis: 4000,
-        memory_bytes,
-        migration_addr: format!("127.0.0.1:{}", 9752 + node.len()),
-        ..Default::default()
-    };
-    hub.grpc.register(tonic::Request::new(req)).await.unwrap();
-}
-
-/// Keeps the nodes' liveness leases (3 s) from lapsing while the test runs.
-struct KeepAlive(tokio::task::JoinHandle<()>);
-
-impl KeepAlive {
-    fn start(grpc: Grpc, nodes: &[&str]) -> KeepAlive {
-        let nodes: Vec<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
-        KeepAlive(tokio::spawn(async move {
-            loop {
-                for n in &nodes {
-                    let _ = grpc
-                        .heartbeat(tonic::Request::new(v1::HeartbeatRequest {
-                            node_id: n.clone(),
-                        }))
-                        .await;
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }))
-    }
-}
-
-impl Drop for KeepAlive {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    let addr = format!("127.0.0.1:{}", 9752 + node.len());
+    hub.register_migratable(node, memory_bytes, &addr).await;
 }
 
 async fn running(hub: &Hub, node: &str, iid: &str) {
@@ -118,7 +81,7 @@ async fn node_event(hub: &Hub, id: &str, event_type: &str) -> Value {
 async fn a_live_drain_migrates_every_replica_away_and_cordons_until_uncordoned() {
     let hub = Hub::start(false).await;
     let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
-    let _alive = KeepAlive::start(hub.grpc.clone(), &["n1", "n2", "n3"]);
+    let _alive = hub.keep_alive(&["n1", "n2", "n3"]);
     register(&hub, "n1", 8 * GIB).await;
     let cid = create(&hub, 3, "1GiB").await;
     rec.pass().await.unwrap();
@@ -239,7 +202,7 @@ async fn a_live_drain_migrates_every_replica_away_and_cordons_until_uncordoned()
 async fn a_plain_drain_restarts_the_replicas_elsewhere() {
     let hub = Hub::start(false).await;
     let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
-    let _alive = KeepAlive::start(hub.grpc.clone(), &["n1", "n2"]);
+    let _alive = hub.keep_alive(&["n1", "n2"]);
     register(&hub, "n1", 8 * GIB).await;
     let cid = create(&hub, 2, "1GiB").await;
     rec.pass().await.unwrap();
@@ -294,7 +257,7 @@ async fn a_plain_drain_restarts_the_replicas_elsewhere() {
 async fn what_cannot_move_is_reported_and_the_node_is_cordoned_anyway() {
     let hub = Hub::start(false).await;
     let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
-    let _alive = KeepAlive::start(hub.grpc.clone(), &["n1", "n2"]);
+    let _alive = hub.keep_alive(&["n1", "n2"]);
     register(&hub, "n1", 8 * GIB).await;
     let big = create(&hub, 1, "4GiB").await;
     let small = create(&hub, 1, "256MiB").await;

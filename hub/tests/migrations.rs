@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use berth_hub::api::grpc::Grpc;
 use berth_hub::reconciler::Reconciler;
 use berth_proto::v1::agent_service_server::AgentService;
 use berth_proto::v1::{self, InstanceStatus, MigrationPhase, MigrationRole};
@@ -17,35 +16,9 @@ use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
 
-/// Registers a node; `migration_addr` empty means it takes part in no migration.
 async fn register(hub: &Hub, node: &str, memory_bytes: u64, migration_addr: &str) {
-    let req = v1::RegisterRequest {
-        node_id: node.into(),
-        hostname: node.into(),
-        advertise_ip: "127.0.0.1".into(),
-        cpu_millis: 4000,
-        memory_bytes,
-        migration_addr: migration_addr.into(),
-        ..Default::default()
-    };
-    hub.grpc.register(tonic::Request::new(req)).await.unwrap();
-}
-
-/// Keeps the nodes' liveness leases (3 s) from lapsing while the test runs.
-fn keep_alive(grpc: Grpc, nodes: &[&str]) -> tokio::task::JoinHandle<()> {
-    let nodes: Vec<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
-    tokio::spawn(async move {
-        loop {
-            for n in &nodes {
-                let _ = grpc
-                    .heartbeat(tonic::Request::new(v1::HeartbeatRequest {
-                        node_id: n.clone(),
-                    }))
-                    .await;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
+    hub.register_migratable(node, memory_bytes, migration_addr)
+        .await;
 }
 
 async fn report(
@@ -115,7 +88,7 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
     let hub = Hub::start(false).await;
     let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
     register(&hub, "n1", 8 * GIB, "127.0.0.1:9752").await;
-    let alive = keep_alive(hub.grpc.clone(), &["n1", "n2", "n3"]);
+    let alive = hub.keep_alive(&["n1", "n2", "n3"]);
     let (cid, iids) = running_on_n1(&hub, &mut rec, 1).await;
     let iid = &iids[0];
     let ip = hub.assignments().await[&("n1".to_owned(), iid.clone())]
@@ -228,7 +201,7 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
 
     let (_, list) = hub.get(&format!("/v1/migrations?container={cid}")).await;
     assert_eq!(list["migrations"][0]["migration_id"], mid.as_str());
-    alive.abort();
+    alive.stop();
 }
 
 #[tokio::test]
@@ -236,7 +209,7 @@ async fn requests_that_cannot_be_carried_out_are_refused() {
     let hub = Hub::start(false).await;
     let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
     register(&hub, "n1", 8 * GIB, "127.0.0.1:9752").await;
-    let alive = keep_alive(hub.grpc.clone(), &["n1", "n2", "n3", "tiny"]);
+    let alive = hub.keep_alive(&["n1", "n2", "n3", "tiny"]);
     let (status, body) = hub
         .post(
             "/v1/containers",
@@ -303,7 +276,7 @@ async fn requests_that_cannot_be_carried_out_are_refused() {
     let ok = post(one(r#","target_node":"n2","mode":"precopy""#)).await;
     assert_eq!(ok.0, StatusCode::ACCEPTED, "{}", ok.1);
     assert_eq!(ok.1["mode"], "precopy");
-    alive.abort();
+    alive.stop();
 }
 
 #[tokio::test]
@@ -311,12 +284,12 @@ async fn a_failure_leaves_the_replica_where_it_was() {
     let hub = Hub::start(false).await;
     let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
     register(&hub, "n1", 8 * GIB, "127.0.0.1:9752").await;
-    let alive = keep_alive(hub.grpc.clone(), &["n1"]);
+    let alive = hub.keep_alive(&["n1"]);
     let (cid, iids) = running_on_n1(&hub, &mut rec, 1).await;
     let iid = &iids[0];
     register(&hub, "n2", 8 * GIB, "127.0.0.2:9752").await;
     // n2 heartbeats on its own, so the test can let it die.
-    let n2 = keep_alive(hub.grpc.clone(), &["n2"]);
+    let n2 = hub.keep_alive(&["n2"]);
 
     // The target gives up: FAILED with its words, the target's assignment goes, the source's
     // order goes (it resumes the replica), the instance never left n1.
@@ -348,7 +321,7 @@ async fn a_failure_leaves_the_replica_where_it_was() {
     assert_eq!(s, StatusCode::ACCEPTED, "{j}");
     let mid = j["migration_id"].as_str().unwrap().to_owned();
     rec.pass().await.unwrap();
-    n2.abort();
+    n2.stop();
     // The lease is 3 s; give it time to lapse, passing as the leader would.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let j = loop {
@@ -362,5 +335,5 @@ async fn a_failure_leaves_the_replica_where_it_was() {
     };
     assert!(j["error"].as_str().unwrap().contains("node n2"), "{j}");
     assert_eq!(hub.assignments().await.len(), 1);
-    alive.abort();
+    alive.stop();
 }

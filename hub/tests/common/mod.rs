@@ -199,6 +199,43 @@ impl Hub {
         self.grpc.register(tonic::Request::new(req)).await.unwrap();
     }
 
+    /// Registers a fake agent with a migration endpoint (`""`: it takes part in no migration).
+    pub async fn register_migratable(
+        &self,
+        node_id: &str,
+        memory_bytes: u64,
+        migration_addr: &str,
+    ) {
+        let req = v1::RegisterRequest {
+            node_id: node_id.into(),
+            hostname: node_id.into(),
+            advertise_ip: "127.0.0.1".into(),
+            cpu_millis: 4000,
+            memory_bytes,
+            migration_addr: migration_addr.into(),
+            ..Default::default()
+        };
+        self.grpc.register(tonic::Request::new(req)).await.unwrap();
+    }
+
+    /// Heartbeats for `nodes` until dropped, so their liveness leases (3 s) never lapse.
+    pub fn keep_alive(&self, nodes: &[&str]) -> KeepAlive {
+        let grpc = self.grpc.clone();
+        let nodes: Vec<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
+        KeepAlive(tokio::spawn(async move {
+            loop {
+                for n in &nodes {
+                    let _ = grpc
+                        .heartbeat(tonic::Request::new(v1::HeartbeatRequest {
+                            node_id: n.clone(),
+                        }))
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }))
+    }
+
     /// The first desired state a node's assignment stream sends.
     pub async fn desired(&self, node_id: &str) -> v1::DesiredState {
         let req = v1::WatchAssignmentsRequest {
@@ -344,4 +381,18 @@ pub fn assert_invalid(resp: &(StatusCode, Value), field: &str) {
         message.starts_with(&format!("{field}: ")),
         "expected field {field}, got {message:?}"
     );
+}
+
+/// Heartbeats of [`Hub::keep_alive`]; they stop when this is dropped.
+pub struct KeepAlive(tokio::task::JoinHandle<()>);
+
+impl KeepAlive {
+    /// Stops the heartbeats now (the nodes' leases then lapse).
+    pub fn stop(self) {}
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
