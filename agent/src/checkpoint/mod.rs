@@ -19,6 +19,7 @@
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod lazy;
 mod resume;
 mod rpc;
 pub mod stats;
@@ -587,6 +588,7 @@ impl Checkpointer for Criu {
             images_dir: Some(path_str(&req.images_dir)?),
             root: Some(path_str(&req.rootfs)?),
             rst_sibling: Some(true),
+            lazy_pages: lazy::restoring_lazily().then_some(true),
             tcp_established: Some(req.tcp_established),
             file_locks: Some(true),
             log_level: Some(LOG_LEVEL),

@@ -80,6 +80,15 @@ pub(crate) struct CgroupRoot {
     pub path: String,
 }
 
+/// `criu_page_server_info`: where a page server listens (lazy dumps take only the port).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PageServerInfo {
+    #[prost(string, optional, tag = "1")]
+    pub address: Option<String>,
+    #[prost(int32, optional, tag = "2")]
+    pub port: Option<i32>,
+}
+
 /// `criu_opts` (the options berth sets).
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct Opts {
@@ -101,6 +110,10 @@ pub(crate) struct Opts {
     pub log_level: Option<i32>,
     #[prost(string, optional, tag = "10")]
     pub log_file: Option<String>,
+    #[prost(message, optional, tag = "11")]
+    pub ps: Option<PageServerInfo>,
+    #[prost(bool, optional, tag = "12")]
+    pub notify_scripts: Option<bool>,
     #[prost(string, optional, tag = "13")]
     pub root: Option<String>,
     #[prost(string, optional, tag = "14")]
@@ -127,6 +140,10 @@ pub(crate) struct Opts {
     pub freeze_cgroup: Option<String>,
     #[prost(uint32, optional, tag = "45")]
     pub timeout: Option<u32>,
+    #[prost(bool, optional, tag = "48")]
+    pub lazy_pages: Option<bool>,
+    #[prost(string, optional, tag = "51")]
+    pub config_file: Option<String>,
     #[prost(enumeration = "NetworkLockMethod", optional, tag = "64")]
     pub network_lock: Option<i32>,
     #[prost(string, optional, tag = "68")]
@@ -301,7 +318,7 @@ pub(crate) fn fd_number(index: usize) -> i32 {
 
 /// Moves `sources[i]` to fd `3 + i`, not close-on-exec. Through high duplicates first, so a
 /// source already sitting on a target number is never overwritten before it is copied.
-fn place(sources: &[RawFd]) -> io::Result<()> {
+pub(super) fn place(sources: &[RawFd]) -> io::Result<()> {
     let mut high = [-1; MAX_FDS + 1];
     for (h, fd) in high.iter_mut().zip(sources) {
         // SAFETY: F_DUPFD_CLOEXEC on an fd the parent keeps open; async-signal-safe.
@@ -344,7 +361,7 @@ fn exchange(sock: &OwnedFd, req: &Req, timeout: Duration) -> Result<Resp, SwrkEr
     }
 }
 
-fn send(sock: &OwnedFd, bytes: &[u8]) -> Result<(), SwrkError> {
+pub(super) fn send(sock: &OwnedFd, bytes: &[u8]) -> Result<(), SwrkError> {
     let sent = nix::sys::socket::send(
         sock.as_raw_fd(),
         bytes,
@@ -360,7 +377,11 @@ fn send(sock: &OwnedFd, bytes: &[u8]) -> Result<(), SwrkError> {
     Ok(())
 }
 
-fn recv(sock: &OwnedFd, deadline: Instant, timeout: Duration) -> Result<Vec<u8>, SwrkError> {
+pub(super) fn recv(
+    sock: &OwnedFd,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<u8>, SwrkError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

@@ -5,6 +5,7 @@
 /// UDP port of the migration endpoint unless `--listen-migration` says otherwise.
 pub const DEFAULT_PORT: u16 = 9752;
 
+pub mod lazy_relay;
 pub mod link;
 pub mod pages;
 pub mod session;
