@@ -17,7 +17,10 @@ use super::RuntimeError;
 /// How long a container's cgroup directory may stay busy (processes still exiting) on removal.
 const RMDIR_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Mount points of every cgroup (v1) and cgroup2 hierarchy visible to this process.
+/// Mount points of every cgroup (v1) and cgroup2 hierarchy visible to this process: one per
+/// hierarchy, where it is mounted first (the host's). Other mounts of a hierarchy come and go:
+/// CRIU mounts each one again in a "cgroup yard" of its own for every restore, and creating a
+/// cgroup through a yard that is being unmounted fails.
 pub fn mount_points() -> io::Result<Vec<PathBuf>> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
     Ok(parse_mount_points(&info))
@@ -25,6 +28,8 @@ pub fn mount_points() -> io::Result<Vec<PathBuf>> {
 
 fn parse_mount_points(mountinfo: &str) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
+    // A hierarchy is one superblock: its device number names it.
+    let mut seen: Vec<&str> = Vec::new();
     for line in mountinfo.lines() {
         // Fields: id parent maj:min root mountpoint options [optional...] - fstype source super.
         let mut halves = line.splitn(2, " - ");
@@ -35,9 +40,17 @@ fn parse_mount_points(mountinfo: &str) -> Vec<PathBuf> {
         if fstype != "cgroup" && fstype != "cgroup2" {
             continue;
         }
-        let Some(mount_point) = pre.split_whitespace().nth(4) else {
+        let fields: Vec<&str> = pre.split_whitespace().collect();
+        let (Some(device), Some(root), Some(mount_point)) =
+            (fields.get(2), fields.get(3), fields.get(4))
+        else {
             continue;
         };
+        // A bind mount of a cgroup below the root is no place to make cgroups from the root.
+        if *root != "/" || seen.contains(device) {
+            continue;
+        }
+        seen.push(device);
         let p = PathBuf::from(mount_point);
         if !out.contains(&p) {
             out.push(p);
@@ -274,6 +287,9 @@ mod tests {
 35 31 0:32 / /sys/fs/cgroup/memory rw,relatime shared:5 - cgroup cgroup rw,memory
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 50 23 0:40 / /proc rw - proc proc rw
+90 23 0:32 / /var/lib/x/images/.criu.cgyard.Ab12/memory rw - cgroup none rw,memory
+91 23 0:38 / /var/lib/x/images/.criu.cgyard.Ab12/unified rw - cgroup2 none rw
+92 23 0:29 /berth-n1/ins-1 /run/somewhere rw - cgroup cgroup rw,cpu
 ";
         assert_eq!(
             parse_mount_points(info),
