@@ -33,7 +33,6 @@ use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -44,9 +43,8 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use prost::Message;
 
 use super::{
-    check_absolute, criu_failed, images_size, log_tail, own_cgroup_hierarchies, path_str, rpc,
-    CheckpointError, Criu, DumpMode, DumpRequest, Metadata, NetworkLock, RestoreReport,
-    RestoreRequest, DUMP_LOG, LOG_LEVEL, METADATA_FILE, NETNS_KEY,
+    check_absolute, criu_failed, images_size, log_tail, path_str, rpc, CheckpointError, Criu,
+    DumpMode, DumpRequest, RestoreReport, RestoreRequest, DUMP_LOG, LOG_LEVEL, METADATA_FILE,
 };
 
 /// The lazy-pages daemon's log, in the images dir.
@@ -156,12 +154,6 @@ impl Criu {
         let d = &req.dump;
         let span = tracing::info_span!("criu_lazy_dump", pid = d.pid, images = %d.images_dir.display(), listen = %req.listen);
         let _span = span.enter();
-        if d.pid <= 0 {
-            return Err(CheckpointError::InvalidRequest(format!(
-                "pid {} is not a process",
-                d.pid
-            )));
-        }
         if d.mode == DumpMode::LeaveRunning {
             return Err(CheckpointError::InvalidRequest(
                 "a lazy dump cannot leave the tasks running: the pages it serves would change"
@@ -173,78 +165,22 @@ impl Criu {
                 "a lazy dump's page server needs a fixed port".to_owned(),
             ));
         }
-        check_absolute("images dir", &d.images_dir)?;
-        for m in &d.external_mounts {
-            if !m.starts_with('/') || m.contains(':') {
-                return Err(CheckpointError::InvalidRequest(format!(
-                    "external mount {m:?} must be an absolute mount point without ':'"
-                )));
-            }
-        }
-        std::fs::create_dir_all(&d.images_dir).map_err(|source| CheckpointError::Io {
-            op: "create images dir",
-            path: d.images_dir.clone(),
-            source,
-        })?;
-
-        let netns_path = PathBuf::from(format!("/proc/{}/ns/net", d.pid));
-        let netns_ino = std::fs::metadata(&netns_path)
-            .map_err(|source| CheckpointError::Io {
-                op: "stat netns of",
-                path: netns_path,
-                source,
-            })?
-            .ino();
-        let stdio: Vec<String> = (0..3)
-            .map(|n| {
-                std::fs::read_link(format!("/proc/{}/fd/{n}", d.pid))
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            })
-            .collect();
+        let (base, metadata, _) = self.prepare_dump(d)?;
+        let stdio = metadata.stdio.clone();
         // Written first: the images travel as soon as the server is ready.
         write_file(
             &d.images_dir.join(METADATA_FILE),
-            &serde_json::to_vec_pretty(&Metadata {
-                stdio: stdio.clone(),
-                external_netns: true,
-                external_mounts: d.external_mounts.clone(),
-                pid: d.pid,
-            })
-            .map_err(|e| CheckpointError::InvalidRequest(format!("encode metadata: {e}")))?,
+            &serde_json::to_vec_pretty(&metadata)
+                .map_err(|e| CheckpointError::InvalidRequest(format!("encode metadata: {e}")))?,
         )?;
         let config = d.images_dir.join(ADDRESS_CONFIG);
         write_file(&config, format!("address {}\n", req.listen.ip()).as_bytes())?;
 
-        let own_hierarchies = own_cgroup_hierarchies(d.pid)?;
         let opts = rpc::Opts {
-            images_dir_fd: -1,
-            images_dir: Some(path_str(&d.images_dir)?),
-            pid: Some(d.pid),
+            // The tasks stay stopped while their pages are served: they must not change.
             leave_running: Some(false),
-            leave_stopped: Some(d.mode == DumpMode::LeaveStopped),
-            tcp_established: Some(d.tcp_established),
-            file_locks: Some(true),
-            log_level: Some(LOG_LEVEL),
-            log_file: Some(DUMP_LOG.to_owned()),
-            external: vec![format!("net[{netns_ino}]:{NETNS_KEY}")],
-            ext_mnt: d
-                .external_mounts
-                .iter()
-                .map(|m| rpc::ExtMountMap {
-                    key: m.clone(),
-                    val: m.clone(),
-                })
-                .collect(),
-            freeze_cgroup: d.freeze_cgroup.as_deref().map(path_str).transpose()?,
-            // As in `Criu::dump`: only the hierarchies the task has a cgroup of its own in.
-            cgroup_dump_controller: own_hierarchies.clone(),
-            manage_cgroups: own_hierarchies.is_empty().then_some(false),
-            network_lock: Some(match d.network_lock {
-                NetworkLock::Iptables => rpc::NetworkLockMethod::Iptables,
-                NetworkLock::Skip => rpc::NetworkLockMethod::Skip,
-            } as i32),
-            timeout: Some(d.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
+            track_mem: None,
+            parent_img: None,
             lazy_pages: Some(true),
             ps: Some(rpc::PageServerInfo {
                 address: Some(req.listen.ip().to_string()),
@@ -252,7 +188,7 @@ impl Criu {
             }),
             notify_scripts: Some(true),
             config_file: Some(path_str(&config)?),
-            ..Default::default()
+            ..base
         };
         let rpc_req = rpc::Req {
             r#type: rpc::ReqType::Dump as i32,

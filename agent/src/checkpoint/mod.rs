@@ -317,6 +317,106 @@ impl Criu {
         &self.path
     }
 
+    /// Checks `req`, creates its images dir and reads what the dump records of the task: the CRIU
+    /// options every dump (plain or lazy) sends, berth's metadata, and whether CRIU tracks memory
+    /// changes for it.
+    pub(crate) fn prepare_dump(
+        &self,
+        req: &DumpRequest,
+    ) -> Result<(rpc::Opts, Metadata, bool), CheckpointError> {
+        if req.pid <= 0 {
+            return Err(CheckpointError::InvalidRequest(format!(
+                "pid {} is not a process",
+                req.pid
+            )));
+        }
+        check_absolute("images dir", &req.images_dir)?;
+        if let Some(parent) = &req.parent_images {
+            check_absolute("parent images dir", parent)?;
+        }
+        for m in &req.external_mounts {
+            if !m.starts_with('/') || m.contains(':') {
+                return Err(CheckpointError::InvalidRequest(format!(
+                    "external mount {m:?} must be an absolute mount point without ':'"
+                )));
+            }
+        }
+        std::fs::create_dir_all(&req.images_dir).map_err(|source| CheckpointError::Io {
+            op: "create images dir",
+            path: req.images_dir.clone(),
+            source,
+        })?;
+        let mem_tracked = req.track_mem && self.features()?.mem_track;
+
+        let netns_path = PathBuf::from(format!("/proc/{}/ns/net", req.pid));
+        let netns_ino = std::fs::metadata(&netns_path)
+            .map_err(|source| CheckpointError::Io {
+                op: "stat netns of",
+                path: netns_path,
+                source,
+            })?
+            .ino();
+        let stdio: Vec<String> = (0..3)
+            .map(|n| {
+                std::fs::read_link(format!("/proc/{}/fd/{n}", req.pid))
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let metadata = Metadata {
+            stdio: stdio.clone(),
+            external_netns: true,
+            external_mounts: req.external_mounts.clone(),
+            pid: req.pid,
+        };
+
+        let own_hierarchies = own_cgroup_hierarchies(req.pid)?;
+        let opts = rpc::Opts {
+            images_dir_fd: -1,
+            images_dir: Some(path_str(&req.images_dir)?),
+            pid: Some(req.pid),
+            leave_running: Some(req.mode == DumpMode::LeaveRunning),
+            leave_stopped: Some(req.mode == DumpMode::LeaveStopped),
+            tcp_established: Some(req.tcp_established),
+            // A listening socket with connections not yet accepted (a server busy at the freeze)
+            // would fail the dump; those clients retry their SYN against the restored copy.
+            tcp_skip_in_flight: req.tcp_established.then_some(true),
+            file_locks: Some(true),
+            log_level: Some(LOG_LEVEL),
+            log_file: Some(DUMP_LOG.to_owned()),
+            track_mem: mem_tracked.then_some(true),
+            parent_img: match (&req.parent_images, mem_tracked) {
+                (Some(p), true) => Some(path_str(p)?),
+                _ => None,
+            },
+            external: vec![format!("net[{netns_ino}]:{NETNS_KEY}")],
+            ext_mnt: req
+                .external_mounts
+                .iter()
+                .map(|m| rpc::ExtMountMap {
+                    key: m.clone(),
+                    val: m.clone(),
+                })
+                .collect(),
+            freeze_cgroup: req.freeze_cgroup.as_deref().map(path_str).transpose()?,
+            // CRIU walks every directory below each of the task's cgroups to recreate them on
+            // restore. A task left at a hierarchy's root (name=systemd on hybrid hosts, cgroup2
+            // when nothing moved it) would have the whole host tree walked and copied under the
+            // new root at every restore: seen here doubling the host's cgroup2 tree per restore
+            // until dumps took minutes. Only the hierarchies where the task has a cgroup of its
+            // own travel; in the others the restored task stays where the restorer is.
+            cgroup_dump_controller: own_hierarchies.clone(),
+            manage_cgroups: own_hierarchies.is_empty().then_some(false),
+            network_lock: Some(match req.network_lock {
+                NetworkLock::Iptables => rpc::NetworkLockMethod::Iptables,
+                NetworkLock::Skip => rpc::NetworkLockMethod::Skip,
+            } as i32),
+            timeout: Some(req.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
+            ..Default::default()
+        };
+        Ok((opts, metadata, mem_tracked))
+    }
+
     fn call(
         &self,
         op: &'static str,
@@ -387,93 +487,8 @@ impl Checkpointer for Criu {
     fn dump(&self, req: &DumpRequest) -> Result<DumpReport, CheckpointError> {
         let span = tracing::info_span!("criu_dump", pid = req.pid, images = %req.images_dir.display(), mode = ?req.mode);
         let _span = span.enter();
-        if req.pid <= 0 {
-            return Err(CheckpointError::InvalidRequest(format!(
-                "pid {} is not a process",
-                req.pid
-            )));
-        }
-        check_absolute("images dir", &req.images_dir)?;
-        if let Some(parent) = &req.parent_images {
-            check_absolute("parent images dir", parent)?;
-        }
-        for m in &req.external_mounts {
-            if !m.starts_with('/') || m.contains(':') {
-                return Err(CheckpointError::InvalidRequest(format!(
-                    "external mount {m:?} must be an absolute mount point without ':'"
-                )));
-            }
-        }
-        std::fs::create_dir_all(&req.images_dir).map_err(|source| CheckpointError::Io {
-            op: "create images dir",
-            path: req.images_dir.clone(),
-            source,
-        })?;
-        let mem_tracked = req.track_mem && self.features()?.mem_track;
-
-        let netns_path = PathBuf::from(format!("/proc/{}/ns/net", req.pid));
-        let netns_ino = std::fs::metadata(&netns_path)
-            .map_err(|source| CheckpointError::Io {
-                op: "stat netns of",
-                path: netns_path,
-                source,
-            })?
-            .ino();
-        let stdio: Vec<String> = (0..3)
-            .map(|n| {
-                std::fs::read_link(format!("/proc/{}/fd/{n}", req.pid))
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            })
-            .collect();
-        let metadata = Metadata {
-            stdio: stdio.clone(),
-            external_netns: true,
-            external_mounts: req.external_mounts.clone(),
-            pid: req.pid,
-        };
-
-        let own_hierarchies = own_cgroup_hierarchies(req.pid)?;
-        let opts = rpc::Opts {
-            images_dir_fd: -1,
-            images_dir: Some(path_str(&req.images_dir)?),
-            pid: Some(req.pid),
-            leave_running: Some(req.mode == DumpMode::LeaveRunning),
-            leave_stopped: Some(req.mode == DumpMode::LeaveStopped),
-            tcp_established: Some(req.tcp_established),
-            file_locks: Some(true),
-            log_level: Some(LOG_LEVEL),
-            log_file: Some(DUMP_LOG.to_owned()),
-            track_mem: mem_tracked.then_some(true),
-            parent_img: match (&req.parent_images, mem_tracked) {
-                (Some(p), true) => Some(path_str(p)?),
-                _ => None,
-            },
-            external: vec![format!("net[{netns_ino}]:{NETNS_KEY}")],
-            ext_mnt: req
-                .external_mounts
-                .iter()
-                .map(|m| rpc::ExtMountMap {
-                    key: m.clone(),
-                    val: m.clone(),
-                })
-                .collect(),
-            freeze_cgroup: req.freeze_cgroup.as_deref().map(path_str).transpose()?,
-            // CRIU walks every directory below each of the task's cgroups to recreate them on
-            // restore. A task left at a hierarchy's root (name=systemd on hybrid hosts, cgroup2
-            // when nothing moved it) would have the whole host tree walked and copied under the
-            // new root at every restore: seen here doubling the host's cgroup2 tree per restore
-            // until dumps took minutes. Only the hierarchies where the task has a cgroup of its
-            // own travel; in the others the restored task stays where the restorer is.
-            cgroup_dump_controller: own_hierarchies.clone(),
-            manage_cgroups: own_hierarchies.is_empty().then_some(false),
-            network_lock: Some(match req.network_lock {
-                NetworkLock::Iptables => rpc::NetworkLockMethod::Iptables,
-                NetworkLock::Skip => rpc::NetworkLockMethod::Skip,
-            } as i32),
-            timeout: Some(req.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
-            ..Default::default()
-        };
+        let (opts, metadata, mem_tracked) = self.prepare_dump(req)?;
+        let stdio = metadata.stdio.clone();
         let rpc_req = rpc::Req {
             r#type: rpc::ReqType::Dump as i32,
             opts: Some(opts),

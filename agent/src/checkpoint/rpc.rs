@@ -138,6 +138,8 @@ pub(crate) struct Opts {
     pub cgroup_dump_controller: Vec<String>,
     #[prost(string, optional, tag = "44")]
     pub freeze_cgroup: Option<String>,
+    #[prost(bool, optional, tag = "46")]
+    pub tcp_skip_in_flight: Option<bool>,
     #[prost(uint32, optional, tag = "45")]
     pub timeout: Option<u32>,
     #[prost(bool, optional, tag = "48")]
