@@ -146,6 +146,26 @@ pub fn build_image(layout: &Path, tag: &str, variant: Option<&str>) -> anyhow::R
     run(&mut config)
 }
 
+/// Adds the host file `src` to the image `layout:tag` as `dest` (a path inside the rootfs, mode
+/// 0755), in a layer of its own: for a benchmark's own program next to the demo image's busybox.
+pub fn add_file(layout: &Path, tag: &str, src: &Path, dest: &str) -> anyhow::Result<()> {
+    let image = format!("{}:{tag}", layout.display());
+    let work = tempfile::tempdir()?;
+    let bundle = work.path().join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle))?;
+    let file = bundle.join("rootfs").join(dest.trim_start_matches('/'));
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::copy(src, &file).with_context(|| format!("copying {}", src.display()))?;
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle))
+}
+
 /// Pushes `layout:tag` to `dest` (`HOST:PORT/REPO:TAG`) over plain HTTP.
 pub fn push(layout: &Path, tag: &str, dest: &str) -> anyhow::Result<()> {
     run(Command::new("skopeo").args([

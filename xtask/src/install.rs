@@ -15,6 +15,7 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("libseccomp-dev", "youki's seccomp support"),
     ("pkg-config", "finds libseccomp and CRIU's libraries"),
     ("gcc", "links Rust binaries and C deps"),
+    ("libc6-dev", "static libc for bench migrate's test program"),
     ("make", "C deps' builds"),
     ("iproute2", "bridges, veths, netns"),
     ("iputils-ping", "debugging reachability"),

@@ -1,7 +1,8 @@
-//! berth's developer commands: `cargo xtask install | up | down | test | build-ebpf | bench deploy | bench net`.
+//! berth's developer commands: `cargo xtask install | up | down | test | build-ebpf | bench deploy | bench net | bench heal | bench migrate`.
 
 mod bench;
 mod bench_heal;
+mod bench_migrate;
 mod bench_net;
 mod cluster;
 mod criu;
@@ -56,6 +57,8 @@ enum BenchCmd {
     Net(bench_net::NetArgs),
     /// Healing: node death → replicas RUNNING elsewhere; agent restart → containers adopted.
     Heal(bench_heal::HealArgs),
+    /// Live migration: rounds, bytes, total time, downtime (hub and client) per size, write rate, mode.
+    Migrate(bench_migrate::MigrateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,6 +77,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             bench: BenchCmd::Heal(args),
         } => bench_heal::heal(&args),
+        Cmd::Bench {
+            bench: BenchCmd::Migrate(args),
+        } => bench_migrate::migrate(&args),
     }
 }
 
