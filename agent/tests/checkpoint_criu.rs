@@ -18,7 +18,9 @@ use berth_agent::checkpoint::{
     bind_mount_points, Checkpointer, DumpMode, DumpRequest, RestoreRequest, ResumeRequest,
 };
 use berth_agent::runtime::cgroup;
-use runtime_support::{require_criu, suffix, wait_for, Fixture};
+use runtime_support::{
+    images, init_pid, proc_state, require_criu, suffix, wait_for, Fixture, Netns, Restored,
+};
 
 /// Counts in a shell variable (memory), mirrors it to /tmp/c and says `tick N` every 10.
 const COUNTER: &str = "echo ready; i=0; while true; do i=$((i+1)); echo $i > /tmp/c; \
@@ -45,63 +47,6 @@ fn frozen_counter(rootfs: &Path) -> (String, u64) {
     let raw = std::fs::read_to_string(rootfs.join("tmp/c")).unwrap_or_default();
     let n = raw.trim().parse().unwrap_or(0);
     (raw, n)
-}
-
-fn proc_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
-}
-
-fn init_pid(f: &Fixture, id: &str) -> i32 {
-    f.runtime.state(id).unwrap().unwrap().pid.unwrap()
-}
-
-fn images(f: &Fixture, name: &str) -> PathBuf {
-    let dir = f.dir.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.canonicalize().unwrap()
-}
-
-/// A network namespace of our own, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Self {
-        let name = format!("berth-ck-{}", suffix());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip netns add {name}");
-        Self(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.0))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// A restored init (our child): SIGKILLed and reaped on drop.
-struct Restored(i32);
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(pid, None);
-    }
 }
 
 #[test]

@@ -27,7 +27,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use runtime_support::{suffix, wait_for, Fixture};
+use runtime_support::{images, init_pid, proc_state, suffix, wait_for, Fixture, Netns, Restored};
 
 /// 8 MB of 'x' in a shell variable (memory the lazy pages must bring back: `${#big}` reads
 /// all of it, and a page arriving as zeroes would cut it short), a counter mirrored to /tmp/c,
@@ -75,26 +75,6 @@ fn counter(rootfs: &Path) -> u64 {
     panic!("no counter in {}", rootfs.display());
 }
 
-fn proc_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
-}
-
-fn init_pid(f: &Fixture, id: &str) -> i32 {
-    f.runtime.state(id).unwrap().unwrap().pid.unwrap()
-}
-
-fn images(f: &Fixture, name: &str) -> PathBuf {
-    let dir = f.dir.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.canonicalize().unwrap()
-}
-
 /// A loopback port nobody listens on right now.
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -128,43 +108,6 @@ fn receive_images(f: &Fixture, from: &Path, name: &str) -> PathBuf {
         }
     }
     to
-}
-
-/// A network namespace of our own, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Self {
-        let name = format!("berth-lz-{}", suffix());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip netns add {name}");
-        Self(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.0))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// A restored init (our child): SIGKILLed and reaped on drop.
-struct Restored(i32);
-
-impl Drop for Restored {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(pid, None);
-    }
 }
 
 /// Collects what is written to a pipe's write end (returned) into a string.

@@ -23,7 +23,9 @@ use berth_agent::checkpoint::{
 };
 use berth_agent::network::holder::NetnsHolder;
 use berth_agent::runtime::{cgroup, Runtime, Status};
-use runtime_support::{remove_cgroup_tree, require_criu, suffix, wait_for, Fixture, AGENT};
+use runtime_support::{
+    proc_state, remove_cgroup_tree, require_criu, suffix, wait_for, Fixture, AGENT,
+};
 
 /// Counts in a shell variable (memory) and says `tick N` every 10.
 const COUNTER: &str = "echo ready; i=0; while true; do i=$((i+1)); \
@@ -46,16 +48,6 @@ impl Drop for Target {
             remove_cgroup_tree(&dir);
         }
     }
-}
-
-fn proc_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
 }
 
 /// The highest `tick N` in `text`.

@@ -194,3 +194,67 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The host pid of container `id`'s init.
+pub fn init_pid(f: &Fixture, id: &str) -> i32 {
+    f.runtime.state(id).unwrap().unwrap().pid.unwrap()
+}
+
+/// A fresh images dir `name` in the fixture's dir (canonical: CRIU wants no symlinks).
+pub fn images(f: &Fixture, name: &str) -> PathBuf {
+    let dir = f.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.canonicalize().unwrap()
+}
+
+/// A process's state letter from /proc (`T` stopped, `S` sleeping...), `None` once it is gone.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// A network namespace of our own (as a migration target has), deleted on drop.
+pub struct Netns(String);
+
+impl Netns {
+    /// `ip netns add` under a unique name.
+    pub fn new() -> Self {
+        let name = format!("berth-ck-{}", suffix());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip netns add {name}");
+        Self(name)
+    }
+
+    /// Where CRIU finds it.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.0))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// A restored init (our child): SIGKILLed and reaped on drop.
+pub struct Restored(pub i32);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+    }
+}
