@@ -28,6 +28,7 @@ use super::{ms, write_image_facts, write_record, write_resolv_conf, ImageFacts, 
 use crate::checkpoint::{bind_mount_points, Criu, DumpMode, DumpRequest, RestoreReport};
 use crate::image::{ImageStore, PulledImage};
 use crate::migrate::link::Links;
+use crate::migrate::postcopy::{run_source_postcopy_quic, run_target_postcopy_quic};
 use crate::migrate::session::{
     run_source_quic, run_target_quic, HookError, NoSourceHooks, Phase, PrecopyPolicy, ProgressSink,
     Received, RestorePlan, SourceConfig, TargetConfig, TargetHost, Timeouts,
@@ -124,7 +125,7 @@ impl NodeHost {
             work_dir: work_dir.clone(),
             upper_dir,
             precopy: match order.mode {
-                MigrationMode::Precopy => PrecopyPolicy::default(),
+                MigrationMode::Precopy | MigrationMode::Postcopy => PrecopyPolicy::default(),
                 MigrationMode::Stopcopy => PrecopyPolicy {
                     max_rounds: 0,
                     ..PrecopyPolicy::default()
@@ -142,8 +143,18 @@ impl NodeHost {
                 .dial(addr, peer, &mid)
                 .await
                 .map_err(|e| format!("migration {mid}: {e}"))?;
-            let result =
-                run_source_quic(&conn, kit.criu.clone(), &NoSourceHooks, &config, &progress).await;
+            let result = match order.mode {
+                MigrationMode::Postcopy => {
+                    run_source_postcopy_quic(&conn, kit.criu.clone(), &config, &progress)
+                        .await
+                        .map(Sent::Postcopy)
+                }
+                MigrationMode::Precopy | MigrationMode::Stopcopy => {
+                    run_source_quic(&conn, kit.criu.clone(), &NoSourceHooks, &config, &progress)
+                        .await
+                        .map(Sent::Precopy)
+                }
+            };
             match result {
                 // Nothing was dumped before the target's ready: dialling again is safe.
                 Err(e)
@@ -159,7 +170,26 @@ impl NodeHost {
         };
         remove_dir_quietly(work_dir).await;
         match result {
-            Ok(outcome) => {
+            Ok(Sent::Postcopy(outcome)) => {
+                info!(
+                    instance_id = %id,
+                    migration_id = %mid,
+                    downtime_ms = outcome.downtime.as_millis() as u64,
+                    pages_done_ms = outcome.pages_done_after.map(|d| d.as_millis() as u64),
+                    pages_error = outcome.pages_error.as_deref(),
+                    images_bytes = outcome.images_bytes,
+                    page_bytes = outcome.relay.to_target,
+                    target_prepare_ms = outcome.target.prepare_ms,
+                    target_restore_ms = outcome.target.restore_ms,
+                    target_adopt_ms = outcome.target.adopt_ms,
+                    "instance sent by post-copy: the target runs it"
+                );
+                // Once the target ran it, the copy here is the target's page source only: it
+                // goes whether the pages all arrived (the target has them) or not (the target
+                // kills its copy too, and the hub restarts the instance).
+                Ok(())
+            }
+            Ok(Sent::Precopy(outcome)) => {
                 info!(
                     instance_id = %id,
                     migration_id = %mid,
@@ -239,8 +269,24 @@ impl NodeHost {
                     pull: Mutex::new(Some(pull)),
                     state: Mutex::new(LandingState::default()),
                 };
-                let result =
-                    run_target_quic(&conn, kit.criu.clone(), &landing, &config, &progress).await;
+                let result = match order.mode {
+                    MigrationMode::Postcopy => {
+                        run_target_postcopy_quic(
+                            &conn,
+                            kit.criu.clone(),
+                            &landing,
+                            &config,
+                            &progress,
+                        )
+                        .await
+                        // The pages keep arriving in the background; that task kills the
+                        // container if they do not, and removes the staging dir.
+                        .map(|landed| landed.outcome)
+                    }
+                    MigrationMode::Precopy | MigrationMode::Stopcopy => {
+                        run_target_quic(&conn, kit.criu.clone(), &landing, &config, &progress).await
+                    }
+                };
                 let state = landing.take_state();
                 result
                     .map(|outcome| (outcome, state))
@@ -250,8 +296,11 @@ impl NodeHost {
         };
         match result {
             Ok((outcome, state)) => {
-                // Only the staging dir itself is left (its upper dir became the rootfs's).
-                remove_dir_quietly(staging_dir).await;
+                // Only the staging dir itself is left (its upper dir became the rootfs's); in
+                // post-copy its images serve the daemon until the last page.
+                if order.mode != MigrationMode::Postcopy {
+                    remove_dir_quietly(staging_dir).await;
+                }
                 let mut phases = state.phases;
                 phases.insert("migrate".into(), ms(started));
                 info!(
@@ -281,6 +330,12 @@ impl NodeHost {
             }
         }
     }
+}
+
+/// What a source's session gave.
+enum Sent {
+    Precopy(crate::migrate::session::SourceOutcome),
+    Postcopy(crate::migrate::postcopy::PostcopySourceOutcome),
 }
 
 /// The target's [`TargetHost`]: the restore's rootfs, network namespace, log pipes and cgroup.

@@ -152,13 +152,16 @@ pub struct MigrationOrder {
     pub mode: MigrationMode,
 }
 
-/// How a migration moves memory (the source decides; the target follows the stream).
+/// How a migration moves memory (both orders carry it: a post-copy target restores lazily).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationMode {
-    /// Pre-copy rounds while the delta shrinks (what `auto` means until post-copy exists).
+    /// Pre-copy rounds while the delta shrinks (what `auto` means: no measured rule yet).
     Precopy,
     /// No pre-copy: one dump of the frozen container, sent whole.
     Stopcopy,
+    /// CRIU lazy pages: the container runs on the target once its non-memory state moved; its
+    /// pages follow over the same connection (the target must know: it restores lazily).
+    Postcopy,
 }
 
 /// Stop timeout when the hub gives none (and in records written before it existed).
@@ -397,8 +400,8 @@ fn migration_order(
     let mode = match WireMode::try_from(m.mode) {
         Ok(WireMode::Unspecified | WireMode::Auto | WireMode::Precopy) => MigrationMode::Precopy,
         Ok(WireMode::Stopcopy) => MigrationMode::Stopcopy,
-        // The hub refuses post-copy jobs; an agent that cannot do one says so by field.
-        Ok(WireMode::Postcopy) | Err(_) => return Err(("migration.mode", m.mode.to_string())),
+        Ok(WireMode::Postcopy) => MigrationMode::Postcopy,
+        Err(_) => return Err(("migration.mode", m.mode.to_string())),
     };
     Ok(MigrationOrder {
         migration_id: m.migration_id.clone(),

@@ -1540,7 +1540,7 @@ fn migration_orders_are_validated_by_field() {
     let cases: [(&str, Spoil); 5] = [
         ("migration.role", |m| m.role = 0),
         ("migration.mode", |m| {
-            m.mode = berth_proto::v1::MigrationMode::Postcopy as i32;
+            m.mode = 99;
         }),
         ("migration.peer_addr", |m| m.peer_addr = "nowhere".into()),
         ("migration.peer_node_id", |m| m.peer_node_id.clear()),

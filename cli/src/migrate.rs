@@ -24,9 +24,10 @@ pub struct MigrateArgs {
     /// The replica to move (needed when the container has several; see `berth inspect`).
     #[arg(long = "instance", value_name = "ID")]
     pub instance: Option<String>,
-    /// How memory moves: auto (default), precopy, or stopcopy (one dump of the frozen container,
-    /// the baseline); postcopy is not available yet.
-    #[arg(long, value_parser = ["auto", "precopy", "stopcopy"])]
+    /// How memory moves: auto (default, pre-copy), precopy, postcopy (the container runs on the
+    /// target once its non-memory state moved; its pages follow), or stopcopy (one dump of the
+    /// frozen container, the baseline).
+    #[arg(long, value_parser = ["auto", "precopy", "postcopy", "stopcopy"])]
     pub mode: Option<String>,
     /// Follow the job to its end (phase, rounds, bytes, then the downtime); exit status 1 when it
     /// failed.

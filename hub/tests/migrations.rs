@@ -259,7 +259,6 @@ async fn requests_that_cannot_be_carried_out_are_refused() {
         report(&hub, "n1", iid, InstanceStatus::Running, None).await;
     }
     assert_invalid(&post(one(r#","mode":"teleport""#)).await, "mode");
-    assert_invalid(&post(one(r#","mode":"postcopy""#)).await, "mode");
     assert_eq!(
         post(one(r#","target_node":"n9""#)).await.0,
         StatusCode::NOT_FOUND

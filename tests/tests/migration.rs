@@ -517,3 +517,128 @@ fn a_live_drain_moves_every_instance_away_without_a_restart() {
         .expect_status(200, "uncordon the drained node")
         .expect("200");
 }
+
+#[test]
+fn a_postcopy_migration_runs_the_container_on_the_target_before_its_memory_arrives() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .start()
+        .expect("starting the cluster");
+    let api = cluster.api().clone();
+    let net = api
+        .create_network("lazy", "10.31.0.0/16")
+        .expect("network create");
+    let id = api
+        .create_container(&json!({
+            "name": "counter", "image": cluster.demo_image(), "cpu": "0.2", "memory": "64MB",
+            "network_id": net["network_id"], "command": ["sh", "-c", COUNTER],
+        }))
+        .expect("deploy the counter");
+    let c = api
+        .wait_running(&id, 1, Duration::from_secs(90))
+        .expect("the counter runs");
+    let (_, source, ip) = placements(&c)[0].clone();
+    let iid = the_instance(&c)["instance_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let client_id = api
+        .create_container(&json!({
+            "name": "client", "image": cluster.demo_image(), "cpu": "0.1", "memory": "32MB",
+            "network_id": net["network_id"], "command": ["sh", "-c", client(&ip)],
+        }))
+        .expect("deploy the client");
+    let cc = api
+        .wait_running(&client_id, 1, Duration::from_secs(90))
+        .expect("the client runs");
+    let client_node = placements(&cc)[0].1.clone();
+    let target = cluster
+        .node_ids()
+        .iter()
+        .find(|n| **n != source && **n != client_node)
+        .or_else(|| cluster.node_ids().iter().find(|n| **n != source))
+        .cloned()
+        .expect("another node");
+    let received = |node: &str| get_number(&cluster, node, &ip, "received");
+    wait_for(
+        "data over the client's connection",
+        Duration::from_secs(20),
+        || {
+            Ok(match received(&source) {
+                Ok(n) if n > 5 => Ok(n),
+                other => Err(format!("{other:?}")),
+            })
+        },
+    )
+    .expect("the client's connection carries data");
+    let count_before = get_number(&cluster, &source, &ip, "count").expect("count");
+
+    let mid = migrate(
+        &api,
+        &id,
+        json!({ "target_node": target, "mode": "postcopy" }),
+    );
+    let job = wait_completed(&api, &mid);
+    eprintln!("post-copy migration: {job}");
+    assert_eq!(job["status"], "COMPLETED");
+    assert_eq!(job["mode"], "postcopy");
+    assert_eq!(job["target_node"], target.as_str());
+    assert_eq!(job["phase"], "DONE");
+
+    let c = api
+        .wait_running(&id, 1, Duration::from_secs(30))
+        .expect("still running");
+    let inst = the_instance(&c);
+    assert_eq!(inst["instance_id"], iid.as_str());
+    assert_eq!(inst["node_id"], target.as_str(), "{c}");
+    assert_eq!(inst["ip"], ip.as_str());
+    let count_after = wait_for("the counter on the target", Duration::from_secs(10), || {
+        Ok(get_number(&cluster, &target, &ip, "count").map_err(|e| format!("{e:#}")))
+    })
+    .expect("the target serves the counter");
+    assert!(
+        count_after >= count_before,
+        "counter reset: {count_before} before, {count_after} after"
+    );
+    wait_for("the counter to go on", Duration::from_secs(10), || {
+        let n = get_number(&cluster, &target, &ip, "count")?;
+        Ok(if n > count_after {
+            Ok(())
+        } else {
+            Err(n.to_string())
+        })
+    })
+    .expect("the counter goes on");
+    let got = received(&target).expect("received on the target");
+    wait_for(
+        "more data over the same connection",
+        Duration::from_secs(15),
+        || {
+            let n = received(&target)?;
+            Ok(if n > got + 5 {
+                Ok(())
+            } else {
+                Err(n.to_string())
+            })
+        },
+    )
+    .expect("the connection carries data after the move");
+    // Every page arrived (else the target would have killed its copy) and the source's frozen
+    // copy, the page server's, is gone.
+    wait_for("the source copy to go", Duration::from_secs(30), || {
+        let pid = cluster.init_pid(&source, &iid);
+        Ok(if pid.is_none() {
+            Ok(())
+        } else {
+            Err(format!("{pid:?}"))
+        })
+    })
+    .expect("the source's frozen copy is removed");
+    std::thread::sleep(Duration::from_secs(2));
+    let c = api.container(&id).expect("get").expect("exists");
+    let inst = the_instance(&c);
+    assert_eq!(inst["restarts"], 0, "{c}");
+    assert_eq!(inst["node_id"], target.as_str(), "{c}");
+    let cc = api.container(&client_id).expect("client").expect("exists");
+    assert_eq!(the_instance(&cc)["restarts"], 0, "client reconnected: {cc}");
+}

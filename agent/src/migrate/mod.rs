@@ -8,6 +8,7 @@ pub const DEFAULT_PORT: u16 = 9752;
 pub mod lazy_relay;
 pub mod link;
 pub mod pages;
+pub mod postcopy;
 pub mod session;
 pub mod transport;
 pub mod wire;

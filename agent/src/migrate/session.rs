@@ -77,7 +77,7 @@ use super::wire::{
 };
 use crate::checkpoint::{
     CheckpointError, Checkpointer, DumpMode, DumpRequest, Metadata, NetworkLock, RestoreReport,
-    RestoreRequest, ResumeRequest, DUMP_LOG,
+    RestoreRequest, ResumeRequest,
 };
 
 /// Batches of page changes queued between the hashing task and the stream (each at most one
@@ -88,25 +88,25 @@ pub const DELTA_QUEUE: usize = 4;
 const APPLY_QUEUE: usize = 4;
 
 /// How long a failing side tries to tell the peer why before giving up on it.
-const ERROR_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const ERROR_GRACE: Duration = Duration::from_secs(2);
 
 /// How long the target waits for the source to close the connection after the verdict, so the
 /// verdict is delivered before the target's side of the connection goes.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Every this many bytes of a file add one [`Timeouts::peer`] to the time it may take.
 const FILE_TIMEOUT_UNIT: u64 = 64 << 20;
 
 /// Top directory of the CRIU images on the files stream.
-const IMAGES_AREA: &str = "images";
+pub(crate) const IMAGES_AREA: &str = "images";
 /// Top directory of the overlay upper dir on the files stream.
-const UPPER_AREA: &str = "upper";
+pub(crate) const UPPER_AREA: &str = "upper";
 /// The target's page store, below its staging dir.
 const STORE_DIR: &str = "store";
 
 /// QUIC application close codes.
-const CLOSE_OK: u32 = 0;
-const CLOSE_FAILED: u32 = 1;
+pub(crate) const CLOSE_OK: u32 = 0;
+pub(crate) const CLOSE_FAILED: u32 = 1;
 
 /// Where a migration stands, as the hub's `MigrationPhase` (the agent converts at the edge).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -618,14 +618,18 @@ impl SessionError {
         }
     }
 
-    fn protocol(phase: Phase, reason: impl Into<String>) -> Self {
+    pub(crate) fn protocol(phase: Phase, reason: impl Into<String>) -> Self {
         SessionError::Protocol {
             phase,
             reason: reason.into(),
         }
     }
 
-    fn io(phase: Phase, op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+    pub(crate) fn io(
+        phase: Phase,
+        op: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(io::Error) -> Self {
         let path = path.to_owned();
         move |source| SessionError::Io {
             phase,
@@ -637,18 +641,22 @@ impl SessionError {
 }
 
 /// Progress of one side, shared by its concurrent parts.
-struct Tracker {
+pub(crate) struct Tracker {
     sink: ProgressSink,
-    counters: Arc<WireCounters>,
+    pub(crate) counters: Arc<WireCounters>,
     source_side: bool,
     phase: AtomicU8,
     rounds: AtomicU32,
     pages: AtomicU64,
-    downtime_ms: AtomicU64,
+    pub(crate) downtime_ms: AtomicU64,
 }
 
 impl Tracker {
-    fn new(sink: &ProgressSink, counters: &Arc<WireCounters>, source_side: bool) -> Self {
+    pub(crate) fn new(
+        sink: &ProgressSink,
+        counters: &Arc<WireCounters>,
+        source_side: bool,
+    ) -> Self {
         Self {
             sink: Arc::clone(sink),
             counters: Arc::clone(counters),
@@ -660,11 +668,11 @@ impl Tracker {
         }
     }
 
-    fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         Phase::from_u8(self.phase.load(Ordering::Relaxed))
     }
 
-    fn enter(&self, phase: Phase) {
+    pub(crate) fn enter(&self, phase: Phase) {
         self.phase.store(phase as u8, Ordering::Relaxed);
         self.report();
     }
@@ -697,7 +705,7 @@ impl Tracker {
 }
 
 /// Runs blocking work off the async threads.
-async fn blocking<T, F>(phase: Phase, f: F) -> Result<T, SessionError>
+pub(crate) async fn blocking<T, F>(phase: Phase, f: F) -> Result<T, SessionError>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T, SessionError> + Send + 'static,
@@ -707,7 +715,7 @@ where
         .map_err(|source| SessionError::Task { phase, source })?
 }
 
-async fn timed<T>(
+pub(crate) async fn timed<T>(
     phase: Phase,
     what: &'static str,
     limit: Duration,
@@ -723,7 +731,7 @@ async fn timed<T>(
     }
 }
 
-async fn send<W: AsyncWrite + Unpin>(
+pub(crate) async fn send<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     frame: &Frame,
     phase: Phase,
@@ -732,7 +740,7 @@ async fn send<W: AsyncWrite + Unpin>(
     timed(phase, "take data", limit, writer.send(frame)).await
 }
 
-async fn flush<W: AsyncWrite + Unpin>(
+pub(crate) async fn flush<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     phase: Phase,
     limit: Duration,
@@ -742,7 +750,7 @@ async fn flush<W: AsyncWrite + Unpin>(
 
 /// The next frame; a clean end of the stream is an error (`what` is what was awaited), and so
 /// is an `Error` frame.
-async fn recv<R: AsyncRead + Unpin>(
+pub(crate) async fn recv<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     phase: Phase,
     what: &'static str,
@@ -759,11 +767,11 @@ async fn recv<R: AsyncRead + Unpin>(
 }
 
 /// Time a file of `bytes` may take on the wire.
-fn file_timeout(peer: Duration, bytes: u64) -> Duration {
+pub(crate) fn file_timeout(peer: Duration, bytes: u64) -> Duration {
     peer.saturating_mul(u32::try_from(1 + bytes / FILE_TIMEOUT_UNIT).unwrap_or(u32::MAX))
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -786,10 +794,10 @@ struct SourceState {
 }
 
 /// One file or tree entry to send after the freeze.
-struct Outgoing {
-    entry: TreeEntry,
-    local: PathBuf,
-    size: u64,
+pub(crate) struct Outgoing {
+    pub(crate) entry: TreeEntry,
+    pub(crate) local: PathBuf,
+    pub(crate) size: u64,
 }
 
 /// Moves the container described by `config` to the target at the other end of `streams`.
@@ -1147,7 +1155,13 @@ where
         flush(control_tx, Phase::Transfer, t.peer).await?;
         Ok::<_, SessionError>(outcome)
     };
-    let files = send_files(files_tx, &dir, config.upper_dir.as_deref(), t.peer);
+    let files = send_files(
+        files_tx,
+        &dir,
+        ImageSet::WithoutPages,
+        config.upper_dir.as_deref(),
+        t.peer,
+    );
     let (outcome, (files, file_bytes)) = tokio::try_join!(pages, files)?;
     state.files = files;
     state.file_bytes = file_bytes;
@@ -1255,10 +1269,21 @@ async fn stream_delta<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Sends the final dump's other images and the upper dir; returns (files, bytes).
-async fn send_files<F: AsyncWrite + Unpin>(
+/// Which of a dump's images travel on the files stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ImageSet {
+    /// All but the page images (pre-copy: the pages went as deltas).
+    WithoutPages,
+    /// All of them (a lazy dump: its page images hold the pages that are not lazy, and the
+    /// pagemaps say which are).
+    All,
+}
+
+/// Sends the dump's images (`set`) and the upper dir; returns (files, bytes).
+pub(crate) async fn send_files<F: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<F>,
     images_dir: &Path,
+    set: ImageSet,
     upper_dir: Option<&Path>,
     peer: Duration,
 ) -> Result<(u64, u64), SessionError> {
@@ -1267,7 +1292,7 @@ async fn send_files<F: AsyncWrite + Unpin>(
         let images_dir = images_dir.to_owned();
         let upper_dir = upper_dir.map(Path::to_owned);
         blocking(phase, move || {
-            let mut outgoing = scan_images(&images_dir, phase)?;
+            let mut outgoing = scan_images(&images_dir, set, phase)?;
             if let Some(upper) = upper_dir {
                 outgoing.extend(scan_tree(&upper, phase)?);
             }
@@ -1304,8 +1329,12 @@ async fn send_files<F: AsyncWrite + Unpin>(
     Ok((files, bytes))
 }
 
-/// The dump's files that are not page images (nor CRIU's log), as `images/<name>`.
-fn scan_images(dir: &Path, phase: Phase) -> Result<Vec<Outgoing>, SessionError> {
+/// The dump's images (`set`; never CRIU's logs), as `images/<name>`.
+pub(crate) fn scan_images(
+    dir: &Path,
+    set: ImageSet,
+    phase: Phase,
+) -> Result<Vec<Outgoing>, SessionError> {
     let read = std::fs::read_dir(dir).map_err(SessionError::io(phase, "list", dir))?;
     let mut names = Vec::new();
     for entry in read {
@@ -1318,7 +1347,8 @@ fn scan_images(dir: &Path, phase: Phase) -> Result<Vec<Outgoing>, SessionError> 
                 phase,
                 path: path.clone(),
             })?;
-        if pages::is_page_image(&name) || name == DUMP_LOG {
+        if (set == ImageSet::WithoutPages && pages::is_page_image(&name)) || name.ends_with(".log")
+        {
             continue;
         }
         names.push((name, path));
@@ -1329,11 +1359,8 @@ fn scan_images(dir: &Path, phase: Phase) -> Result<Vec<Outgoing>, SessionError> 
         let meta =
             std::fs::symlink_metadata(&path).map_err(SessionError::io(phase, "stat", &path))?;
         if !meta.is_file() {
-            return Err(SessionError::SpecialFile {
-                phase,
-                path,
-                kind: file_kind(&meta),
-            });
+            // CRIU's own sockets and directories are no images.
+            continue;
         }
         out.push(Outgoing {
             entry: TreeEntry {
@@ -1352,7 +1379,7 @@ fn scan_images(dir: &Path, phase: Phase) -> Result<Vec<Outgoing>, SessionError> 
 }
 
 /// Every entry of the tree at `root` as `upper/…`, parents before children, names sorted.
-fn scan_tree(root: &Path, phase: Phase) -> Result<Vec<Outgoing>, SessionError> {
+pub(crate) fn scan_tree(root: &Path, phase: Phase) -> Result<Vec<Outgoing>, SessionError> {
     let meta = std::fs::symlink_metadata(root).map_err(SessionError::io(phase, "stat", root))?;
     if !meta.is_dir() {
         return Err(SessionError::SpecialFile {
@@ -1543,10 +1570,10 @@ async fn remove_dirs(dirs: Vec<PathBuf>) {
 // ------------------------------------------------------------------------------------------
 
 /// Disk the migration may use on the target.
-struct Budget {
-    limit: u64,
-    pages: AtomicU64,
-    files: AtomicU64,
+pub(crate) struct Budget {
+    pub(crate) limit: u64,
+    pub(crate) pages: AtomicU64,
+    pub(crate) files: AtomicU64,
 }
 
 impl Budget {
@@ -1567,9 +1594,9 @@ impl Budget {
 }
 
 /// The staging dir, removed on drop (failure or cancellation) unless kept.
-struct Staging {
-    dir: PathBuf,
-    armed: bool,
+pub(crate) struct Staging {
+    pub(crate) dir: PathBuf,
+    pub(crate) armed: bool,
 }
 
 impl Drop for Staging {
@@ -1595,10 +1622,10 @@ struct TargetState {
 
 /// What the files stream brought.
 #[derive(Default)]
-struct FilesReceived {
-    files: u64,
-    bytes: u64,
-    upper: bool,
+pub(crate) struct FilesReceived {
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
+    pub(crate) upper: bool,
 }
 
 /// Receives the migration the hub ordered (`config`) from the source at the other end of
@@ -1868,7 +1895,7 @@ where
     })
 }
 
-fn check_hello(config: &TargetConfig, frame: Frame) -> Result<(), SessionError> {
+pub(crate) fn check_hello(config: &TargetConfig, frame: Frame) -> Result<(), SessionError> {
     let Frame::Hello(hello) = frame else {
         return Err(SessionError::protocol(
             Phase::Prepare,
@@ -1961,7 +1988,7 @@ async fn receive_pages<R: AsyncRead + Unpin>(
 }
 
 /// Receives the files stream's entries into the staging dir.
-async fn receive_files<F: AsyncRead + Unpin>(
+pub(crate) async fn receive_files<F: AsyncRead + Unpin>(
     reader: &mut FrameReader<F>,
     config: &TargetConfig,
     budget: &Budget,

@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 use super::*;
+use crate::checkpoint::DUMP_LOG;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

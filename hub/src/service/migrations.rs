@@ -535,12 +535,7 @@ fn parse_mode(mode: &str) -> Result<&'static str, ServiceError> {
         "" | "auto" => Ok("auto"),
         "precopy" => Ok("precopy"),
         "stopcopy" => Ok("stopcopy"),
-        // Lazy pages are not carried by the nodes' migration session yet: say so rather than
-        // quietly copying ahead.
-        "postcopy" => Err(ServiceError::invalid(
-            "mode",
-            "postcopy is not available yet: use precopy, stopcopy or auto",
-        )),
+        "postcopy" => Ok("postcopy"),
         other => Err(ServiceError::invalid(
             "mode",
             format!("{other:?} is not one of auto, precopy, postcopy, stopcopy"),

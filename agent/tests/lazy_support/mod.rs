@@ -1,0 +1,135 @@
+//! What the lazy-pages tests share (checkpoint_lazy.rs, postcopy.rs): a busybox container whose
+//! memory must come back whole, and the target's side of a restore.
+#![allow(dead_code)] // each test binary uses its own part
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
+use std::io::Read;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_agent::checkpoint::{Checkpointer, Criu};
+
+use crate::runtime_support::{self, Fixture};
+
+/// 8 MB of 'x' in a shell variable (memory the lazy pages must bring back: `${#big}` reads
+/// all of it, and a page arriving as zeroes would cut it short), a counter mirrored to /tmp/c,
+/// and `tick N len L` every 10 counts.
+pub const COUNTER: &str = "big=$(head -c 8000000 /dev/zero | tr '\\0' x); echo ready; i=0; \
+                       while true; do i=$((i+1)); echo $i > /tmp/c; \
+                       [ $((i % 10)) -eq 0 ] && echo tick $i len ${#big}; sleep 0.1; done";
+
+/// States what these tests need.
+pub fn require_lazy_pages() -> Criu {
+    let criu = runtime_support::require_criu();
+    let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size").unwrap();
+    assert!(
+        max.trim().parse::<u64>().unwrap() >= 4_194_304,
+        "lazy pages need sysctl fs.pipe-max-size=4194304 (cargo xtask install sets it)"
+    );
+    assert!(
+        criu.features().unwrap().lazy_pages,
+        "lazy pages need userfaultfd"
+    );
+    criu
+}
+
+/// A busybox fixture whose rootfs also has `head` and `tr`.
+pub fn fixture() -> Fixture {
+    let f = Fixture::with_helper();
+    for applet in ["head", "tr"] {
+        symlink("busybox", f.rootfs.join("bin").join(applet)).unwrap();
+    }
+    f
+}
+
+pub fn counter(rootfs: &Path) -> u64 {
+    // The shell rewrites the file every 100 ms: retry a torn read.
+    for _ in 0..50 {
+        if let Ok(n) = std::fs::read_to_string(rootfs.join("tmp/c"))
+            .unwrap_or_default()
+            .trim()
+            .parse()
+        {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no counter in {}", rootfs.display());
+}
+
+/// The target's copy of the files (a migration carries the upper dir separately).
+pub fn copy_rootfs(f: &Fixture, name: &str) -> PathBuf {
+    let to = f.dir.path().join(name);
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(&f.rootfs)
+        .arg(&to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp -a rootfs");
+    to.canonicalize().unwrap()
+}
+
+/// Collects what is written to a pipe's write end (returned) into a string.
+pub struct PipeReader {
+    output: Arc<Mutex<String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PipeReader {
+    pub fn new() -> (Self, std::os::fd::OwnedFd) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        let thread = {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                let mut file = std::fs::File::from(r);
+                let mut buf = [0u8; 256];
+                while let Ok(n) = file.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        (
+            Self {
+                output,
+                thread: Some(thread),
+            },
+            w,
+        )
+    }
+
+    pub fn text(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+}
+
+impl Drop for PipeReader {
+    fn drop(&mut self) {
+        // The writers are gone once the restored tree is; the thread then sees EOF.
+        if let Some(t) = self.thread.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// `(count, len)` of the first `tick N len L` line.
+pub fn first_tick(out: &str) -> Option<(u64, u64)> {
+    out.lines().find_map(|l| {
+        let rest = l.strip_prefix("tick ")?;
+        let (n, len) = rest.split_once(" len ")?;
+        Some((n.trim().parse().ok()?, len.trim().parse().ok()?))
+    })
+}
