@@ -38,16 +38,21 @@ fn the_instance(c: &Value) -> Value {
     all[0].clone()
 }
 
-#[test]
-fn a_running_container_moves_with_its_memory_files_address_and_connections() {
-    let cluster = Cluster::builder()
-        .nodes(3)
-        .start()
-        .expect("starting the cluster");
-    let api = cluster.api().clone();
-    let net = api
-        .create_network("moving", "10.30.0.0/16")
-        .expect("network create");
+/// A counter container with a client container holding a TCP connection to it, and the node it
+/// is to move to (a third one when the client does not share the counter's node).
+struct Moving {
+    id: String,
+    iid: String,
+    source: String,
+    ip: String,
+    client_id: String,
+    target: String,
+}
+
+/// Deploys the counter and its client on `network` and waits until data crosses the connection.
+fn counter_with_a_client(cluster: &Cluster, network: &str, cidr: &str) -> Moving {
+    let api = cluster.api();
+    let net = api.create_network(network, cidr).expect("network create");
     let id = api
         .create_container(&json!({
             "name": "counter", "image": cluster.demo_image(), "cpu": "0.2", "memory": "64MB",
@@ -57,12 +62,7 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
     let c = api
         .wait_running(&id, 1, Duration::from_secs(90))
         .expect("the counter runs");
-    let (_, source, ip) = placements(&c)[0].clone();
-    let iid = the_instance(&c)["instance_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-
+    let (iid, source, ip) = placements(&c)[0].clone();
     let client_id = api
         .create_container(&json!({
             "name": "client", "image": cluster.demo_image(), "cpu": "0.1", "memory": "32MB",
@@ -73,7 +73,6 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
         .wait_running(&client_id, 1, Duration::from_secs(90))
         .expect("the client runs");
     let client_node = placements(&cc)[0].1.clone();
-    // The target: a third node when the client sits on another node than the counter.
     let target = cluster
         .node_ids()
         .iter()
@@ -81,27 +80,122 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
         .or_else(|| cluster.node_ids().iter().find(|n| **n != source))
         .cloned()
         .expect("another node");
-
-    let received = |node: &str| get_number(&cluster, node, &ip, "received");
+    let moving = Moving {
+        id,
+        iid,
+        source,
+        ip,
+        client_id,
+        target,
+    };
+    let source = moving.source.clone();
     wait_for(
         "data over the client's connection",
         Duration::from_secs(20),
         || {
-            Ok(match received(&source) {
+            Ok(match moving.received(cluster, &source) {
                 Ok(n) if n > 5 => Ok(n),
                 other => Err(format!("{other:?}")),
             })
         },
     )
     .expect("the client's connection carries data");
-    let count_before = get_number(&cluster, &source, &ip, "count").expect("count");
+    moving
+}
 
-    let mid = migrate(&api, &id, json!({ "target_node": target }));
+impl Moving {
+    fn count(&self, cluster: &Cluster, node: &str) -> anyhow::Result<u64> {
+        get_number(cluster, node, &self.ip, "count")
+    }
+
+    fn received(&self, cluster: &Cluster, node: &str) -> anyhow::Result<u64> {
+        get_number(cluster, node, &self.ip, "received")
+    }
+
+    /// After a move to `node`: the same replica with the same address runs there, never restarted;
+    /// its counter went on from at least `before` and goes on; the client's connection carries data
+    /// and the client never reconnected. Returns the counter seen there.
+    fn check_moved(&self, cluster: &Cluster, node: &str, before: u64) -> u64 {
+        let api = cluster.api();
+        let c = api
+            .wait_running(&self.id, 1, Duration::from_secs(30))
+            .expect("still running");
+        let inst = the_instance(&c);
+        assert_eq!(inst["instance_id"], self.iid.as_str());
+        assert_eq!(inst["node_id"], node, "{c}");
+        assert_eq!(inst["ip"], self.ip.as_str());
+        assert_eq!(inst["restarts"], 0, "{c}");
+        let after = wait_for(
+            "the counter where it moved",
+            Duration::from_secs(10),
+            || Ok(self.count(cluster, node).map_err(|e| format!("{e:#}"))),
+        )
+        .expect("the counter is served where it moved");
+        assert!(
+            after >= before,
+            "counter reset: {before} before, {after} after"
+        );
+        wait_for("the counter to go on", Duration::from_secs(10), || {
+            let n = self.count(cluster, node)?;
+            Ok(if n > after {
+                Ok(())
+            } else {
+                Err(n.to_string())
+            })
+        })
+        .expect("the counter goes on");
+        let got = self.received(cluster, node).expect("received");
+        wait_for(
+            "more data over the same connection",
+            Duration::from_secs(15),
+            || {
+                let n = self.received(cluster, node)?;
+                Ok(if n > got + 5 {
+                    Ok(())
+                } else {
+                    Err(n.to_string())
+                })
+            },
+        )
+        .expect("the connection carries data after the move");
+        let cc = api
+            .container(&self.client_id)
+            .expect("client")
+            .expect("exists");
+        assert_eq!(the_instance(&cc)["restarts"], 0, "client reconnected: {cc}");
+        after
+    }
+
+    /// Waits until nothing of the replica runs on `node` any more.
+    fn wait_gone_from(&self, cluster: &Cluster, node: &str) {
+        wait_for("the old copy to go", Duration::from_secs(30), || {
+            let pid = cluster.init_pid(node, &self.iid);
+            Ok(if pid.is_none() {
+                Ok(())
+            } else {
+                Err(format!("{pid:?}"))
+            })
+        })
+        .expect("the old, frozen copy is removed");
+    }
+}
+
+#[test]
+fn a_running_container_moves_with_its_memory_files_address_and_connections() {
+    let cluster = Cluster::builder()
+        .nodes(3)
+        .start()
+        .expect("starting the cluster");
+    let api = cluster.api().clone();
+    let m = counter_with_a_client(&cluster, "moving", "10.30.0.0/16");
+    let count_before = m.count(&cluster, &m.source).expect("count");
+
+    let mid = migrate(&api, &m.id, json!({ "target_node": m.target }));
     // A second request for the same replica while it moves is a conflict.
     let again = api
         .post(
-            &format!("/v1/containers/{id}/migrate"),
-            &json!({ "target_node": target }),
+            &format!("/v1/containers/{}/migrate", m.id),
+            &json!({ "target_node": m.target }),
         )
         .expect("second migrate request");
     assert_eq!(again.status, 409, "second request: {}", again.text);
@@ -109,77 +203,21 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
     let job = wait_completed(&api, &mid);
     eprintln!("migration: {job}");
     assert_eq!(job["status"], "COMPLETED");
-    assert_eq!(job["source_node"], source.as_str());
-    assert_eq!(job["target_node"], target.as_str());
-    assert_eq!(job["instance_id"], iid.as_str());
+    assert_eq!(job["source_node"], m.source.as_str());
+    assert_eq!(job["target_node"], m.target.as_str());
+    assert_eq!(job["instance_id"], m.iid.as_str());
     assert_eq!(job["phase"], "DONE");
     assert!(job["rounds"].as_u64().unwrap_or(0) >= 1, "{job}");
     assert!(job["bytes_sent"].as_u64().unwrap_or(0) > 0, "{job}");
-
-    // Same replica, same address, on the target, not restarted.
-    let c = api
-        .wait_running(&id, 1, Duration::from_secs(30))
-        .expect("still running");
-    let inst = the_instance(&c);
-    assert_eq!(inst["instance_id"], iid.as_str());
-    assert_eq!(inst["node_id"], target.as_str(), "{c}");
-    assert_eq!(inst["ip"], ip.as_str());
-    assert_eq!(inst["restarts"], 0, "{c}");
-
-    // The counter went on from where it was (memory came along), and goes on.
-    let count_after = wait_for("the counter on the target", Duration::from_secs(10), || {
-        Ok(get_number(&cluster, &target, &ip, "count").map_err(|e| format!("{e:#}")))
-    })
-    .expect("the target serves the counter");
-    assert!(
-        count_after >= count_before,
-        "counter reset: {count_before} before, {count_after} after"
-    );
-    wait_for("the counter to go on", Duration::from_secs(10), || {
-        let n = get_number(&cluster, &target, &ip, "count")?;
-        Ok(if n > count_after {
-            Ok(())
-        } else {
-            Err(n.to_string())
-        })
-    })
-    .expect("the counter goes on");
-
-    // The client's connection survived: more data arrives, and the client never restarted.
-    let got = received(&target).expect("received on the target");
-    wait_for(
-        "more data over the same connection",
-        Duration::from_secs(15),
-        || {
-            let n = received(&target)?;
-            Ok(if n > got + 5 {
-                Ok(())
-            } else {
-                Err(n.to_string())
-            })
-        },
-    )
-    .expect("the connection carries data after the move");
-    let cc = api.container(&client_id).expect("client").expect("exists");
-    assert_eq!(the_instance(&cc)["restarts"], 0, "client reconnected: {cc}");
-
-    // Nothing of it is left on the source.
-    wait_for("the source copy to go", Duration::from_secs(30), || {
-        let pid = cluster.init_pid(&source, &iid);
-        Ok(if pid.is_none() {
-            Ok(())
-        } else {
-            Err(format!("{pid:?}"))
-        })
-    })
-    .expect("the source's frozen copy is removed");
+    let count_after = m.check_moved(&cluster, &m.target, count_before);
+    m.wait_gone_from(&cluster, &m.source);
 
     // And back, as stop-and-copy (one dump of the frozen container, nothing ahead of it): the
     // same guarantees, in one round.
     let back = migrate(
         &api,
-        &id,
-        json!({ "target_node": source, "mode": "stopcopy" }),
+        &m.id,
+        json!({ "target_node": m.source, "mode": "stopcopy" }),
     );
     let job = wait_completed(&api, &back);
     eprintln!("stop-and-copy back: {job}");
@@ -187,38 +225,11 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
         (job["mode"].as_str(), job["rounds"].as_u64()),
         (Some("stopcopy"), Some(1))
     );
-    let c = api.container(&id).expect("get").expect("exists");
-    let inst = the_instance(&c);
-    assert_eq!(
-        (inst["node_id"].as_str(), inst["ip"].as_str()),
-        (Some(source.as_str()), Some(ip.as_str()))
-    );
-    assert_eq!(inst["restarts"], 0, "{c}");
-    let count_back = get_number(&cluster, &source, &ip, "count").expect("count on the source");
-    assert!(
-        count_back >= count_after,
-        "counter reset: {count_after} → {count_back}"
-    );
-    let got = received(&source).expect("received");
-    wait_for(
-        "data over the same connection, back home",
-        Duration::from_secs(15),
-        || {
-            let n = received(&source)?;
-            Ok(if n > got + 5 {
-                Ok(())
-            } else {
-                Err(n.to_string())
-            })
-        },
-    )
-    .expect("the connection survives the second move too");
-    let cc = api.container(&client_id).expect("client").expect("exists");
-    assert_eq!(the_instance(&cc)["restarts"], 0, "client reconnected: {cc}");
+    m.check_moved(&cluster, &m.source, count_after);
 
     // Both jobs are listed for the container.
     let list = api
-        .get(&format!("/v1/migrations?container={id}"))
+        .get(&format!("/v1/migrations?container={}", m.id))
         .expect("list")
         .body;
     let ids: Vec<&str> = list["migrations"]
@@ -525,120 +536,32 @@ fn a_postcopy_migration_runs_the_container_on_the_target_before_its_memory_arriv
         .start()
         .expect("starting the cluster");
     let api = cluster.api().clone();
-    let net = api
-        .create_network("lazy", "10.31.0.0/16")
-        .expect("network create");
-    let id = api
-        .create_container(&json!({
-            "name": "counter", "image": cluster.demo_image(), "cpu": "0.2", "memory": "64MB",
-            "network_id": net["network_id"], "command": ["sh", "-c", COUNTER],
-        }))
-        .expect("deploy the counter");
-    let c = api
-        .wait_running(&id, 1, Duration::from_secs(90))
-        .expect("the counter runs");
-    let (_, source, ip) = placements(&c)[0].clone();
-    let iid = the_instance(&c)["instance_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let client_id = api
-        .create_container(&json!({
-            "name": "client", "image": cluster.demo_image(), "cpu": "0.1", "memory": "32MB",
-            "network_id": net["network_id"], "command": ["sh", "-c", client(&ip)],
-        }))
-        .expect("deploy the client");
-    let cc = api
-        .wait_running(&client_id, 1, Duration::from_secs(90))
-        .expect("the client runs");
-    let client_node = placements(&cc)[0].1.clone();
-    let target = cluster
-        .node_ids()
-        .iter()
-        .find(|n| **n != source && **n != client_node)
-        .or_else(|| cluster.node_ids().iter().find(|n| **n != source))
-        .cloned()
-        .expect("another node");
-    let received = |node: &str| get_number(&cluster, node, &ip, "received");
-    wait_for(
-        "data over the client's connection",
-        Duration::from_secs(20),
-        || {
-            Ok(match received(&source) {
-                Ok(n) if n > 5 => Ok(n),
-                other => Err(format!("{other:?}")),
-            })
-        },
-    )
-    .expect("the client's connection carries data");
-    let count_before = get_number(&cluster, &source, &ip, "count").expect("count");
+    let m = counter_with_a_client(&cluster, "lazy", "10.31.0.0/16");
+    let count_before = m.count(&cluster, &m.source).expect("count");
 
     let mid = migrate(
         &api,
-        &id,
-        json!({ "target_node": target, "mode": "postcopy" }),
+        &m.id,
+        json!({ "target_node": m.target, "mode": "postcopy" }),
     );
     let job = wait_completed(&api, &mid);
     eprintln!("post-copy migration: {job}");
     assert_eq!(job["status"], "COMPLETED");
     assert_eq!(job["mode"], "postcopy");
-    assert_eq!(job["target_node"], target.as_str());
+    assert_eq!(job["target_node"], m.target.as_str());
     assert_eq!(job["phase"], "DONE");
-
-    let c = api
-        .wait_running(&id, 1, Duration::from_secs(30))
-        .expect("still running");
-    let inst = the_instance(&c);
-    assert_eq!(inst["instance_id"], iid.as_str());
-    assert_eq!(inst["node_id"], target.as_str(), "{c}");
-    assert_eq!(inst["ip"], ip.as_str());
-    let count_after = wait_for("the counter on the target", Duration::from_secs(10), || {
-        Ok(get_number(&cluster, &target, &ip, "count").map_err(|e| format!("{e:#}")))
-    })
-    .expect("the target serves the counter");
-    assert!(
-        count_after >= count_before,
-        "counter reset: {count_before} before, {count_after} after"
-    );
-    wait_for("the counter to go on", Duration::from_secs(10), || {
-        let n = get_number(&cluster, &target, &ip, "count")?;
-        Ok(if n > count_after {
-            Ok(())
-        } else {
-            Err(n.to_string())
-        })
-    })
-    .expect("the counter goes on");
-    let got = received(&target).expect("received on the target");
-    wait_for(
-        "more data over the same connection",
-        Duration::from_secs(15),
-        || {
-            let n = received(&target)?;
-            Ok(if n > got + 5 {
-                Ok(())
-            } else {
-                Err(n.to_string())
-            })
-        },
-    )
-    .expect("the connection carries data after the move");
+    m.check_moved(&cluster, &m.target, count_before);
     // Every page arrived (else the target would have killed its copy) and the source's frozen
     // copy, the page server's, is gone.
-    wait_for("the source copy to go", Duration::from_secs(30), || {
-        let pid = cluster.init_pid(&source, &iid);
-        Ok(if pid.is_none() {
-            Ok(())
-        } else {
-            Err(format!("{pid:?}"))
-        })
-    })
-    .expect("the source's frozen copy is removed");
+    m.wait_gone_from(&cluster, &m.source);
     std::thread::sleep(Duration::from_secs(2));
-    let c = api.container(&id).expect("get").expect("exists");
+    let c = api.container(&m.id).expect("get").expect("exists");
     let inst = the_instance(&c);
     assert_eq!(inst["restarts"], 0, "{c}");
-    assert_eq!(inst["node_id"], target.as_str(), "{c}");
-    let cc = api.container(&client_id).expect("client").expect("exists");
+    assert_eq!(inst["node_id"], m.target.as_str(), "{c}");
+    let cc = api
+        .container(&m.client_id)
+        .expect("client")
+        .expect("exists");
     assert_eq!(the_instance(&cc)["restarts"], 0, "client reconnected: {cc}");
 }

@@ -45,10 +45,10 @@ use tracing::Instrument;
 
 use super::lazy_relay::{RelayCounters, SourceRelay, TargetRelay};
 use super::session::{
-    blocking, check_hello, flush, millis, receive_files, recv, scan_tree, send, send_files, Budget,
-    ImageSet, Phase, ProgressSink, Received, SessionError, SourceConfig, Staging, TargetConfig,
-    TargetHost, TargetOutcome, Tracker, CLOSE_FAILED, CLOSE_GRACE, CLOSE_OK, ERROR_GRACE,
-    IMAGES_AREA,
+    accept_hellos_and_stage, blocking, flush, millis, receive_files, recv, scan_tree, send,
+    send_files, Budget, ImageSet, Phase, ProgressSink, Received, SessionError, SourceConfig,
+    Staging, TargetConfig, TargetHost, TargetOutcome, Tracker, CLOSE_FAILED, CLOSE_GRACE, CLOSE_OK,
+    ERROR_GRACE, IMAGES_AREA,
 };
 use super::wire::{Frame, FrameReader, FrameWriter, Hello, Restored, WireCounters};
 use crate::checkpoint::lazy::{LazyDump, LazyDumpRequest, LazyPages, LazyPagesRequest};
@@ -663,32 +663,7 @@ where
 {
     let t = config.timeouts;
     tracker.enter(Phase::Prepare);
-    let frame = recv(control_rx, Phase::Prepare, "send its hello", t.handshake).await?;
-    check_hello(config, frame)?;
-    let frame = recv(files_rx, Phase::Prepare, "send its hello", t.handshake).await?;
-    check_hello(config, frame)?;
-
-    let staging_dir = config.staging_dir.clone();
-    let staging = blocking(Phase::Prepare, move || {
-        let phase = Phase::Prepare;
-        if let Some(parent) = staging_dir.parent() {
-            std::fs::create_dir_all(parent).map_err(SessionError::io(phase, "create", parent))?;
-        }
-        std::fs::create_dir(&staging_dir).map_err(SessionError::io(
-            phase,
-            "create staging dir",
-            &staging_dir,
-        ))?;
-        let staging = Staging {
-            dir: staging_dir.clone(),
-            armed: true,
-        };
-        let images = staging_dir.join(IMAGES_AREA);
-        std::fs::create_dir(&images).map_err(SessionError::io(phase, "create", &images))?;
-        Ok(staging)
-    })
-    .await?;
-    state.staging = Some(staging);
+    state.staging = Some(accept_hellos_and_stage(config, control_rx, files_rx).await?);
     let images_dir = config.staging_dir.join(IMAGES_AREA);
 
     send(control_tx, &Frame::Ready, Phase::Prepare, t.handshake).await?;

@@ -1700,6 +1700,44 @@ where
     }
 }
 
+/// The target's opening, in either mode: both hellos checked against the order, then the staging
+/// dir (and its images area) made; removed again when the returned guard is dropped armed.
+pub(crate) async fn accept_hellos_and_stage<R, F>(
+    config: &TargetConfig,
+    control_rx: &mut FrameReader<R>,
+    files_rx: &mut FrameReader<F>,
+) -> Result<Staging, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    F: AsyncRead + Unpin + Send,
+{
+    let t = config.timeouts;
+    let frame = recv(control_rx, Phase::Prepare, "send its hello", t.handshake).await?;
+    check_hello(config, frame)?;
+    let frame = recv(files_rx, Phase::Prepare, "send its hello", t.handshake).await?;
+    check_hello(config, frame)?;
+    let staging_dir = config.staging_dir.clone();
+    blocking(Phase::Prepare, move || {
+        let phase = Phase::Prepare;
+        if let Some(parent) = staging_dir.parent() {
+            std::fs::create_dir_all(parent).map_err(SessionError::io(phase, "create", parent))?;
+        }
+        std::fs::create_dir(&staging_dir).map_err(SessionError::io(
+            phase,
+            "create staging dir",
+            &staging_dir,
+        ))?;
+        let staging = Staging {
+            dir: staging_dir.clone(),
+            armed: true,
+        };
+        let images = staging_dir.join(IMAGES_AREA);
+        std::fs::create_dir(&images).map_err(SessionError::io(phase, "create", &images))?;
+        Ok(staging)
+    })
+    .await
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn target_exchange<C, H, R, W, F>(
     checkpointer: &Arc<C>,
@@ -1720,35 +1758,15 @@ where
 {
     let t = config.timeouts;
     tracker.enter(Phase::Prepare);
-    let frame = recv(control_rx, Phase::Prepare, "send its hello", t.handshake).await?;
-    check_hello(config, frame)?;
-    let frame = recv(files_rx, Phase::Prepare, "send its hello", t.handshake).await?;
-    check_hello(config, frame)?;
-
+    state.staging = Some(accept_hellos_and_stage(config, control_rx, files_rx).await?);
     let staging_dir = config.staging_dir.clone();
     let store = blocking(Phase::Prepare, move || {
-        let phase = Phase::Prepare;
-        if let Some(parent) = staging_dir.parent() {
-            std::fs::create_dir_all(parent).map_err(SessionError::io(phase, "create", parent))?;
-        }
-        std::fs::create_dir(&staging_dir).map_err(SessionError::io(
-            phase,
-            "create staging dir",
-            &staging_dir,
-        ))?;
-        let staging = Staging {
-            dir: staging_dir.clone(),
-            armed: true,
-        };
-        let images = staging_dir.join(IMAGES_AREA);
-        std::fs::create_dir(&images).map_err(SessionError::io(phase, "create", &images))?;
-        let store = PageStore::create(&staging_dir.join(STORE_DIR))
-            .map_err(|source| SessionError::Pages { phase, source })?;
-        Ok((staging, store))
+        PageStore::create(&staging_dir.join(STORE_DIR)).map_err(|source| SessionError::Pages {
+            phase: Phase::Prepare,
+            source,
+        })
     })
     .await?;
-    let (staging, store) = store;
-    state.staging = Some(staging);
     let images_dir = config.staging_dir.join(IMAGES_AREA);
 
     send(control_tx, &Frame::Ready, Phase::Prepare, t.handshake).await?;
