@@ -34,7 +34,6 @@
 //! copies.
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,16 +44,14 @@ use tracing::Instrument;
 
 use super::lazy_relay::{RelayCounters, SourceRelay, TargetRelay};
 use super::session::{
-    accept_hellos_and_stage, blocking, flush, millis, receive_files, recv, scan_tree, send,
-    send_files, Budget, ImageSet, Phase, ProgressSink, Received, SessionError, SourceConfig,
-    Staging, TargetConfig, TargetHost, TargetOutcome, Tracker, CLOSE_FAILED, CLOSE_GRACE, CLOSE_OK,
-    ERROR_GRACE, IMAGES_AREA,
+    accept_hellos_and_stage, adopt_and_answer, blocking, flush, millis, receive_files, recv,
+    scan_tree, send, send_files, Budget, ImageSet, Phase, ProgressSink, Received, SessionError,
+    SourceConfig, Staging, TargetConfig, TargetHost, TargetOutcome, Tracker, CLOSE_FAILED,
+    CLOSE_GRACE, CLOSE_OK, ERROR_GRACE, IMAGES_AREA,
 };
 use super::wire::{Frame, FrameReader, FrameWriter, Hello, Restored, WireCounters};
 use crate::checkpoint::lazy::{LazyDump, LazyDumpRequest, LazyPages, LazyPagesRequest};
-use crate::checkpoint::{
-    Checkpointer, Criu, DumpMode, Metadata, NetworkLock, RestoreRequest, ResumeRequest,
-};
+use crate::checkpoint::{Checkpointer, Criu, DumpMode, Metadata, NetworkLock, ResumeRequest};
 
 /// How long the source serves pages and the target waits for them once the target runs the
 /// container (background fetching moves hundreds of MiB a second here).
@@ -739,21 +736,8 @@ where
                     ready_timeout: READY_TIMEOUT,
                 })
                 .map_err(checkpoint("lazy-pages"))?;
-            let [a, b, c] = &plan.stdio;
-            let req = RestoreRequest {
-                images_dir,
-                rootfs: plan.rootfs.clone(),
-                netns: plan.netns.clone(),
-                stdio: [
-                    a.as_ref().map(AsFd::as_fd),
-                    b.as_ref().map(AsFd::as_fd),
-                    c.as_ref().map(AsFd::as_fd),
-                ],
-                cgroup_root: plan.cgroup_root.clone(),
-                external_mounts: plan.external_mounts.clone(),
-                tcp_established: plan.tcp_established,
-                timeout: plan.timeout.min(LAZY_RESTORE_TIMEOUT),
-            };
+            let mut req = plan.request(images_dir);
+            req.timeout = req.timeout.min(LAZY_RESTORE_TIMEOUT);
             let report = criu
                 .restore_lazy(&req, &pages)
                 .map_err(checkpoint("restore"))?;
@@ -765,23 +749,14 @@ where
     let restore_ms = millis(restore_started.elapsed());
 
     tracker.enter(Phase::Switch);
-    let started = Instant::now();
-    host.adopt(&report)
-        .await
-        .map_err(|source| SessionError::Hook {
-            phase: Phase::Switch,
-            hook: "adopt",
-            source,
-        })?;
     let timings = Restored {
         pid: u32::try_from(report.pid).unwrap_or(0),
         images_ms: 0,
         prepare_ms,
         restore_ms,
-        adopt_ms: millis(started.elapsed()),
+        adopt_ms: 0,
     };
-    send(control_tx, &Frame::Restored(timings), Phase::Switch, t.peer).await?;
-    flush(control_tx, Phase::Switch, t.peer).await?;
+    let timings = adopt_and_answer(host, &report, timings, control_tx, t.peer).await?;
     tracing::info!(
         pid = report.pid,
         prepare_ms,

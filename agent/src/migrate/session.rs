@@ -1700,6 +1700,54 @@ where
     }
 }
 
+impl RestorePlan {
+    /// The CRIU restore this plan asks for, from the images in `images_dir`.
+    pub(crate) fn request(&self, images_dir: PathBuf) -> RestoreRequest<'_> {
+        let [a, b, c] = &self.stdio;
+        RestoreRequest {
+            images_dir,
+            rootfs: self.rootfs.clone(),
+            netns: self.netns.clone(),
+            stdio: [
+                a.as_ref().map(AsFd::as_fd),
+                b.as_ref().map(AsFd::as_fd),
+                c.as_ref().map(AsFd::as_fd),
+            ],
+            cgroup_root: self.cgroup_root.clone(),
+            external_mounts: self.external_mounts.clone(),
+            tcp_established: self.tcp_established,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The target's close, in either mode: the host adopts the restored container, then the source
+/// hears `Restored` with `timings` (their adoption time filled in here).
+pub(crate) async fn adopt_and_answer<H, W>(
+    host: &H,
+    report: &RestoreReport,
+    mut timings: Restored,
+    control_tx: &mut FrameWriter<W>,
+    peer: Duration,
+) -> Result<Restored, SessionError>
+where
+    H: TargetHost,
+    W: AsyncWrite + Unpin + Send,
+{
+    let started = Instant::now();
+    host.adopt(report)
+        .await
+        .map_err(|source| SessionError::Hook {
+            phase: Phase::Switch,
+            hook: "adopt",
+            source,
+        })?;
+    timings.adopt_ms = millis(started.elapsed());
+    send(control_tx, &Frame::Restored(timings), Phase::Switch, peer).await?;
+    flush(control_tx, Phase::Switch, peer).await?;
+    Ok(timings)
+}
+
 /// The target's opening, in either mode: both hellos checked against the order, then the staging
 /// dir (and its images area) made; removed again when the returned guard is dropped armed.
 pub(crate) async fn accept_hellos_and_stage<R, F>(
@@ -1835,23 +1883,8 @@ where
         let checkpointer = Arc::clone(checkpointer);
         let images_dir = images_dir.clone();
         blocking(Phase::Restore, move || {
-            let [a, b, c] = &plan.stdio;
-            let req = RestoreRequest {
-                images_dir,
-                rootfs: plan.rootfs.clone(),
-                netns: plan.netns.clone(),
-                stdio: [
-                    a.as_ref().map(AsFd::as_fd),
-                    b.as_ref().map(AsFd::as_fd),
-                    c.as_ref().map(AsFd::as_fd),
-                ],
-                cgroup_root: plan.cgroup_root.clone(),
-                external_mounts: plan.external_mounts.clone(),
-                tcp_established: plan.tcp_established,
-                timeout: plan.timeout,
-            };
             checkpointer
-                .restore(&req)
+                .restore(&plan.request(images_dir))
                 .map_err(|source| SessionError::Checkpoint {
                     phase: Phase::Restore,
                     op: "restore",
@@ -1864,23 +1897,14 @@ where
     let restore_ms = millis(started.elapsed());
 
     tracker.enter(Phase::Switch);
-    let started = Instant::now();
-    host.adopt(&report)
-        .await
-        .map_err(|source| SessionError::Hook {
-            phase: Phase::Switch,
-            hook: "adopt",
-            source,
-        })?;
     let timings = Restored {
         pid: u32::try_from(report.pid).unwrap_or(0),
         images_ms,
         prepare_ms,
         restore_ms,
-        adopt_ms: millis(started.elapsed()),
+        adopt_ms: 0,
     };
-    send(control_tx, &Frame::Restored(timings), Phase::Switch, t.peer).await?;
-    flush(control_tx, Phase::Switch, t.peer).await?;
+    let timings = adopt_and_answer(host, &report, timings, control_tx, t.peer).await?;
     tracing::info!(
         migration_id = %config.migration_id,
         pid = report.pid,
