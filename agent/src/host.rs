@@ -451,6 +451,10 @@ impl Host for NodeHost {
         self.receive_instance(spec, order, progress).await
     }
 
+    async fn resume_migrated(&self, spec: &InstanceSpec) -> Result<(), String> {
+        self.resume_sent(spec).await
+    }
+
     fn probe_check(
         &self,
         spec: &InstanceSpec,

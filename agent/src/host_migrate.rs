@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::{ms, write_image_facts, write_record, write_resolv_conf, ImageFacts, NodeHost};
-use crate::checkpoint::{bind_mount_points, Criu, DumpMode, DumpRequest, RestoreReport};
+use crate::checkpoint::{
+    bind_mount_points, Checkpointer, Criu, DumpMode, DumpRequest, RestoreReport, ResumeRequest,
+};
 use crate::image::{ImageStore, PulledImage};
 use crate::migrate::link::Links;
 use crate::migrate::postcopy::{run_source_postcopy_quic, run_target_postcopy_quic};
@@ -78,6 +80,30 @@ impl NodeHost {
         self.migration.get().ok_or_else(|| {
             "live migration is not enabled on this node: no node certificate or CRIU yet".to_owned()
         })
+    }
+
+    /// [`crate::reconcile::Host::resume_migrated`]: the copy a migration left frozen here runs on.
+    pub(super) async fn resume_sent(&self, spec: &InstanceSpec) -> Result<(), String> {
+        let criu = self.kit()?.criu.clone();
+        let runtime = self.runtime.clone();
+        let id = spec.instance_id.clone();
+        off_thread("resume the frozen copy", move || {
+            let pid = runtime
+                .state(&id)
+                .map_err(|e| format!("container state: {e}"))?
+                .and_then(|s| s.pid)
+                .ok_or_else(|| format!("instance {id} has no container here any more"))?;
+            // The final dump held the traffic with CRIU's iptables lock: lifted with it.
+            let resumed = criu
+                .resume(&ResumeRequest {
+                    pid,
+                    unlock_network: true,
+                })
+                .map_err(|e| e.to_string())?;
+            info!(instance_id = %id, pid, ?resumed, "frozen copy resumed: the migration failed after all");
+            Ok(())
+        })
+        .await
     }
 
     /// The source's side of [`crate::reconcile::Host::migrate_out`].

@@ -487,6 +487,14 @@ pub trait Host: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send {
         async { Err("this node cannot send live migrations".to_owned()) }
     }
+    /// Runs on the copy a successful [`Host::migrate_out`] left frozen here: the hub failed the
+    /// migration after all (the target never reported the instance running) and keeps it here.
+    fn resume_migrated(
+        &self,
+        _spec: &InstanceSpec,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        async { Err("this node cannot send live migrations".to_owned()) }
+    }
     /// Receives the instance from `order`'s peer and runs it on (target side), with the spec's
     /// address. On error nothing of the attempt is left behind.
     fn migrate_in(
@@ -646,6 +654,8 @@ enum Event {
     MigratedOut(String, String, Result<(), String>),
     /// A migrate-in task ended: (instance, migration, outcome).
     MigratedIn(String, String, Result<Started, String>),
+    /// A frozen, sent-away copy was taken back (the hub failed its migration).
+    ResumedMigrated(String, Result<(), String>),
 }
 
 /// Backoff before restarting after `failures` consecutive failures: 1 s doubling to 30 s.
@@ -968,6 +978,7 @@ impl<H: Host> Reconciler<H> {
             }
             Event::MigratedOut(id, mid, result) => self.on_migrated_out(&id, &mid, result),
             Event::MigratedIn(id, mid, result) => self.on_migrated_in(&id, &mid, result),
+            Event::ResumedMigrated(id, result) => self.on_resumed_migrated(&id, result),
             Event::Stopped(id, result) => match result {
                 Ok(()) => {
                     info!(instance_id = %id, "instance removed");
@@ -1047,6 +1058,33 @@ impl<H: Host> Reconciler<H> {
                 warn!(instance_id = %id, migration_id, %error, "migration failed; the instance runs on here");
                 l.phase = Phase::Running { since };
                 self.out.migration(l, migration_failed(migration_id, error));
+            }
+        }
+    }
+
+    fn on_resumed_migrated(&mut self, id: &str, result: Result<(), String>) {
+        let Some(l) = self.locals.get_mut(id) else {
+            return;
+        };
+        if !matches!(l.phase, Phase::Starting) {
+            return;
+        }
+        let since = Instant::now();
+        l.phase = Phase::Running { since };
+        match result {
+            Ok(()) => {
+                info!(instance_id = %id, "frozen copy runs on");
+                l.health = Health::Unprobed;
+                start_probe(&self.host, &self.prober, &self.events_tx, l, since, true);
+                l.last_report = None;
+                self.out
+                    .report(l, InstanceStatus::Running, String::new(), HashMap::new());
+            }
+            Err(reason) => {
+                // It cannot run on (gone, or CRIU failed): as if its process had died, so the
+                // restart policy brings it back from its image rather than leaving none.
+                warn!(instance_id = %id, %reason, "resuming the frozen copy failed");
+                self.exited(id, -1);
             }
         }
     }
@@ -1366,6 +1404,14 @@ impl<H: Host> Reconciler<H> {
                     local.phase = Phase::Stopping;
                     Some(Work::Stop)
                 }
+                // Sent away, but the hub dropped the order and kept the assignment: it failed the
+                // job (the target never reported the instance running), so the frozen copy here
+                // must run on, or no copy would.
+                (Phase::MigratedAway, Some(spec)) if spec.migration.is_none() => {
+                    warn!(instance_id = %id, "the hub failed a migration this node completed; resuming the frozen copy");
+                    local.phase = Phase::Starting;
+                    Some(Work::ResumeMigrated)
+                }
                 (Phase::MigratedAway, Some(_)) => None,
                 // Receiving a migration: only from the source, never a fresh start (that would be
                 // a second copy of a running replica).
@@ -1546,6 +1592,7 @@ enum Work {
     Stop,
     MigrateOut(MigrationOrder),
     MigrateIn(MigrationOrder),
+    ResumeMigrated,
 }
 
 /// Progress of a migration task, into the loop's events (never blocks: the channel is unbounded).
@@ -1590,6 +1637,9 @@ fn spawn_work<H: Host>(
                     let progress = progress_sink(&events, &id, &order.migration_id);
                     let result = host.migrate_out(&spec, &order, progress).await;
                     Event::MigratedOut(id, order.migration_id, result)
+                }
+                Work::ResumeMigrated => {
+                    Event::ResumedMigrated(id, host.resume_migrated(&spec).await)
                 }
                 Work::MigrateIn(order) => {
                     let progress = progress_sink(&events, &id, &order.migration_id);

@@ -27,6 +27,8 @@ struct FakeState {
     migrated_in: Vec<(String, String)>,
     /// Instance ids whose next migration (either side) fails.
     fail_next_migration: HashSet<String>,
+    /// Frozen copies taken back.
+    resumed: Vec<String>,
 }
 
 /// Whether each instance's (fake) probe passes; absent = passes.
@@ -158,6 +160,11 @@ impl Host for FakeHost {
             return Err("target gone".into());
         }
         // Frozen, not gone: the stop removes it.
+        Ok(())
+    }
+
+    async fn resume_migrated(&self, spec: &InstanceSpec) -> Result<(), String> {
+        self.state().resumed.push(spec.instance_id.clone());
         Ok(())
     }
 
@@ -1411,6 +1418,32 @@ async fn a_source_sends_its_running_instance_once_and_removes_it_when_the_hub_dr
     })
     .await;
     assert_eq!(h.host.state().stops, ["ins-a".to_owned()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sent_away_copy_runs_on_when_the_hub_fails_the_migration_after_all() {
+    // The target answered Restored, then died before telling the hub: the hub fails the job and
+    // keeps the instance here, without the order. The frozen copy must run on: it is the only one.
+    use berth_proto::v1::MigrationRole;
+    let mut h = running("ins-a").await;
+    send(&h, vec![with_order("ins-a", MigrationRole::Source)]);
+    h.until(|rs| !migration_reports(rs, "ins-a").is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        h.host.state().resumed.is_empty(),
+        "resumed while the order stands"
+    );
+    send(&h, vec![assignment("ins-a")]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-a", InstanceStatus::Running))
+    })
+    .await;
+    let s = h.host.state();
+    assert_eq!(s.resumed, ["ins-a".to_owned()]);
+    assert_eq!(s.starts, ["ins-a".to_owned()], "resumed, not started again");
+    assert!(s.stops.is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -32,6 +32,20 @@ fn get_number(cluster: &Cluster, node: &str, ip: &str, path: &str) -> anyhow::Re
     last_number(&body).ok_or_else(|| anyhow::anyhow!("{url} from {node}: {body:?}"))
 }
 
+/// The counter served at `ip` from `node`. The shells rewrite the file (truncate, then write): a
+/// read between the two finds it empty, so a few tries.
+fn count_on(cluster: &Cluster, node: &str, ip: &str) -> anyhow::Result<u64> {
+    let mut last = None;
+    for _ in 0..10 {
+        match get_number(cluster, node, ip, "count") {
+            Ok(n) => return Ok(n),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no count")))
+}
+
 fn the_instance(c: &Value) -> Value {
     let all = instances(c);
     assert_eq!(all.len(), 1, "one replica: {c}");
@@ -105,7 +119,7 @@ fn counter_with_a_client(cluster: &Cluster, network: &str, cidr: &str) -> Moving
 
 impl Moving {
     fn count(&self, cluster: &Cluster, node: &str) -> anyhow::Result<u64> {
-        get_number(cluster, node, &self.ip, "count")
+        count_on(cluster, node, &self.ip)
     }
 
     fn received(&self, cluster: &Cluster, node: &str) -> anyhow::Result<u64> {
@@ -299,7 +313,7 @@ fn killing_the_target_agent_midway_leaves_the_source_serving_and_the_job_failed(
         .expect("running");
     let (iid, source, ip) = placements(&c)[0].clone();
     wait_for("the churn to count", Duration::from_secs(30), || {
-        Ok(get_number(&cluster, &source, &ip, "count").map_err(|e| format!("{e:#}")))
+        Ok(count_on(&cluster, &source, &ip).map_err(|e| format!("{e:#}")))
     })
     .expect("the container counts");
     let nodes = cluster.node_ids().to_vec();
@@ -348,12 +362,12 @@ fn killing_the_target_agent_midway_leaves_the_source_serving_and_the_job_failed(
         "{c}"
     );
     assert_eq!(inst["restarts"], 0, "{c}");
-    let before = get_number(&cluster, &source, &ip, "count").expect("count");
+    let before = count_on(&cluster, &source, &ip).expect("count");
     wait_for(
         "the source to go on counting",
         Duration::from_secs(15),
         || {
-            let n = get_number(&cluster, &source, &ip, "count")?;
+            let n = count_on(&cluster, &source, &ip)?;
             Ok(if n > before {
                 Ok(())
             } else {
@@ -517,7 +531,7 @@ fn a_live_drain_moves_every_instance_away_without_a_restart() {
         wait_for(
             "the counter on the spare node",
             Duration::from_secs(10),
-            || Ok(get_number(&cluster, &spare, ip, "count").map_err(|e| format!("{e:#}"))),
+            || Ok(count_on(&cluster, &spare, ip).map_err(|e| format!("{e:#}"))),
         )
         .expect("each moved instance serves its counter");
     }
