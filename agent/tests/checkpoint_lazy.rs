@@ -19,13 +19,9 @@ use berth_agent::checkpoint::{
     bind_mount_points, Checkpointer, DumpMode, DumpRequest, RestoreRequest, ResumeRequest,
 };
 use berth_agent::migrate::lazy_relay::{SourceRelay, TargetRelay};
-use berth_agent::migrate::transport::{node_dns_name, MigrationEndpoint, NodeIdentity};
+use berth_agent::migrate::transport::MigrationEndpoint;
 use lazy_support::{
-    copy_rootfs, counter, first_tick, fixture, require_lazy_pages, PipeReader, COUNTER,
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    copy_rootfs, counter, first_tick, fixture, identities, require_lazy_pages, PipeReader, COUNTER,
 };
 use runtime_support::{images, init_pid, proc_state, suffix, wait_for, Fixture, Netns, Restored};
 
@@ -67,34 +63,7 @@ impl Quic {
             .enable_all()
             .build()
             .unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "lazy-test-ca");
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_pem = params.self_signed(&key).unwrap().pem();
-        let issuer = Issuer::new(params, key);
-        let identity = |node: &str| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec![node_dns_name(node).unwrap()]).unwrap();
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let cert = params.signed_by(&key, &issuer).unwrap().pem();
-            NodeIdentity::from_pem(
-                cert.as_bytes(),
-                key.serialize_pem().as_bytes(),
-                ca_pem.as_bytes(),
-            )
-            .unwrap()
-        };
-        let (n1, n2) = (identity("n1"), identity("n2"));
+        let (n1, n2) = identities();
         let local = SocketAddr::from(([127, 0, 0, 1], 0));
         let (target, source, endpoints) = rt.block_on(async {
             let src = MigrationEndpoint::bind(local, &n1).unwrap();

@@ -22,48 +22,12 @@ use berth_agent::migrate::session::{
     HookError, MigrationProgress, Phase, PrecopyPolicy, ProgressSink, Received, RestorePlan,
     SessionError, SourceConfig, TargetConfig, TargetHost, Timeouts,
 };
-use berth_agent::migrate::transport::{node_dns_name, MigrationEndpoint, NodeIdentity};
+use berth_agent::migrate::transport::MigrationEndpoint;
 use berth_agent::migrate::wire::DEFAULT_MAX_PAYLOAD;
 use lazy_support::{
-    copy_rootfs, counter, first_tick, fixture, require_lazy_pages, PipeReader, COUNTER,
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    copy_rootfs, counter, first_tick, fixture, identities, require_lazy_pages, PipeReader, COUNTER,
 };
 use runtime_support::{init_pid, proc_state, suffix, wait_for, Fixture, Netns, Restored};
-
-/// Two node identities signed by one throwaway CA: (n1 = source, n2 = target).
-fn identities() -> (NodeIdentity, NodeIdentity) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "postcopy-test-ca");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_pem = params.self_signed(&key).unwrap().pem();
-    let issuer = Issuer::new(params, key);
-    let identity = |node: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![node_dns_name(node).unwrap()]).unwrap();
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &issuer).unwrap().pem();
-        NodeIdentity::from_pem(
-            cert.as_bytes(),
-            key.serialize_pem().as_bytes(),
-            ca_pem.as_bytes(),
-        )
-        .unwrap()
-    };
-    (identity("n1"), identity("n2"))
-}
 
 /// A connection from n1 (source, dialling as an agent does) to n2 (target):
 /// (source's, target's, endpoints to keep).

@@ -12,6 +12,12 @@ use std::time::Duration;
 
 use berth_agent::checkpoint::{Checkpointer, Criu};
 
+use berth_agent::migrate::transport::{node_dns_name, NodeIdentity};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
 use crate::runtime_support::{self, Fixture};
 
 /// 8 MB of 'x' in a shell variable (memory the lazy pages must bring back: `${#big}` reads
@@ -132,4 +138,36 @@ pub fn first_tick(out: &str) -> Option<(u64, u64)> {
         let (n, len) = rest.split_once(" len ")?;
         Some((n.trim().parse().ok()?, len.trim().parse().ok()?))
     })
+}
+
+/// Two node identities signed by one throwaway CA: (n1 = source, n2 = target).
+pub fn identities() -> (NodeIdentity, NodeIdentity) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "berth-test-ca");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = params.self_signed(&key).unwrap().pem();
+    let issuer = Issuer::new(params, key);
+    let identity = |node: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![node_dns_name(node).unwrap()]).unwrap();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &issuer).unwrap().pem();
+        NodeIdentity::from_pem(
+            cert.as_bytes(),
+            key.serialize_pem().as_bytes(),
+            ca_pem.as_bytes(),
+        )
+        .unwrap()
+    };
+    (identity("n1"), identity("n2"))
 }
