@@ -15,6 +15,13 @@
 //!                                          Halting ──▶ Halted (stopped on request, kept placed)
 //!                                                  └─▶ Backoff (restart: at once; probe: backoff)
 //! any phase but Starting/Halting, assignment gone ──▶ Stopping ──▶ removed from the table
+//!
+//! Live migration (each hub order carried out once):
+//!   source: Running ──order──▶ MigratingOut ──sent──▶ MigratedAway (frozen; stopped once the hub
+//!           drops the assignment, resumed if the hub keeps it without the order)
+//!                                    └──failed──▶ Running (resumed where it was)
+//!   target: (new) ──order──▶ Starting (receiving) ──▶ Running, or Exited when it failed (never
+//!           started from its image instead: that would be a second copy)
 //! ```
 //!
 //! Reports: PULLING/CREATING while starting; STARTING while its health probe has not passed yet (or
