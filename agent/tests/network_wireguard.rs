@@ -780,8 +780,24 @@ fn child_agent() {
     });
 }
 
-/// Threads of this process whose signal mask holds SIGTERM or SIGINT.
+/// Threads of this process that keep SIGTERM or SIGINT blocked. A thread being created has every signal blocked
+/// for a moment (glibc blocks them around clone until the new thread sets its own mask), so only
+/// a thread seen blocking in every one of several looks counts.
 fn threads_blocking_term_or_int() -> Vec<String> {
+    let mut lasting = blocking_now();
+    for _ in 0..4 {
+        if lasting.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let again = blocking_now();
+        lasting.retain(|t| again.contains(t));
+    }
+    lasting
+}
+
+/// Threads of this process whose signal mask holds SIGTERM or SIGINT right now.
+fn blocking_now() -> Vec<String> {
     let mask = (1u64 << (libc::SIGTERM - 1)) | (1u64 << (libc::SIGINT - 1));
     let mut found = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").expect("read /proc/self/task") {
@@ -796,7 +812,7 @@ fn threads_blocking_term_or_int() -> Vec<String> {
             .expect("SigBlk line");
         if blocked & mask != 0 {
             let name = status.lines().next().unwrap_or_default().to_owned();
-            found.push(format!("{} ({name}): {blocked:x}", task.display()));
+            found.push(format!("{} ({name})", task.display()));
         }
     }
     found
