@@ -220,7 +220,10 @@ async fn shim_writes_both_streams_rotates_and_is_followed_until_it_exits() {
         writeln!(out, "out {i:03}").unwrap();
         if i % 50 == 0 {
             writeln!(err, "err {i:03}").unwrap();
-            std::thread::sleep(Duration::from_millis(20));
+            // Longer than the follower's poll: 50 lines are less than one 4 KiB file, so it never
+            // falls more than `keep` rotations behind (which, like `tail -F`, would lose lines;
+            // seen once in CI when the writes came faster than a loaded follower read).
+            std::thread::sleep(Duration::from_millis(150));
         }
     }
     // Pieces of a line written close together make one record (`writeln!` above writes each

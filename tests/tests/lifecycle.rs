@@ -409,6 +409,8 @@ fn the_stop_signal_and_grace_period_are_honoured() {
 
 /// The variant an `httpd -h /` replica serves at /etc/berth-variant ("" for the demo image itself).
 fn variant_of(cluster: &Cluster, node: &str, ip: &str) -> String {
+    // RUNNING means its process started, not that httpd listens yet (seen refused 0 ms after).
+    wait_answer(cluster, node, ip);
     let url = format!("http://{ip}/etc/berth-variant");
     let (code, _, body) = ok(cluster.curl_on_host(node, &url, &[]));
     match code {
