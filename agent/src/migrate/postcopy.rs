@@ -44,12 +44,13 @@ use tracing::Instrument;
 
 use super::lazy_relay::{RelayCounters, SourceRelay, TargetRelay};
 use super::session::{
-    accept_hellos_and_stage, adopt_and_answer, blocking, flush, millis, receive_files, recv,
-    scan_tree, send, send_files, Budget, ImageSet, Phase, ProgressSink, Received, SessionError,
+    accept_hellos_and_stage, adopt_and_answer, blocking, check_upper_dir, flush, framed_reader,
+    framed_writer, millis, prepare_restore, receive_files, send, send_files,
+    send_hellos_and_await_ready, Budget, ImageSet, Phase, ProgressSink, Received, SessionError,
     SourceConfig, Staging, TargetConfig, TargetHost, TargetOutcome, Tracker, CLOSE_FAILED,
     CLOSE_GRACE, CLOSE_OK, ERROR_GRACE, IMAGES_AREA,
 };
-use super::wire::{Frame, FrameReader, FrameWriter, Hello, Restored, WireCounters};
+use super::wire::{Frame, FrameReader, FrameWriter, Restored, WireCounters};
 use crate::checkpoint::lazy::{LazyDump, LazyDumpRequest, LazyPages, LazyPagesRequest};
 use crate::checkpoint::{Checkpointer, Criu, DumpMode, Metadata, NetworkLock, ResumeRequest};
 
@@ -161,15 +162,9 @@ pub async fn run_source_postcopy_quic(
     };
     let counters = Arc::new(WireCounters::default());
     let tracker = Tracker::new(progress, &counters, true);
-    let mut control_rx = FrameReader::new(control_rx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
-    let mut control_tx = FrameWriter::new(control_tx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
-    let mut files_tx = FrameWriter::new(files_tx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
+    let mut control_rx = framed_reader(control_rx, config.max_payload, &counters);
+    let mut control_tx = framed_writer(control_tx, config.max_payload, &counters);
+    let mut files_tx = framed_writer(files_tx, config.max_payload, &counters);
     let mut state = SourceState::default();
     let span = tracing::info_span!(
         "migrate_source_postcopy",
@@ -299,28 +294,8 @@ where
 {
     let t = config.timeouts;
     tracker.enter(Phase::Prepare);
-    if let Some(upper) = &config.upper_dir {
-        let upper = upper.clone();
-        blocking(Phase::Prepare, move || scan_tree(&upper, Phase::Prepare)).await?;
-    }
-    let hello = Frame::Hello(Hello {
-        migration_id: config.migration_id.clone(),
-        instance_id: config.instance_id.clone(),
-        round: 0,
-    });
-    send(control_tx, &hello, Phase::Prepare, t.handshake).await?;
-    flush(control_tx, Phase::Prepare, t.handshake).await?;
-    send(files_tx, &hello, Phase::Prepare, t.handshake).await?;
-    flush(files_tx, Phase::Prepare, t.handshake).await?;
-    match recv(control_rx, Phase::Prepare, "answer the hello", t.handshake).await? {
-        Frame::Ready => {}
-        other => {
-            return Err(SessionError::protocol(
-                Phase::Prepare,
-                format!("expected ready, got {}", other.kind()),
-            ))
-        }
-    }
+    check_upper_dir(config).await?;
+    send_hellos_and_await_ready(config, control_rx, control_tx, files_tx).await?;
 
     // Freeze: images without the lazy memory, and the page server.
     tracker.enter(Phase::Freeze);
@@ -540,15 +515,9 @@ pub async fn run_target_postcopy_quic<H: TargetHost>(
     };
     let counters = Arc::new(WireCounters::default());
     let tracker = Tracker::new(progress, &counters, false);
-    let mut control_rx = FrameReader::new(control_rx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
-    let mut control_tx = FrameWriter::new(control_tx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
-    let mut files_rx = FrameReader::new(files_rx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
+    let mut control_rx = framed_reader(control_rx, config.max_payload, &counters);
+    let mut control_tx = framed_writer(control_tx, config.max_payload, &counters);
+    let mut files_rx = framed_reader(files_rx, config.max_payload, &counters);
     let mut state = TargetState::default();
     let span = tracing::info_span!(
         "migrate_target_postcopy",
@@ -696,17 +665,7 @@ where
         files: files.files,
         file_bytes: files.bytes,
     };
-    let started = Instant::now();
-    state.prepared = true;
-    let plan = host
-        .prepare(&received)
-        .await
-        .map_err(|source| SessionError::Hook {
-            phase: Phase::Restore,
-            hook: "prepare",
-            source,
-        })?;
-    let prepare_ms = millis(started.elapsed());
+    let (plan, prepare_ms) = prepare_restore(host, &received, &mut state.prepared).await?;
 
     let relay = TargetRelay::start(connection.clone())
         .await

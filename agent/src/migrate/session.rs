@@ -821,15 +821,9 @@ where
 {
     let counters = Arc::new(WireCounters::default());
     let tracker = Tracker::new(progress, &counters, true);
-    let mut control_rx = FrameReader::new(streams.control_rx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
-    let mut control_tx = FrameWriter::new(streams.control_tx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
-    let mut files_tx = FrameWriter::new(streams.files_tx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
+    let mut control_rx = framed_reader(streams.control_rx, config.max_payload, &counters);
+    let mut control_tx = framed_writer(streams.control_tx, config.max_payload, &counters);
+    let mut files_tx = framed_writer(streams.files_tx, config.max_payload, &counters);
     let mut state = SourceState::default();
     let span = tracing::info_span!(
         "migrate_source",
@@ -893,6 +887,88 @@ where
     result
 }
 
+/// Refuses an upper dir that cannot move, before anything is frozen or sent (either mode).
+pub(crate) async fn check_upper_dir(config: &SourceConfig) -> Result<(), SessionError> {
+    if let Some(upper) = &config.upper_dir {
+        let upper = upper.clone();
+        blocking(Phase::Prepare, move || scan_tree(&upper, Phase::Prepare)).await?;
+    }
+    Ok(())
+}
+
+/// One end of a migration stream as frames of at most `max_payload`, counted in `counters`.
+pub(crate) fn framed_reader<R: AsyncRead + Unpin>(
+    stream: R,
+    max_payload: u32,
+    counters: &Arc<WireCounters>,
+) -> FrameReader<R> {
+    FrameReader::new(stream)
+        .with_max_payload(max_payload)
+        .with_counters(Arc::clone(counters))
+}
+
+/// See [`framed_reader`].
+pub(crate) fn framed_writer<W: AsyncWrite + Unpin>(
+    stream: W,
+    max_payload: u32,
+    counters: &Arc<WireCounters>,
+) -> FrameWriter<W> {
+    FrameWriter::new(stream)
+        .with_max_payload(max_payload)
+        .with_counters(Arc::clone(counters))
+}
+
+/// The target's host prepares the restore from what arrived (either mode); `prepared` is set
+/// first, since from then on a failure must call the host's `abort`. The plan and its time (ms).
+pub(crate) async fn prepare_restore<H: TargetHost>(
+    host: &H,
+    received: &Received,
+    prepared: &mut bool,
+) -> Result<(RestorePlan, u64), SessionError> {
+    let started = Instant::now();
+    *prepared = true;
+    let plan = host
+        .prepare(received)
+        .await
+        .map_err(|source| SessionError::Hook {
+            phase: Phase::Restore,
+            hook: "prepare",
+            source,
+        })?;
+    Ok((plan, millis(started.elapsed())))
+}
+
+/// The source's opening, in either mode: a `Hello` on both streams, then the target's `Ready`.
+pub(crate) async fn send_hellos_and_await_ready<R, W, F>(
+    config: &SourceConfig,
+    control_rx: &mut FrameReader<R>,
+    control_tx: &mut FrameWriter<W>,
+    files_tx: &mut FrameWriter<F>,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+    F: AsyncWrite + Unpin + Send,
+{
+    let t = config.timeouts;
+    let hello = Frame::Hello(Hello {
+        migration_id: config.migration_id.clone(),
+        instance_id: config.instance_id.clone(),
+        round: 0,
+    });
+    send(control_tx, &hello, Phase::Prepare, t.handshake).await?;
+    flush(control_tx, Phase::Prepare, t.handshake).await?;
+    send(files_tx, &hello, Phase::Prepare, t.handshake).await?;
+    flush(files_tx, Phase::Prepare, t.handshake).await?;
+    match recv(control_rx, Phase::Prepare, "answer the hello", t.handshake).await? {
+        Frame::Ready => Ok(()),
+        other => Err(SessionError::protocol(
+            Phase::Prepare,
+            format!("expected ready, got {}", other.kind()),
+        )),
+    }
+}
+
 /// Hellos, rounds, freeze, transfer, verdict.
 #[allow(clippy::too_many_arguments)]
 async fn source_exchange<C, H, R, W, F>(
@@ -914,11 +990,7 @@ where
 {
     let t = config.timeouts;
     tracker.enter(Phase::Prepare);
-    // Refuse an upper dir that cannot move before anything is frozen or sent.
-    if let Some(upper) = &config.upper_dir {
-        let upper = upper.clone();
-        blocking(Phase::Prepare, move || scan_tree(&upper, Phase::Prepare)).await?;
-    }
+    check_upper_dir(config).await?;
     let work_dir = config.work_dir.clone();
     blocking(Phase::Prepare, move || {
         std::fs::create_dir_all(&work_dir).map_err(SessionError::io(
@@ -943,24 +1015,7 @@ where
         }
     };
 
-    let hello = Frame::Hello(Hello {
-        migration_id: config.migration_id.clone(),
-        instance_id: config.instance_id.clone(),
-        round: 0,
-    });
-    send(control_tx, &hello, Phase::Prepare, t.handshake).await?;
-    flush(control_tx, Phase::Prepare, t.handshake).await?;
-    send(files_tx, &hello, Phase::Prepare, t.handshake).await?;
-    flush(files_tx, Phase::Prepare, t.handshake).await?;
-    match recv(control_rx, Phase::Prepare, "answer the hello", t.handshake).await? {
-        Frame::Ready => {}
-        other => {
-            return Err(SessionError::protocol(
-                Phase::Prepare,
-                format!("expected ready, got {}", other.kind()),
-            ))
-        }
-    }
+    send_hellos_and_await_ready(config, control_rx, control_tx, files_tx).await?;
     tracing::debug!("migration target ready");
 
     // The verdict may come early (an error from the target); watch for it during the transfer.
@@ -1649,15 +1704,9 @@ where
 {
     let counters = Arc::new(WireCounters::default());
     let tracker = Tracker::new(progress, &counters, false);
-    let mut control_rx = FrameReader::new(streams.control_rx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
-    let mut control_tx = FrameWriter::new(streams.control_tx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
-    let mut files_rx = FrameReader::new(streams.files_rx)
-        .with_max_payload(config.max_payload)
-        .with_counters(Arc::clone(&counters));
+    let mut control_rx = framed_reader(streams.control_rx, config.max_payload, &counters);
+    let mut control_tx = framed_writer(streams.control_tx, config.max_payload, &counters);
+    let mut files_rx = framed_reader(streams.files_rx, config.max_payload, &counters);
     let mut state = TargetState::default();
     let span = tracing::info_span!(
         "migrate_target",
@@ -1866,17 +1915,7 @@ where
         file_bytes: files.bytes,
     };
 
-    let started = Instant::now();
-    state.prepared = true;
-    let plan = host
-        .prepare(&received)
-        .await
-        .map_err(|source| SessionError::Hook {
-            phase: Phase::Restore,
-            hook: "prepare",
-            source,
-        })?;
-    let prepare_ms = millis(started.elapsed());
+    let (plan, prepare_ms) = prepare_restore(host, &received, &mut state.prepared).await?;
 
     let started = Instant::now();
     let report = {
