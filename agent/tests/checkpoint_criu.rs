@@ -19,7 +19,8 @@ use berth_agent::checkpoint::{
 };
 use berth_agent::runtime::cgroup;
 use runtime_support::{
-    images, init_pid, proc_state, require_criu, suffix, wait_for, Fixture, Netns, Restored,
+    frozen_counter, images, init_pid, proc_state, require_criu, suffix, wait_for, Fixture, Netns,
+    Restored,
 };
 
 /// Counts in a shell variable (memory), mirrors it to /tmp/c and says `tick N` every 10.
@@ -39,14 +40,6 @@ fn counter(rootfs: &Path) -> u64 {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("no counter in {}", rootfs.display());
-}
-
-/// The counter of a container CRIU left stopped: read once, since nothing rewrites it. The freeze
-/// may have caught the shell between truncating the file and writing it: then 0, a lower bound.
-fn frozen_counter(rootfs: &Path) -> (String, u64) {
-    let raw = std::fs::read_to_string(rootfs.join("tmp/c")).unwrap_or_default();
-    let n = raw.trim().parse().unwrap_or(0);
-    (raw, n)
 }
 
 #[test]

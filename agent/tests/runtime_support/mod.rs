@@ -258,3 +258,11 @@ impl Drop for Restored {
         let _ = nix::sys::wait::waitpid(pid, None);
     }
 }
+
+/// The counter of a container CRIU left stopped: read once, since nothing rewrites it. The freeze
+/// may have caught the shell between truncating the file and writing it: then 0, a lower bound.
+pub fn frozen_counter(rootfs: &Path) -> (String, u64) {
+    let raw = std::fs::read_to_string(rootfs.join("tmp/c")).unwrap_or_default();
+    let n = raw.trim().parse().unwrap_or(0);
+    (raw, n)
+}
