@@ -112,8 +112,14 @@ impl NodeHost {
         links: Arc<crate::migrate::link::Links>,
         criu: Arc<crate::checkpoint::Criu>,
         exe: PathBuf,
+        auto: crate::migrate::write_rate::AutoPolicy,
     ) {
-        let kit = migration::MigrationKit { links, criu, exe };
+        let kit = migration::MigrationKit {
+            links,
+            criu,
+            exe,
+            auto,
+        };
         if self.migration.set(kit).is_err() {
             warn!("live migration was already enabled; keeping the first setup");
         } else {

@@ -29,13 +29,15 @@ use crate::checkpoint::{
     bind_mount_points, Checkpointer, Criu, DumpMode, DumpRequest, RestoreReport, ResumeRequest,
 };
 use crate::image::{ImageStore, PulledImage};
-use crate::migrate::link::Links;
+use crate::migrate::link::{Links, Transfer};
 use crate::migrate::postcopy::{run_source_postcopy_quic, run_target_postcopy_quic};
 use crate::migrate::session::{
-    run_source_quic, run_target_quic, HookError, NoSourceHooks, Phase, PrecopyPolicy, ProgressSink,
-    Received, RestorePlan, SourceConfig, TargetConfig, TargetHost, Timeouts,
+    run_source_quic, run_target_quic, HookError, MigrationProgress, ModeChoice, NoSourceHooks,
+    Phase, PrecopyPolicy, ProgressSink, Received, RestorePlan, SourceConfig, TargetConfig,
+    TargetHost, Timeouts,
 };
 use crate::migrate::wire::DEFAULT_MAX_PAYLOAD;
+use crate::migrate::write_rate::{self, AutoPolicy};
 use crate::network::holder::NetnsHolder;
 use crate::reconcile::{InstanceSpec, MigrationMode, MigrationOrder, Started};
 
@@ -73,6 +75,8 @@ pub(super) struct MigrationKit {
     pub(super) criu: Arc<Criu>,
     /// The agent binary (runs `__netns-holder`).
     pub(super) exe: PathBuf,
+    /// How `auto` orders choose their mode.
+    pub(super) auto: AutoPolicy,
 }
 
 impl NodeHost {
@@ -141,6 +145,38 @@ impl NodeHost {
             })
             .await?;
 
+        let (mode, write_rate) = match order.mode {
+            MigrationMode::Auto => self.choose_mode(&id, pid, kit.auto).await,
+            explicit => (explicit, None),
+        };
+        let choice = ModeChoice {
+            mode,
+            write_rate_mib_s: write_rate.map(|r| r.mib_per_sec()),
+        };
+        // Every report of this migration says how it goes, the first one at once.
+        let progress: ProgressSink = {
+            let inner = progress;
+            Arc::new(move |p: &MigrationProgress| {
+                let mut p = *p;
+                p.choice = Some(choice);
+                inner(&p)
+            })
+        };
+        progress(&MigrationProgress {
+            phase: Phase::Prepare,
+            rounds: 0,
+            bytes_sent: 0,
+            pages_sent: 0,
+            downtime_ms: None,
+            choice: None,
+        });
+        let transfer = match mode {
+            MigrationMode::Postcopy => Transfer::Postcopy,
+            MigrationMode::Auto | MigrationMode::Precopy | MigrationMode::Stopcopy => {
+                Transfer::Precopy
+            }
+        };
+
         let mut dump = DumpRequest::new(pid, work_dir.join("dump"), DumpMode::LeaveRunning);
         dump.external_mounts = external_mounts;
         dump.tcp_established = true;
@@ -150,8 +186,10 @@ impl NodeHost {
             dump,
             work_dir: work_dir.clone(),
             upper_dir,
-            precopy: match order.mode {
-                MigrationMode::Precopy | MigrationMode::Postcopy => PrecopyPolicy::default(),
+            precopy: match mode {
+                MigrationMode::Auto | MigrationMode::Precopy | MigrationMode::Postcopy => {
+                    PrecopyPolicy::default()
+                }
                 MigrationMode::Stopcopy => PrecopyPolicy {
                     max_rounds: 0,
                     ..PrecopyPolicy::default()
@@ -160,22 +198,31 @@ impl NodeHost {
             timeouts: Timeouts::default(),
             max_payload: DEFAULT_MAX_PAYLOAD,
         };
-        info!(instance_id = %id, migration_id = %mid, peer, %addr, pid, "sending instance");
+        info!(
+            instance_id = %id,
+            migration_id = %mid,
+            peer,
+            %addr,
+            pid,
+            transfer = transfer.as_str(),
+            stopcopy = mode == MigrationMode::Stopcopy,
+            "sending instance"
+        );
 
         let deadline = Instant::now() + NOT_EXPECTED_RETRY;
         let result = loop {
             let conn = kit
                 .links
-                .dial(addr, peer, &mid)
+                .dial(addr, peer, &mid, transfer)
                 .await
                 .map_err(|e| format!("migration {mid}: {e}"))?;
-            let result = match order.mode {
-                MigrationMode::Postcopy => {
+            let result = match transfer {
+                Transfer::Postcopy => {
                     run_source_postcopy_quic(&conn, kit.criu.clone(), &config, &progress)
                         .await
                         .map(Sent::Postcopy)
                 }
-                MigrationMode::Precopy | MigrationMode::Stopcopy => {
+                Transfer::Precopy => {
                     run_source_quic(&conn, kit.criu.clone(), &NoSourceHooks, &config, &progress)
                         .await
                         .map(Sent::Precopy)
@@ -204,7 +251,11 @@ impl NodeHost {
                     pages_done_ms = outcome.pages_done_after.map(|d| d.as_millis() as u64),
                     pages_error = outcome.pages_error.as_deref(),
                     images_bytes = outcome.images_bytes,
-                    page_bytes = outcome.relay.to_target,
+                    rounds = 1,
+                    pages_sent = outcome.relay.pages,
+                    page_bytes = outcome.relay.page_bytes,
+                    bytes_sent = outcome.total_bytes_sent(),
+                    uncounted_streams = outcome.relay.uncounted,
                     target_prepare_ms = outcome.target.prepare_ms,
                     target_restore_ms = outcome.target.restore_ms,
                     target_adopt_ms = outcome.target.adopt_ms,
@@ -233,6 +284,54 @@ impl NodeHost {
                 Ok(())
             }
             Err(e) => Err(format!("migration {mid} to node {peer}: {e}")),
+        }
+    }
+
+    /// What an `auto` order becomes for this container: its processes' write rate measured
+    /// (they keep running), then `policy`'s rule. A measurement that fails chooses pre-copy,
+    /// which copes with any rate.
+    async fn choose_mode(
+        &self,
+        id: &str,
+        pid: i32,
+        policy: AutoPolicy,
+    ) -> (MigrationMode, Option<write_rate::WriteRate>) {
+        let runtime = self.runtime.clone();
+        let state_id = id.to_owned();
+        let measured = off_thread("migrate: measure the write rate", move || {
+            let dirs = crate::runtime::cgroup::container_dirs(runtime.cgroup_parent(), &state_id);
+            let mut pids = crate::runtime::cgroup::pids(&dirs);
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+            write_rate::measure(&pids, policy.window, policy.max_sample_pages)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match measured {
+            Ok(rate) => {
+                let mode = if policy.prefers_postcopy(&rate) {
+                    MigrationMode::Postcopy
+                } else {
+                    MigrationMode::Precopy
+                };
+                info!(
+                    instance_id = %id,
+                    write_rate_mib_s = rate.mib_per_sec(),
+                    resident_mib = (rate.resident_pages * write_rate::PAGE as u64) >> 20,
+                    sampled_pages = rate.sampled_pages,
+                    changed_pages = rate.changed_pages,
+                    took_ms = rate.took.as_millis() as u64,
+                    postcopy_below_mib_s = policy.postcopy_below_mib_s,
+                    ?mode,
+                    "auto migration: mode chosen by the write rate"
+                );
+                (mode, Some(rate))
+            }
+            Err(error) => {
+                warn!(instance_id = %id, %error, "auto migration: write rate not measured; pre-copy");
+                (MigrationMode::Precopy, None)
+            }
         }
     }
 
@@ -286,8 +385,35 @@ impl NodeHost {
         };
         info!(instance_id = %id, migration_id = %mid, peer, max_bytes = config.max_bytes, "expecting instance");
 
-        let result = match expecting.arrived(ARRIVAL_TIMEOUT).await {
-            Ok(conn) => {
+        let arrived = expecting
+            .arrived(ARRIVAL_TIMEOUT)
+            .await
+            .map_err(|e| format!("migration {mid}: {e}"))
+            .and_then(|arrived| {
+                let ordered = match order.mode {
+                    MigrationMode::Auto => arrived.transfer,
+                    MigrationMode::Postcopy => Transfer::Postcopy,
+                    MigrationMode::Precopy | MigrationMode::Stopcopy => Transfer::Precopy,
+                };
+                if arrived.transfer == ordered {
+                    Ok(arrived)
+                } else {
+                    arrived.connection.close(
+                        quinn::VarInt::from_u32(crate::migrate::session::CLOSE_FAILED),
+                        b"transfer mode differs from the order",
+                    );
+                    Err(format!(
+                        "migration {mid}: node {peer} sends it as {}, the order says {}",
+                        arrived.transfer.as_str(),
+                        ordered.as_str()
+                    ))
+                }
+            });
+        let transfer = arrived.as_ref().map_or(Transfer::Precopy, |a| a.transfer);
+        let result = match arrived {
+            Ok(crate::migrate::link::Arrived {
+                connection: conn, ..
+            }) => {
                 let landing = Landing {
                     host: self,
                     kit,
@@ -295,8 +421,8 @@ impl NodeHost {
                     pull: Mutex::new(Some(pull)),
                     state: Mutex::new(LandingState::default()),
                 };
-                let result = match order.mode {
-                    MigrationMode::Postcopy => {
+                let result = match transfer {
+                    Transfer::Postcopy => {
                         run_target_postcopy_quic(
                             &conn,
                             kit.criu.clone(),
@@ -309,7 +435,7 @@ impl NodeHost {
                         // container if they do not, and removes the staging dir.
                         .map(|landed| landed.outcome)
                     }
-                    MigrationMode::Precopy | MigrationMode::Stopcopy => {
+                    Transfer::Precopy => {
                         run_target_quic(&conn, kit.criu.clone(), &landing, &config, &progress).await
                     }
                 };
@@ -318,13 +444,13 @@ impl NodeHost {
                     .map(|outcome| (outcome, state))
                     .map_err(|e| format!("migration {mid} from node {peer}: {e}"))
             }
-            Err(e) => Err(format!("migration {mid}: {e}")),
+            Err(e) => Err(e),
         };
         match result {
             Ok((outcome, state)) => {
                 // Only the staging dir itself is left (its upper dir became the rootfs's); in
                 // post-copy its images serve the daemon until the last page.
-                if order.mode != MigrationMode::Postcopy {
+                if transfer != Transfer::Postcopy {
                     remove_dir_quietly(staging_dir).await;
                 }
                 let mut phases = state.phases;

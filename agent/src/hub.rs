@@ -79,6 +79,9 @@ pub enum HubError {
 }
 
 /// One change the reconciler wants the hub to know about.
+// Reports are few (one per instance change) and short-lived in the outbox: boxing the common
+// variant would cost an allocation each to save a couple of hundred bytes.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
     /// The instance's current status.

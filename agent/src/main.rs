@@ -82,6 +82,20 @@ struct Args {
     /// receives migrations); default: the advertise IP, port 9752. Registered with the hub.
     #[arg(long, value_name = "ADDR:PORT|none")]
     listen_migration: Option<String>,
+    /// An `auto` migration leaving this node measures how fast the container rewrites its memory
+    /// and moves it by post-copy below this rate (MiB/s), by pre-copy at or above it.
+    #[arg(long, value_name = "MIB_PER_S", default_value_t = 32.0, value_parser = parse_rate)]
+    auto_postcopy_below: f64,
+}
+
+/// A write rate in MiB/s: a finite number ≥ 0.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a rate in MiB/s (a number ≥ 0, e.g. 32)"
+        )),
+    }
 }
 
 /// A `--listen-*` flag: `none` turns the server off, no value means the advertise IP on
@@ -257,6 +271,7 @@ async fn serve_migrations(
     tls: Arc<berth_agent::tls::NodeTls>,
     host: Arc<NodeHost>,
     exe: PathBuf,
+    auto: berth_agent::migrate::write_rate::AutoPolicy,
     published: watch::Sender<String>,
 ) {
     use berth_agent::checkpoint::{Checkpointer, Criu};
@@ -295,7 +310,7 @@ async fn serve_migrations(
             return;
         }
     };
-    host.enable_migration(links.clone(), criu, exe);
+    host.enable_migration(links.clone(), criu, exe, auto);
     let reachable = hub::reachable_api_addr(bound, advertise_ip);
     info!(addr = %reachable, "migration endpoint listening");
     published.send_replace(reachable);
@@ -493,6 +508,10 @@ async fn run(args: Args) -> Result<(), Failure> {
             tls,
             host.clone(),
             helper.clone(),
+            berth_agent::migrate::write_rate::AutoPolicy {
+                postcopy_below_mib_s: args.auto_postcopy_below,
+                ..Default::default()
+            },
             addr_tx,
         ));
     }

@@ -162,7 +162,10 @@ pub struct MigrationOrder {
 /// How a migration moves memory (both orders carry it: a post-copy target restores lazily).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationMode {
-    /// Pre-copy rounds while the delta shrinks (what `auto` means: no measured rule yet).
+    /// The source measures the container's write rate and picks post-copy or pre-copy; the
+    /// target runs whichever the source names on the connection.
+    Auto,
+    /// Pre-copy rounds while the delta shrinks.
     Precopy,
     /// No pre-copy: one dump of the frozen container, sent whole.
     Stopcopy,
@@ -405,7 +408,8 @@ fn migration_order(
     };
     use berth_proto::v1::MigrationMode as WireMode;
     let mode = match WireMode::try_from(m.mode) {
-        Ok(WireMode::Unspecified | WireMode::Auto | WireMode::Precopy) => MigrationMode::Precopy,
+        Ok(WireMode::Unspecified | WireMode::Auto) => MigrationMode::Auto,
+        Ok(WireMode::Precopy) => MigrationMode::Precopy,
         Ok(WireMode::Stopcopy) => MigrationMode::Stopcopy,
         Ok(WireMode::Postcopy) => MigrationMode::Postcopy,
         Err(_) => return Err(("migration.mode", m.mode.to_string())),
@@ -771,6 +775,14 @@ fn progress_to_proto(
         pages_sent: p.pages_sent,
         downtime_ms: p.downtime_ms.unwrap_or(0),
         error: String::new(),
+        chosen_mode: match p.choice.map(|c| c.mode) {
+            None => berth_proto::v1::MigrationMode::Unspecified,
+            Some(MigrationMode::Auto) => berth_proto::v1::MigrationMode::Auto,
+            Some(MigrationMode::Precopy) => berth_proto::v1::MigrationMode::Precopy,
+            Some(MigrationMode::Stopcopy) => berth_proto::v1::MigrationMode::Stopcopy,
+            Some(MigrationMode::Postcopy) => berth_proto::v1::MigrationMode::Postcopy,
+        } as i32,
+        write_rate_mib_s: p.choice.and_then(|c| c.write_rate_mib_s),
     }
 }
 

@@ -1363,6 +1363,7 @@ fn fake_progress(
         bytes_sent: 4096,
         pages_sent: 1,
         downtime_ms: None,
+        choice: None,
     }
 }
 
@@ -1553,7 +1554,7 @@ fn migration_orders_are_validated_by_field() {
         order.peer_addr,
         Some("10.0.0.1:9752".parse().expect("addr"))
     );
-    assert_eq!(order.mode, crate::reconcile::MigrationMode::Precopy);
+    assert_eq!(order.mode, crate::reconcile::MigrationMode::Auto);
     let mut a = with_order("ins-a", MigrationRole::Source);
     if let Some(m) = a.migration.as_mut() {
         m.mode = berth_proto::v1::MigrationMode::Stopcopy as i32;

@@ -243,7 +243,7 @@ fn postcopy_runs_the_container_on_the_target_and_brings_every_page() {
     eprintln!(
         "post-copy: downtime {:?} (target running {restored_at:?} after start), every page \
          served {:?} after the freeze, on the target {all_pages:?} after the restore started; \
-         images {} bytes, files {} ({} bytes), pages through the relay {} bytes; target \
+         images {} bytes, files {} ({} bytes), through the relay {} bytes ({} pages); target \
          timings {:?}",
         sent.downtime,
         sent.pages_done_after,
@@ -251,6 +251,7 @@ fn postcopy_runs_the_container_on_the_target_and_brings_every_page() {
         sent.files,
         sent.file_bytes,
         sent.relay.to_target,
+        sent.relay.pages,
         sent.target
     );
     assert_eq!(sent.pages_error, None);
@@ -260,6 +261,15 @@ fn postcopy_runs_the_container_on_the_target_and_brings_every_page() {
         "the pages crossed the connection: {:?}",
         sent.relay
     );
+    // Every page of CRIU's replies was counted: at least the string's.
+    assert_eq!(sent.relay.uncounted, 0, "{:?}", sent.relay);
+    assert!(
+        sent.relay.pages >= 8_000_000 / 4096,
+        "pages counted: {:?}",
+        sent.relay
+    );
+    assert_eq!(sent.relay.page_bytes, sent.relay.pages * 4096);
+    assert!(sent.relay.to_target > sent.relay.page_bytes, "headers too");
     assert!(
         sent.images_bytes < 4_000_000,
         "memory stayed out of the images: {}",
@@ -313,6 +323,23 @@ fn postcopy_runs_the_container_on_the_target_and_brings_every_page() {
     );
     let last = source_seen.lock().unwrap().last().copied().unwrap();
     assert_eq!(last.downtime_ms, Some(sent.downtime.as_millis() as u64));
+    // The source's report: its one dump, every byte on the connection, the relay's pages.
+    assert_eq!(last.rounds, 1, "{last:?}");
+    assert_eq!(last.pages_sent, sent.relay.pages, "{last:?}");
+    assert_eq!(last.bytes_sent, sent.total_bytes_sent(), "{last:?}");
+    assert!(last.bytes_sent > sent.bytes_sent + 8_000_000, "{last:?}");
+    let seen = source_seen.lock().unwrap().clone();
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].pages_sent <= w[1].pages_sent && w[0].bytes_sent <= w[1].bytes_sent),
+        "figures only grow: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .filter(|p| p.phase as u8 >= Phase::Transfer as u8)
+            .all(|p| p.rounds == 1),
+        "{seen:?}"
+    );
     let dst = phases(&target_seen);
     assert_eq!(dst.last(), Some(&Phase::Done), "{dst:?}");
     drop(restored);

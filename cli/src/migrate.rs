@@ -57,8 +57,14 @@ pub fn migrate_body(args: &MigrateArgs) -> Value {
 pub fn progress_line(job: &Value) -> String {
     let s = |k: &str| job[k].as_str().unwrap_or_default().to_owned();
     let n = |k: &str| job[k].as_u64().unwrap_or(0);
+    // What the source runs it as, and for `auto` the write rate that chose it.
+    let how = match (s("chosen_mode"), job["write_rate_mib_s"].as_f64()) {
+        (m, _) if m.is_empty() => String::new(),
+        (m, Some(rate)) => format!(" ({m}, writes {rate:.1} MiB/s)"),
+        (m, None) => format!(" ({m})"),
+    };
     let mut line = format!(
-        "{} {} → {}: {} {}, round {}, {} pages, {}",
+        "{} {} → {}: {} {}{how}, round {}, {} pages, {}",
         s("migration_id"),
         s("source_node"),
         s("target_node"),
@@ -187,6 +193,15 @@ mod tests {
         assert_eq!(
             progress_line(&job),
             "mig-1 n1 → n2: COMPLETED DONE, round 3, 1280 pages, 5.0 MiB, downtime 42 ms"
+        );
+        let auto = json!({
+            "migration_id": "mig-3", "source_node": "n1", "target_node": "n2",
+            "status": "IN_PROGRESS", "phase": "TRANSFER", "chosen_mode": "postcopy",
+            "write_rate_mib_s": 3.06, "rounds": 1, "pages_sent": 0, "bytes_sent": 0
+        });
+        assert_eq!(
+            progress_line(&auto),
+            "mig-3 n1 → n2: IN_PROGRESS TRANSFER (postcopy, writes 3.1 MiB/s), round 1, 0 pages, 0 B"
         );
         let failed = json!({"migration_id": "mig-2", "status": "FAILED", "phase": "RESTORE",
             "error": "node n2: criu restore: exited 1"});

@@ -183,6 +183,69 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
         )
     );
     assert!(!j["finished_at"].as_str().unwrap().is_empty());
+    // Post-copy: the source serves pages after the target runs it, and says how many it sent.
+    // Its figures still count, and only ever grow; the target's no longer move the job.
+    let late = |bytes_sent: u64, pages_sent: u64| {
+        let mut p = progress(&mid, MigrationPhase::Switch);
+        p.rounds = 1;
+        p.downtime_ms = 7;
+        p.bytes_sent = bytes_sent;
+        p.pages_sent = pages_sent;
+        Some(p)
+    };
+    let figures = |j: &Value| {
+        (
+            j["bytes_sent"].as_u64().unwrap(),
+            j["pages_sent"].as_u64().unwrap(),
+        )
+    };
+    report(
+        &hub,
+        "n1",
+        iid,
+        InstanceStatus::Running,
+        late(9 << 20, 2017),
+    )
+    .await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(figures(&j), (9 << 20, 2017), "{j}");
+    assert_eq!(
+        (&j["status"], &j["phase"], &j["downtime_ms"], &j["rounds"]),
+        (
+            &Value::from("COMPLETED"),
+            &Value::from("DONE"),
+            &Value::from(42),
+            &Value::from(3)
+        ),
+        "nothing else moves"
+    );
+    let updated = j["updated_at"].clone();
+    report(&hub, "n1", iid, InstanceStatus::Running, late(6 << 20, 100)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(figures(&j), (9 << 20, 2017), "never lower: {j}");
+    assert_eq!(j["updated_at"], updated, "no write for nothing new");
+    report(
+        &hub,
+        "n1",
+        iid,
+        InstanceStatus::Running,
+        late(10 << 20, 1900),
+    )
+    .await;
+    assert_eq!(figures(&job(&hub, &mid).await), (10 << 20, 2017));
+    report(
+        &hub,
+        "n2",
+        iid,
+        InstanceStatus::Running,
+        late(64 << 20, 9000),
+    )
+    .await;
+    assert_eq!(
+        figures(&job(&hub, &mid).await),
+        (10 << 20, 2017),
+        "the target's late figures are not taken"
+    );
     let a = hub.assignments().await;
     assert!(
         !a.contains_key(&("n1".to_owned(), iid.clone())),

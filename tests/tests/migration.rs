@@ -204,7 +204,11 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
     let m = counter_with_a_client(&cluster, "moving", "10.30.0.0/16");
     let count_before = m.count(&cluster, &m.source).expect("count");
 
-    let mid = migrate(&api, &m.id, json!({ "target_node": m.target }));
+    let mid = migrate(
+        &api,
+        &m.id,
+        json!({ "target_node": m.target, "mode": "precopy" }),
+    );
     // A second request for the same replica while it moves is a conflict.
     let again = api
         .post(
@@ -223,6 +227,9 @@ fn a_running_container_moves_with_its_memory_files_address_and_connections() {
     assert_eq!(job["phase"], "DONE");
     assert!(job["rounds"].as_u64().unwrap_or(0) >= 1, "{job}");
     assert!(job["bytes_sent"].as_u64().unwrap_or(0) > 0, "{job}");
+    // An explicit mode is what the source runs; nothing was measured to choose it.
+    assert_eq!(job["chosen_mode"], "precopy", "{job}");
+    assert!(job.get("write_rate_mib_s").is_none(), "{job}");
     let count_after = m.check_moved(&cluster, &m.target, count_before);
     m.wait_gone_from(&cluster, &m.source);
 
@@ -323,7 +330,11 @@ fn killing_the_target_agent_midway_leaves_the_source_serving_and_the_job_failed(
         .expect("another node");
     let target = nodes[target_index].clone();
 
-    let mid = migrate(&api, &id, json!({ "target_node": target }));
+    let mid = migrate(
+        &api,
+        &id,
+        json!({ "target_node": target, "mode": "precopy" }),
+    );
     // Under way: memory is being copied while the container runs on.
     wait_for("pre-copy to begin", Duration::from_secs(30), || {
         let j = api.get(&format!("/v1/migrations/{mid}"))?.body;
@@ -578,4 +589,16 @@ fn a_postcopy_migration_runs_the_container_on_the_target_before_its_memory_arriv
         .expect("client")
         .expect("exists");
     assert_eq!(the_instance(&cc)["restarts"], 0, "client reconnected: {cc}");
+
+    // Back with `auto`: the source measures the counter's writes (a few bytes every 50 ms) and
+    // takes post-copy, saying so and the rate it saw.
+    let count_there = m.count(&cluster, &m.target).expect("count on the target");
+    let back = migrate(&api, &m.id, json!({ "target_node": m.source }));
+    let job = wait_completed(&api, &back);
+    eprintln!("auto migration back: {job}");
+    assert_eq!(job["mode"], "auto", "{job}");
+    assert_eq!(job["chosen_mode"], "postcopy", "{job}");
+    let rate = job["write_rate_mib_s"].as_f64();
+    assert!(rate.is_some_and(|r| (0.0..32.0).contains(&r)), "{job}");
+    m.check_moved(&cluster, &m.source, count_there);
 }

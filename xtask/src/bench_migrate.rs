@@ -42,16 +42,17 @@ pub struct MigrateArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "precopy,stopcopy,postcopy"
+        default_value = "auto,precopy,stopcopy,postcopy"
     )]
     modes: Vec<String>,
     /// How often the client asks the program, ms.
     #[arg(long, default_value_t = 5)]
     poll_ms: u64,
-    /// How the client asks: "keepalive" (one HTTP/1.1 connection, kept across the move) or "new"
-    /// (a new connection per request; CRIU refuses to dump a listening socket with unaccepted
-    /// connections unless the agent passes --skip-in-flight, so this fails the job until it does).
-    #[arg(long, default_value = "keepalive", value_parser = ["keepalive", "new"])]
+    /// How the client asks: "new" (a new connection every poll, without waiting for earlier ones:
+    /// the first one after the switch shows when the target serves) or "keepalive" (one HTTP/1.1
+    /// connection kept across the move: its gap also holds TCP's retransmission backoff for a
+    /// request the freeze's traffic lock dropped).
+    #[arg(long, default_value = "new", value_parser = ["keepalive", "new"])]
     client: String,
 }
 
@@ -83,6 +84,9 @@ enum Outcome {
 
 struct Measured {
     status: String,
+    /// What the source ran it as (`auto`'s choice), with the write rate it measured.
+    chosen_mode: String,
+    write_rate_mib_s: Option<f64>,
     error: String,
     rounds: u64,
     bytes_sent: u64,
@@ -255,7 +259,7 @@ impl Bench<'_> {
             );
             match self.measure(&d, size, mode)? {
                 Ok(m) => {
-                    println!("  {}", describe(&m, size));
+                    println!("  {}: {}", chosen(mode, &m), describe(&m, size));
                     rows.push(row(mode, Outcome::Ran(Box::new(m))));
                     self.remove(&d.id)?;
                 }
@@ -380,6 +384,8 @@ impl Bench<'_> {
         let total = job_span(&job).unwrap_or(seen_done);
         Ok(Ok(Measured {
             status: job["status"].as_str().unwrap_or("?").to_owned(),
+            chosen_mode: job["chosen_mode"].as_str().unwrap_or_default().to_owned(),
+            write_rate_mib_s: job["write_rate_mib_s"].as_f64(),
             error: job["error"].as_str().unwrap_or_default().to_owned(),
             rounds: job["rounds"].as_u64().unwrap_or(0),
             bytes_sent: job["bytes_sent"].as_u64().unwrap_or(0),
@@ -660,6 +666,16 @@ fn ms(v: Option<f64>) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
+/// The mode asked for, and what the source made of `auto` (with the write rate it measured).
+fn chosen(asked: &str, m: &Measured) -> String {
+    match (m.chosen_mode.as_str(), m.write_rate_mib_s) {
+        ("", _) => asked.to_owned(),
+        (c, Some(rate)) if c != asked => format!("{asked} → {c} ({rate:.1} MiB/s)"),
+        (c, None) if c != asked => format!("{asked} → {c}"),
+        _ => asked.to_owned(),
+    }
+}
+
 /// One line per measured migration, printed as it finishes.
 fn describe(m: &Measured, size: u64) -> String {
     let mut s = format!(
@@ -700,7 +716,11 @@ fn print_table(rows: &[Row], client: &str, poll_ms: u64) {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let head = format!("| {} MiB | {} MiB/s | {} |", r.size, r.rate, r.mode);
+        let mode = match &r.outcome {
+            Outcome::Ran(m) => chosen(&r.mode, m),
+            _ => r.mode.clone(),
+        };
+        let head = format!("| {} MiB | {} MiB/s | {mode} |", r.size, r.rate);
         match &r.outcome {
             Outcome::Ran(m) => println!(
                 "{head} {} | {} | {:.1} MiB | {:.2}× | {:.2} s | {} ms | {} | {} | {} / {} |",

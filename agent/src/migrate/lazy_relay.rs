@@ -8,6 +8,8 @@
 //! lost connection ends the bridged TCP connections (the daemon then fails instead of waiting).
 //!
 //! Each stream opens with [`STREAM_MAGIC`] so the source only bridges streams that mean it.
+//! Both halves count the pages going to the target by reading CRIU's replies as they pass
+//! (`page_proto`); a stream that does not parse is still carried, only no longer counted.
 //! Copies go through fixed buffers ([`BUF`]) in each direction; QUIC flow control and TCP
 //! windows give back-pressure, so memory stays bounded whatever the page volume. A half-close
 //! is passed on (TCP EOF → QUIC `finish`, QUIC end → TCP shutdown), so either side closing ends
@@ -21,6 +23,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+
+use super::page_proto::{PageStreamCounter, StreamEnd};
+use super::pages::PAGE_SIZE;
 
 /// First bytes of every relay stream (opened by the target).
 pub const STREAM_MAGIC: &[u8; 8] = b"BERTHLZ1";
@@ -59,6 +64,12 @@ pub struct RelayCounters {
     pub to_source: u64,
     /// Bytes from the source's side (pages) to the target's.
     pub to_target: u64,
+    /// Pages in CRIU's replies to the target (whole pages that went by).
+    pub pages: u64,
+    /// Bytes of those pages (`to_target` less the replies' headers and the close status).
+    pub page_bytes: u64,
+    /// Bridges whose page stream did not parse: carried, but counted only up to that point.
+    pub uncounted: u64,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +78,9 @@ struct Counters {
     failed: AtomicU64,
     to_source: AtomicU64,
     to_target: AtomicU64,
+    pages: AtomicU64,
+    page_bytes: AtomicU64,
+    uncounted: AtomicU64,
 }
 
 impl Counters {
@@ -76,7 +90,22 @@ impl Counters {
             failed: self.failed.load(Ordering::Relaxed),
             to_source: self.to_source.load(Ordering::Relaxed),
             to_target: self.to_target.load(Ordering::Relaxed),
+            pages: self.pages.load(Ordering::Relaxed),
+            page_bytes: self.page_bytes.load(Ordering::Relaxed),
+            uncounted: self.uncounted.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A live view of a relay's [`RelayCounters`], kept after the relay stopped (e.g. by a progress
+/// reporter).
+#[derive(Debug, Clone)]
+pub struct RelayWatch(Arc<Counters>);
+
+impl RelayWatch {
+    /// What crossed so far.
+    pub fn counters(&self) -> RelayCounters {
+        self.0.snapshot()
     }
 }
 
@@ -158,6 +187,11 @@ impl TargetRelay {
         self.counters.snapshot()
     }
 
+    /// A view of the counters that outlives this relay.
+    pub fn watch(&self) -> RelayWatch {
+        RelayWatch(self.counters.clone())
+    }
+
     /// Stops accepting and cuts the bridges.
     pub fn stop(mut self) -> RelayCounters {
         self.tasks.abort_all();
@@ -209,6 +243,11 @@ impl SourceRelay {
         self.counters.snapshot()
     }
 
+    /// A view of the counters that outlives this relay.
+    pub fn watch(&self) -> RelayWatch {
+        RelayWatch(self.counters.clone())
+    }
+
     /// Stops accepting and cuts the bridges.
     pub fn stop(mut self) -> RelayCounters {
         self.tasks.abort_all();
@@ -228,7 +267,7 @@ async fn target_bridge(
     send.write_all(STREAM_MAGIC)
         .await
         .map_err(std::io::Error::other)?;
-    bridge(tcp, send, recv, &c.to_source, &c.to_target).await
+    bridge(tcp, send, recv, c, Side::Target).await
 }
 
 async fn source_bridge(
@@ -249,22 +288,87 @@ async fn source_bridge(
         .await
         .map_err(|_| std::io::Error::other(format!("page server {page_server}: timed out")))??;
     tcp.set_nodelay(true)?;
-    bridge(tcp, send, recv, &c.to_target, &c.to_source).await
+    bridge(tcp, send, recv, c, Side::Source).await
 }
 
-/// Copies both ways until both directions ended; `up` counts TCP → QUIC bytes, `down` QUIC →
-/// TCP bytes. An error in either direction ends both, resetting the QUIC stream so the other
-/// side sees a failure rather than a clean end.
+/// Which half a bridge runs in: the pages go TCP → QUIC on the source, QUIC → TCP on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Target,
+}
+
+/// Counts the pages of one bridge's page direction into the relay's counters.
+struct PageTally<'a> {
+    parser: PageStreamCounter,
+    c: &'a Counters,
+}
+
+impl<'a> PageTally<'a> {
+    fn new(c: &'a Counters) -> Self {
+        Self {
+            parser: PageStreamCounter::new(PAGE_SIZE as u64),
+            c,
+        }
+    }
+
+    /// Counted after the bytes were passed on, so the counts never run ahead of the stream.
+    fn feed(&mut self, chunk: &[u8]) {
+        if !self.parser.is_counting() {
+            return;
+        }
+        let fed = self.parser.feed(chunk);
+        if fed.counted.pages > 0 {
+            self.c.pages.fetch_add(fed.counted.pages, Ordering::Relaxed);
+        }
+        if fed.counted.page_bytes > 0 {
+            self.c
+                .page_bytes
+                .fetch_add(fed.counted.page_bytes, Ordering::Relaxed);
+        }
+        if let Some(error) = fed.stopped {
+            self.c.uncounted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, "lazy-pages relay: pages no longer counted on this bridge (still carried)");
+        }
+    }
+
+    /// At the page direction's clean end.
+    fn finish(&self) {
+        let total = self.parser.total();
+        match self.parser.finish() {
+            Ok(StreamEnd::Uncounted) => {}
+            Ok(end) => tracing::debug!(
+                ?end,
+                replies = total.replies,
+                pages = total.pages,
+                "lazy-pages relay: page stream ended"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, pages = total.pages, "lazy-pages relay: page stream ended inside a reply")
+            }
+        }
+    }
+}
+
+/// Copies both ways until both directions ended, counting bytes each way and the pages in the
+/// direction `side` says. An error in either direction ends both, resetting the QUIC stream so
+/// the other side sees a failure rather than a clean end.
 async fn bridge(
     tcp: TcpStream,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    up: &AtomicU64,
-    down: &AtomicU64,
+    c: &Counters,
+    side: Side,
 ) -> std::io::Result<()> {
+    // TCP → QUIC is toward the target on the source, toward the source on the target.
+    let (up, down) = match side {
+        Side::Source => (&c.to_target, &c.to_source),
+        Side::Target => (&c.to_source, &c.to_target),
+    };
     let (mut tcp_r, mut tcp_w) = tcp.into_split();
     let tcp_to_quic = async {
         let mut buf = vec![0u8; BUF];
+        let mut pages = (side == Side::Source).then(|| PageTally::new(c));
         loop {
             let n = tcp_r.read(&mut buf).await?;
             if n == 0 {
@@ -274,26 +378,45 @@ async fn bridge(
                 .await
                 .map_err(std::io::Error::other)?;
             up.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(p) = &mut pages {
+                p.feed(&buf[..n]);
+            }
         }
         send.finish().map_err(std::io::Error::other)?;
+        if let Some(p) = &pages {
+            p.finish();
+        }
         std::io::Result::Ok(())
     };
     let quic_to_tcp = async {
         let mut buf = vec![0u8; BUF];
+        let mut pages = (side == Side::Target).then(|| PageTally::new(c));
         loop {
             let Some(n) = recv.read(&mut buf).await.map_err(std::io::Error::other)? else {
                 break;
             };
             tcp_w.write_all(&buf[..n]).await?;
             down.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(p) = &mut pages {
+                p.feed(&buf[..n]);
+            }
         }
         tcp_w.shutdown().await?;
+        if let Some(p) = &pages {
+            p.finish();
+        }
         std::io::Result::Ok(())
     };
     let result = tokio::try_join!(tcp_to_quic, quic_to_tcp).map(|_| ());
     if result.is_err() {
         let _ = send.reset(quinn::VarInt::from_u32(1));
         let _ = recv.stop(quinn::VarInt::from_u32(1));
+        // The TCP side is reset too, not closed: CRIU's page server takes an EOF before the
+        // daemon's close for the end of a good transfer, and would report every page served
+        // after the link to the target was lost.
+        if let Ok(tcp) = tcp_r.reunite(tcp_w) {
+            let _ = tcp.set_zero_linger();
+        }
     }
     result
 }
@@ -418,8 +541,119 @@ mod tests {
         assert_eq!(t.to_source, 3 * LEN as u64);
         assert_eq!(s.to_target, 3 * LEN as u64);
         assert_eq!(s.to_source, 3 * LEN as u64);
+        // Not CRIU's protocol: carried whole, but no pages counted.
+        assert_eq!((s.pages, s.uncounted), (0, 3), "{s:?}");
+        assert_eq!((t.pages, t.uncounted), (0, 3), "{t:?}");
         target.stop();
         source.stop();
+    }
+
+    /// A `struct page_server_iov` as CRIU 4.2.1 lays it out.
+    fn psi(cmd: u32, nr_pages: u64, vaddr: u64, dst_id: u64) -> [u8; 32] {
+        let mut h = [0u8; 32];
+        h[..4].copy_from_slice(&cmd.to_ne_bytes());
+        h[8..16].copy_from_slice(&nr_pages.to_ne_bytes());
+        h[16..24].copy_from_slice(&vaddr.to_ne_bytes());
+        h[24..].copy_from_slice(&dst_id.to_ne_bytes());
+        h
+    }
+
+    const PS_IOV_GET: u32 = 7;
+    const PS_IOV_CLOSE: u32 = 0x1023;
+    const PAGE_REPLY: u32 = 6 | 4 << 16; // PS_IOV_ADD_F, PE_PRESENT
+
+    /// A page server answering each `PS_IOV_GET` as CRIU's does (header, then the pages) and a
+    /// `PS_IOV_CLOSE` with a 4-byte status.
+    async fn fake_page_server() -> SocketAddr {
+        let l = TcpListener::bind(localhost()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut h = [0u8; 32];
+                    loop {
+                        if s.read_exact(&mut h).await.is_err() {
+                            return;
+                        }
+                        let cmd = u32::from_ne_bytes(h[..4].try_into().unwrap());
+                        let nr = u64::from_ne_bytes(h[8..16].try_into().unwrap());
+                        let vaddr = u64::from_ne_bytes(h[16..24].try_into().unwrap());
+                        if cmd == PS_IOV_CLOSE {
+                            s.write_all(&0i32.to_ne_bytes()).await.unwrap();
+                            let mut rest = Vec::new();
+                            let _ = s.read_to_end(&mut rest).await;
+                            return;
+                        }
+                        assert_eq!(cmd, PS_IOV_GET);
+                        s.write_all(&psi(PAGE_REPLY, nr, vaddr, 1)).await.unwrap();
+                        let pages = payload(nr as usize * PAGE_SIZE, vaddr);
+                        s.write_all(&pages).await.unwrap();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn pages_of_criu_replies_are_counted_on_both_halves() {
+        let p = pair().await;
+        let source = SourceRelay::start(p.source.clone(), fake_page_server().await);
+        let target = TargetRelay::start(p.target.clone()).await.unwrap();
+        let watch = source.watch();
+        // Two daemon connections, as a restore with several page readers would open.
+        let daemon = |sizes: Vec<u64>| {
+            let addr = target.local_addr();
+            tokio::spawn(async move {
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                for (i, nr) in sizes.into_iter().enumerate() {
+                    let vaddr = 0x7f00_0000_0000 + (i as u64) * 0x10_0000;
+                    tcp.write_all(&psi(PS_IOV_GET, nr, vaddr, 1)).await.unwrap();
+                    let mut h = [0u8; 32];
+                    tcp.read_exact(&mut h).await.unwrap();
+                    assert_eq!(h[8..16], nr.to_ne_bytes());
+                    let mut pages = vec![0u8; nr as usize * PAGE_SIZE];
+                    tcp.read_exact(&mut pages).await.unwrap();
+                    assert!(pages == payload(pages.len(), vaddr), "page bytes changed");
+                }
+                tcp.write_all(&psi(PS_IOV_CLOSE, 0, 0, 0)).await.unwrap();
+                let mut status = [0u8; 4];
+                tcp.read_exact(&mut status).await.unwrap();
+                tcp.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                tcp.read_to_end(&mut rest).await.unwrap();
+                assert!(rest.is_empty());
+            })
+        };
+        let runs = [daemon(vec![1, 16, 3, 512]), daemon(vec![7; 20])];
+        for r in runs {
+            tokio::time::timeout(Duration::from_secs(30), r)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let pages = 1 + 16 + 3 + 512 + 7 * 20;
+        let replies = 4 + 20;
+        // The source's bridges end once the page server closed its side.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = source.counters();
+        let t = target.counters();
+        assert_eq!(s, watch.counters());
+        assert_eq!(
+            (s.pages, s.page_bytes, s.uncounted),
+            (pages, pages * PAGE_SIZE as u64, 0),
+            "{s:?}"
+        );
+        assert_eq!(s.to_target, replies * 32 + pages * PAGE_SIZE as u64 + 2 * 4);
+        assert_eq!(s.to_source, (replies + 2) * 32);
+        assert_eq!(
+            (t.pages, t.page_bytes, t.uncounted),
+            (s.pages, s.page_bytes, 0)
+        );
+        assert_eq!(t.to_target, s.to_target);
+        // The watch outlives the relay.
+        source.stop();
+        assert_eq!(watch.counters().pages, pages);
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! Which connection belongs to which migration. A node can be the target of several migrations at
 //! once (a `drain` of another node sends it many), each on its own QUIC connection from its source.
 //! The source names the migration on the connection's first unidirectional stream (a u16
-//! big-endian length, then the migration id); the target's accept loop hands the connection to the
+//! big-endian length, the migration id, then one byte: the [`Transfer`] it chose, which an `auto`
+//! order leaves to the source's measurement); the target's accept loop hands the connection to the
 //! migration that [`Links::expect`]s that id from that very node (the peer's certificate says
 //! which node it is), and closes any other: an unknown id, a node the hub did not name, a name that
 //! never comes.
@@ -45,9 +46,55 @@ pub enum LinkError {
     BadId(String),
 }
 
+/// How the memory crosses a migration's connection: the two session protocols. The source picks
+/// it (the hub's `auto` leaves it to the source's measurement of the write rate) and names it
+/// with the migration, so the target runs the matching side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    /// Rounds of page deltas, then the frozen last delta and the restore (`stopcopy` is this
+    /// with no rounds before the freeze).
+    Precopy,
+    /// A lazy dump: the container runs on the target before its memory arrives.
+    Postcopy,
+}
+
+impl Transfer {
+    fn byte(self) -> u8 {
+        match self {
+            Self::Precopy => 0,
+            Self::Postcopy => 1,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Precopy),
+            1 => Some(Self::Postcopy),
+            _ => None,
+        }
+    }
+
+    /// The mode's name as the hub spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Precopy => "precopy",
+            Self::Postcopy => "postcopy",
+        }
+    }
+}
+
+/// A migration's connection as it arrived: the connection and how the source carries it.
+#[derive(Debug)]
+pub struct Arrived {
+    /// The QUIC connection from the source.
+    pub connection: quinn::Connection,
+    /// The session protocol the source named.
+    pub transfer: Transfer,
+}
+
 struct Expected {
     peer: String,
-    tx: oneshot::Sender<quinn::Connection>,
+    tx: oneshot::Sender<Arrived>,
 }
 
 type Table = Arc<Mutex<HashMap<String, Expected>>>;
@@ -125,12 +172,13 @@ impl Links {
     }
 
     /// Connects to node `peer` at `addr` for `migration_id` (the source's side) and names the
-    /// migration; the connection is then the migration's.
+    /// migration and its `transfer`; the connection is then the migration's.
     pub async fn dial(
         &self,
         addr: SocketAddr,
         peer: &str,
         migration_id: &str,
+        transfer: Transfer,
     ) -> Result<quinn::Connection, LinkError> {
         check_id(migration_id)?;
         let conn = self.endpoint.connect(addr, peer).await?;
@@ -140,10 +188,11 @@ impl Links {
             reason,
         };
         let mut stream = conn.open_uni().await.map_err(|e| name_err(e.to_string()))?;
-        let mut frame = Vec::with_capacity(2 + migration_id.len());
+        let mut frame = Vec::with_capacity(3 + migration_id.len());
         // check_id bounds the length well below u16::MAX.
         frame.extend_from_slice(&(migration_id.len() as u16).to_be_bytes());
         frame.extend_from_slice(migration_id.as_bytes());
+        frame.push(transfer.byte());
         stream
             .write_all(&frame)
             .await
@@ -157,13 +206,13 @@ impl Links {
 pub struct Expecting {
     migration_id: String,
     peer: String,
-    rx: Option<oneshot::Receiver<quinn::Connection>>,
+    rx: Option<oneshot::Receiver<Arrived>>,
     table: Table,
 }
 
 impl Expecting {
     /// The connection, once the peer dialled and named this migration; fails after `timeout`.
-    pub async fn arrived(mut self, timeout: Duration) -> Result<quinn::Connection, LinkError> {
+    pub async fn arrived(mut self, timeout: Duration) -> Result<Arrived, LinkError> {
         let not_arrived = || LinkError::NotArrived {
             migration_id: self.migration_id.clone(),
             peer: self.peer.clone(),
@@ -173,7 +222,7 @@ impl Expecting {
             return Err(not_arrived());
         };
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(arrived)) => Ok(arrived),
             Ok(Err(_)) | Err(_) => Err(not_arrived()),
         }
     }
@@ -212,8 +261,8 @@ fn check_id(id: &str) -> Result<(), LinkError> {
 /// Reads the migration's name off a new connection and hands the connection over, or closes it.
 async fn route(conn: quinn::Connection, peer: String, table: Table) {
     let named = tokio::time::timeout(NAME_TIMEOUT, read_name(&conn)).await;
-    let id = match named {
-        Ok(Ok(id)) => id,
+    let (id, transfer) = match named {
+        Ok(Ok(named)) => named,
         Ok(Err(reason)) => {
             tracing::warn!(peer, %reason, "migration connection without a valid name");
             conn.close(UNEXPECTED.into(), b"no migration named");
@@ -234,10 +283,15 @@ async fn route(conn: quinn::Connection, peer: String, table: Table) {
     };
     match waiting {
         Some(e) => {
-            if let Err(conn) = e.tx.send(conn) {
-                conn.close(UNEXPECTED.into(), b"migration no longer expected");
+            if let Err(arrived) = e.tx.send(Arrived {
+                connection: conn,
+                transfer,
+            }) {
+                arrived
+                    .connection
+                    .close(UNEXPECTED.into(), b"migration no longer expected");
             } else {
-                tracing::info!(peer, migration_id = %id, "migration connection arrived");
+                tracing::info!(peer, migration_id = %id, transfer = transfer.as_str(), "migration connection arrived");
             }
         }
         None => {
@@ -247,21 +301,31 @@ async fn route(conn: quinn::Connection, peer: String, table: Table) {
     }
 }
 
-async fn read_name(conn: &quinn::Connection) -> Result<String, String> {
+async fn read_name(conn: &quinn::Connection) -> Result<(String, Transfer), String> {
     let mut stream = conn.accept_uni().await.map_err(|e| e.to_string())?;
     let bytes = stream
-        .read_to_end(2 + MAX_ID_LEN)
+        .read_to_end(3 + MAX_ID_LEN)
         .await
         .map_err(|e| e.to_string())?;
-    let (len, id) = bytes
+    parse_name(&bytes)
+}
+
+/// The naming frame: u16 length, the id, the transfer byte.
+fn parse_name(bytes: &[u8]) -> Result<(String, Transfer), String> {
+    let (len, rest) = bytes
         .split_first_chunk::<2>()
         .ok_or_else(|| "shorter than its length".to_owned())?;
+    let (transfer, id) = rest
+        .split_last()
+        .ok_or_else(|| "no transfer mode".to_owned())?;
     if usize::from(u16::from_be_bytes(*len)) != id.len() {
         return Err("length does not match".to_owned());
     }
+    let transfer = Transfer::from_byte(*transfer)
+        .ok_or_else(|| format!("unknown transfer mode {transfer}"))?;
     let id = String::from_utf8(id.to_vec()).map_err(|_| "not UTF-8".to_owned())?;
     check_id(&id).map_err(|e| e.to_string())?;
-    Ok(id)
+    Ok((id, transfer))
 }
 
 #[cfg(test)]
@@ -294,13 +358,21 @@ mod tests {
             Err(LinkError::AlreadyExpected(_))
         ));
         // Dialled in the other order: each still lands where it belongs.
-        let to_second = source.dial(addr, "n2", "mig-bbb").await.unwrap();
-        let to_first = source.dial(addr, "n2", "mig-aaa").await.unwrap();
+        let to_second = source
+            .dial(addr, "n2", "mig-bbb", Transfer::Postcopy)
+            .await
+            .unwrap();
+        let to_first = source
+            .dial(addr, "n2", "mig-aaa", Transfer::Precopy)
+            .await
+            .unwrap();
         let wait = Duration::from_secs(5);
         let got_first = first.arrived(wait).await.unwrap();
         let got_second = second.arrived(wait).await.unwrap();
-        echo_works(&to_first, &got_first).await;
-        echo_works(&to_second, &got_second).await;
+        assert_eq!(got_first.transfer, Transfer::Precopy);
+        assert_eq!(got_second.transfer, Transfer::Postcopy);
+        echo_works(&to_first, &got_first.connection).await;
+        echo_works(&to_second, &got_second.connection).await;
     }
 
     #[tokio::test]
@@ -310,23 +382,32 @@ mod tests {
         let addr = target.local_addr().unwrap();
         let expecting = target.expect("mig-ccc", "n1").unwrap();
         // n3 names n1's migration: refused, and n1's still waits.
-        let intruder = n3.dial(addr, "n2", "mig-ccc").await.unwrap();
+        let intruder = n3
+            .dial(addr, "n2", "mig-ccc", Transfer::Precopy)
+            .await
+            .unwrap();
         let closed = tokio::time::timeout(Duration::from_secs(5), intruder.closed())
             .await
             .unwrap();
         assert!(closed.to_string().contains("not expected"), "{closed}");
         // An id nobody expects.
-        let stray = n1.dial(addr, "n2", "mig-zzz").await.unwrap();
+        let stray = n1
+            .dial(addr, "n2", "mig-zzz", Transfer::Precopy)
+            .await
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(5), stray.closed())
             .await
             .unwrap();
         // The right one still arrives.
-        let conn = n1.dial(addr, "n2", "mig-ccc").await.unwrap();
+        let conn = n1
+            .dial(addr, "n2", "mig-ccc", Transfer::Precopy)
+            .await
+            .unwrap();
         let got = expecting.arrived(Duration::from_secs(5)).await.unwrap();
-        echo_works(&conn, &got).await;
+        echo_works(&conn, &got.connection).await;
         // Bad ids never leave this node.
         assert!(matches!(
-            n1.dial(addr, "n2", "../x").await,
+            n1.dial(addr, "n2", "../x", Transfer::Precopy).await,
             Err(LinkError::BadId(_))
         ));
     }
@@ -343,12 +424,47 @@ mod tests {
         assert!(matches!(waited, Err(LinkError::NotArrived { .. })));
         // Given up on: a late dial is closed, and the id can be expected again.
         let late = source
-            .dial(target.local_addr().unwrap(), "n2", "mig-ddd")
+            .dial(
+                target.local_addr().unwrap(),
+                "n2",
+                "mig-ddd",
+                Transfer::Precopy,
+            )
             .await
             .unwrap();
         tokio::time::timeout(Duration::from_secs(5), late.closed())
             .await
             .unwrap();
         assert!(target.expect("mig-ddd", "n1").is_ok());
+    }
+
+    #[test]
+    fn names_that_do_not_parse_are_refused() {
+        let name = |id: &[u8], len: u16, transfer: &[u8]| {
+            let mut b = len.to_be_bytes().to_vec();
+            b.extend_from_slice(id);
+            b.extend_from_slice(transfer);
+            b
+        };
+        assert_eq!(
+            parse_name(&name(b"mig-a1", 6, &[1])).unwrap(),
+            ("mig-a1".to_owned(), Transfer::Postcopy)
+        );
+        assert_eq!(
+            parse_name(&name(b"mig-a1", 6, &[0])).unwrap().1,
+            Transfer::Precopy
+        );
+        for (bytes, why) in [
+            (vec![0u8], "shorter"),
+            (name(b"", 0, &[]), "no transfer"),
+            (name(b"mig-a1", 6, &[]), "length"),
+            (name(b"mig-a1", 6, &[7]), "unknown transfer"),
+            (name(b"mig-a1", 5, &[0]), "length"),
+            (name(b"../x", 4, &[0]), "not one"),
+            (name(&[0xff, 0xfe], 2, &[0]), "UTF-8"),
+        ] {
+            let err = parse_name(&bytes).unwrap_err();
+            assert!(err.contains(why), "{bytes:?}: {err}");
+        }
     }
 }

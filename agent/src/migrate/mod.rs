@@ -7,11 +7,13 @@ pub const DEFAULT_PORT: u16 = 9752;
 
 pub mod lazy_relay;
 pub mod link;
+pub mod page_proto;
 pub mod pages;
 pub mod postcopy;
 pub mod session;
 pub mod transport;
 pub mod wire;
+pub mod write_rate;
 
 #[cfg(test)]
 mod test_pki;

@@ -23,6 +23,13 @@
 //! daemon starts fetching while the restore runs, and the session's own streams are open by
 //! then (the source relay accepts every stream the target opens).
 //!
+//! # Progress
+//!
+//! The source reports one round (the lazy dump), `bytes_sent` = the session's streams plus
+//! every byte the relay carried to the target, and `pages_sent` = the pages in CRIU's replies
+//! (counted as they pass, `page_proto`). It reports again every [`PROGRESS_EVERY`] while pages
+//! flow, and once more when serving ended.
+//!
 //! # Failure
 //!
 //! Before the target's `Restored`, any failure on the source kills the page server's CRIU and
@@ -35,20 +42,20 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
-use super::lazy_relay::{RelayCounters, SourceRelay, TargetRelay};
+use super::lazy_relay::{RelayCounters, RelayWatch, SourceRelay, TargetRelay};
 use super::session::{
     accept_hellos_and_stage, adopt_and_answer, blocking, check_upper_dir, flush, framed_reader,
     framed_writer, millis, prepare_restore, receive_files, send, send_files,
-    send_hellos_and_await_ready, Budget, ImageSet, Phase, ProgressSink, Received, SessionError,
-    SourceConfig, Staging, TargetConfig, TargetHost, TargetOutcome, Tracker, CLOSE_FAILED,
-    CLOSE_GRACE, CLOSE_OK, ERROR_GRACE, IMAGES_AREA,
+    send_hellos_and_await_ready, Budget, ImageSet, MigrationProgress, Phase, ProgressSink,
+    Received, SessionError, SourceConfig, Staging, TargetConfig, TargetHost, TargetOutcome,
+    Tracker, CLOSE_FAILED, CLOSE_GRACE, CLOSE_OK, ERROR_GRACE, IMAGES_AREA,
 };
 use super::wire::{Frame, FrameReader, FrameWriter, Restored, WireCounters};
 use crate::checkpoint::lazy::{LazyDump, LazyDumpRequest, LazyPages, LazyPagesRequest};
@@ -64,6 +71,9 @@ const LAZY_RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bound of the lazy dump's freeze and image writing, and of the daemon's start.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the source reports while pages flow (each report is a write at the hub).
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// A post-copy migration, as the source saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,12 +91,45 @@ pub struct PostcopySourceOutcome {
     pub files: u64,
     /// Bytes of those files.
     pub file_bytes: u64,
-    /// Bytes on the session's streams, framing included.
+    /// Bytes on the session's streams, framing included (the relay's are in `relay`).
     pub bytes_sent: u64,
-    /// What the page relay moved.
+    /// What the page relay moved: `relay.pages` are the pages sent after the freeze.
     pub relay: RelayCounters,
     /// The target's timings.
     pub target: Restored,
+}
+
+impl PostcopySourceOutcome {
+    /// Every byte sent on the connection: the session's streams and the relay's pages (with
+    /// CRIU's reply headers). What the progress reports as `bytes_sent`.
+    pub fn total_bytes_sent(&self) -> u64 {
+        self.bytes_sent + self.relay.to_target
+    }
+}
+
+/// The source's figures beyond its session's: the dump's round and what the relay carried.
+#[derive(Default)]
+struct RelayedProgress {
+    relay: OnceLock<RelayWatch>,
+    rounds: AtomicU32,
+}
+
+impl RelayedProgress {
+    /// `progress` with this added to every report.
+    fn sink(self: &Arc<Self>, progress: &ProgressSink) -> ProgressSink {
+        let (this, inner) = (Arc::clone(self), Arc::clone(progress));
+        Arc::new(move |p: &MigrationProgress| inner(&this.add_to(*p)))
+    }
+
+    fn add_to(&self, mut p: MigrationProgress) -> MigrationProgress {
+        p.rounds = p.rounds.max(self.rounds.load(Ordering::Relaxed));
+        if let Some(relay) = self.relay.get() {
+            let r = relay.counters();
+            p.bytes_sent += r.to_target;
+            p.pages_sent += r.pages;
+        }
+        p
+    }
 }
 
 /// A post-copy migration, as the target saw it once the container runs here; its memory is
@@ -161,7 +204,8 @@ pub async fn run_source_postcopy_quic(
         }
     };
     let counters = Arc::new(WireCounters::default());
-    let tracker = Tracker::new(progress, &counters, true);
+    let relayed = Arc::new(RelayedProgress::default());
+    let tracker = Tracker::new(&relayed.sink(progress), &counters, true);
     let mut control_rx = framed_reader(control_rx, config.max_payload, &counters);
     let mut control_tx = framed_writer(control_tx, config.max_payload, &counters);
     let mut files_tx = framed_writer(files_tx, config.max_payload, &counters);
@@ -180,6 +224,7 @@ pub async fn run_source_postcopy_quic(
         &mut files_tx,
         &mut state,
         &tracker,
+        &relayed,
     )
     .instrument(span.clone())
     .await;
@@ -194,10 +239,8 @@ pub async fn run_source_postcopy_quic(
             tracing::info!(parent: &span, downtime_ms = millis(downtime), "target runs the container: serving its pages");
             let (pages_done_after, pages_error) = match state.lazy.take() {
                 Some(lazy) => {
-                    let served = tokio::task::spawn_blocking(move || lazy.finish(PAGES_TIMEOUT))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let serving = tokio::task::spawn_blocking(move || lazy.finish(PAGES_TIMEOUT));
+                    let served = report_while_serving(serving, relayed.relay.get(), &tracker).await;
                     match served {
                         Ok(_) => (state.freeze_start.map(|s| s.elapsed()), None),
                         Err(error) => {
@@ -219,11 +262,17 @@ pub async fn run_source_postcopy_quic(
                 .take()
                 .map(SourceRelay::stop)
                 .unwrap_or_default();
+            // The final figures: every page CRIU served went through the relay by now.
+            tracker.enter(Phase::Switch);
             tracing::info!(
                 parent: &span,
                 downtime_ms = millis(downtime),
                 pages_done_ms = pages_done_after.map(millis),
+                pages_sent = relay.pages,
+                page_bytes = relay.page_bytes,
                 relay_to_target = relay.to_target,
+                bytes_sent = counters.snapshot().bytes_sent + relay.to_target,
+                uncounted_streams = relay.uncounted,
                 "post-copy migration source done"
             );
             Ok(PostcopySourceOutcome {
@@ -263,6 +312,34 @@ pub async fn run_source_postcopy_quic(
     result
 }
 
+/// Waits for CRIU to serve every page (`serving`), reporting progress every
+/// [`PROGRESS_EVERY`] while the relay carries pages.
+async fn report_while_serving<T, E: ToString>(
+    serving: tokio::task::JoinHandle<Result<T, E>>,
+    relay: Option<&RelayWatch>,
+    tracker: &Tracker,
+) -> Result<T, String> {
+    tokio::pin!(serving);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = relay.map(|r| r.counters().to_target);
+    let served = loop {
+        tokio::select! {
+            served = &mut serving => break served,
+            _ = tick.tick() => {
+                let now = relay.map(|r| r.counters().to_target);
+                if now != last {
+                    last = now;
+                    tracker.enter(Phase::Switch);
+                }
+            }
+        }
+    };
+    served
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+}
+
 /// What the source did so far.
 #[derive(Default)]
 struct SourceState {
@@ -286,6 +363,7 @@ async fn source_exchange<R, W, F>(
     files_tx: &mut FrameWriter<F>,
     state: &mut SourceState,
     tracker: &Tracker,
+    relayed: &RelayedProgress,
 ) -> Result<Restored, SessionError>
 where
     R: AsyncRead + Unpin + Send,
@@ -346,8 +424,11 @@ where
         "container frozen, lazy dump serving pages"
     );
     state.lazy = Some(lazy);
+    relayed.rounds.store(1, Ordering::Relaxed);
     // Before anything reaches the target: its daemon fetches while the restore runs.
-    state.relay = Some(SourceRelay::start(connection.clone(), listen));
+    let relay = SourceRelay::start(connection.clone(), listen);
+    let _ = relayed.relay.set(relay.watch());
+    state.relay = Some(relay);
 
     tracker.enter(Phase::Transfer);
     let transfer = send_files(
@@ -555,6 +636,8 @@ pub async fn run_target_postcopy_quic<H: TargetHost>(
                             tracing::info!(
                                 pages_ms = millis(report.wall),
                                 since_restore_ms = millis(restore_started.elapsed()),
+                                pages = relay.pages,
+                                page_bytes = relay.page_bytes,
                                 relay_to_target = relay.to_target,
                                 "every lazy page arrived"
                             );

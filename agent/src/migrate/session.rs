@@ -129,7 +129,7 @@ pub enum Phase {
 }
 
 /// A progress report, sent to the hub by the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MigrationProgress {
     /// Current phase.
     pub phase: Phase,
@@ -141,6 +141,18 @@ pub struct MigrationProgress {
     pub pages_sent: u64,
     /// Downtime, once known (source, at [`Phase::Switch`]).
     pub downtime_ms: Option<u64>,
+    /// How the source carries the migration, once it chose (the agent fills it in around the
+    /// session, which runs one protocol and does not know why).
+    pub choice: Option<ModeChoice>,
+}
+
+/// The mode a source runs a migration in, and the measurement an `auto` order chose it by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModeChoice {
+    /// Never `Auto`: what it became.
+    pub mode: crate::reconcile::MigrationMode,
+    /// The write rate measured to choose (`auto` only).
+    pub write_rate_mib_s: Option<f64>,
 }
 
 /// Where progress reports go; called from async code, so it must not block.
@@ -696,6 +708,7 @@ impl Tracker {
             },
             pages_sent: self.pages.load(Ordering::Relaxed),
             downtime_ms: (downtime != u64::MAX).then_some(downtime),
+            choice: None,
         }
     }
 

@@ -179,17 +179,22 @@ impl Service {
                 return Ok(());
             }
             if !j.in_progress() {
-                // The source learns the downtime when the target's verdict reaches it, which
-                // can be after the target's RUNNING completed the job: late, but still its figure.
-                let late_downtime = j.status == status::COMPLETED
-                    && !from_target
-                    && p.downtime_ms > 0
-                    && j.downtime_ms == 0;
-                if !late_downtime {
+                // The source learns the downtime when the target's verdict reaches it, and in
+                // post-copy keeps sending pages after the target runs the replica: both can come
+                // after the target's RUNNING completed the job. Late, but still its figures; only
+                // the source's, and the counts only grow (nothing else of a finished job moves).
+                if j.status != status::COMPLETED || from_target {
                     return Ok(());
                 }
                 let mut next = j.clone();
-                next.downtime_ms = p.downtime_ms;
+                if p.downtime_ms > 0 && j.downtime_ms == 0 {
+                    next.downtime_ms = p.downtime_ms;
+                }
+                next.bytes_sent = j.bytes_sent.max(p.bytes_sent);
+                next.pages_sent = j.pages_sent.max(p.pages_sent);
+                if next == *j {
+                    return Ok(());
+                }
                 if self.put_if_unchanged(&job, next).await? {
                     return Ok(());
                 }
@@ -257,6 +262,17 @@ fn absorb(j: &mut MigrationRecord, p: &v1::MigrationProgress) {
     j.pages_sent = j.pages_sent.max(p.pages_sent);
     if p.downtime_ms > 0 {
         j.downtime_ms = p.downtime_ms;
+    }
+    // Only the source chooses (the target's reports leave it unspecified).
+    let chosen = v1::MigrationMode::try_from(p.chosen_mode).unwrap_or_default();
+    if !matches!(
+        chosen,
+        v1::MigrationMode::Unspecified | v1::MigrationMode::Auto
+    ) {
+        j.chosen_mode = mode_from_proto(p.chosen_mode).to_owned();
+    }
+    if let Some(rate) = p.write_rate_mib_s.filter(|r| r.is_finite() && *r >= 0.0) {
+        j.write_rate_mib_s = Some(rate);
     }
 }
 
@@ -616,5 +632,11 @@ pub fn migration_to_proto(j: &MigrationRecord) -> v1::Migration {
         created_at: j.created_at.clone(),
         updated_at: j.updated_at.clone(),
         finished_at: j.finished_at.clone(),
+        chosen_mode: if j.chosen_mode.is_empty() {
+            v1::MigrationMode::Unspecified
+        } else {
+            mode_to_proto(&j.chosen_mode)
+        } as i32,
+        write_rate_mib_s: j.write_rate_mib_s,
     }
 }

@@ -264,7 +264,7 @@ pub struct InstanceRecord {
 }
 
 /// `/berth/migrations/{migration_id}`: a live migration of one instance to another node.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationRecord {
     /// `mig-` + 12 hex digits.
     pub migration_id: String,
@@ -276,8 +276,15 @@ pub struct MigrationRecord {
     pub status: String,
     /// "PREPARE", "PRECOPY", "FREEZE", "TRANSFER", "RESTORE", "SWITCH" or "DONE".
     pub phase: String,
-    /// "auto", "precopy" or "postcopy".
+    /// "auto", "precopy", "stopcopy" or "postcopy": what was asked.
     pub mode: String,
+    /// What the source runs it as: `mode` itself, or what `auto` chose by measurement; empty
+    /// until the source says.
+    #[serde(default)]
+    pub chosen_mode: String,
+    /// The write rate (MiB/s) the source measured to choose; absent unless `auto` measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_rate_mib_s: Option<f64>,
     #[serde(default)]
     pub rounds: u32,
     #[serde(default)]
