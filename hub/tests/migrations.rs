@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use berth_hub::reconciler::Reconciler;
 use berth_proto::v1::agent_service_server::AgentService;
+use berth_proto::v1::migration_service_server::MigrationService;
 use berth_proto::v1::{self, InstanceStatus, MigrationPhase, MigrationRole};
 use common::{assert_invalid, Hub};
 use serde_json::Value;
@@ -135,17 +136,48 @@ async fn a_replica_moves_only_when_the_target_runs_it() {
     );
     assert_eq!(target.ip, ip);
 
-    // Progress from the source; the instance is still n1's meanwhile.
+    // Nothing chosen yet: the job asked for `auto` and says no more.
+    let j = job(&hub, &mid).await;
+    assert_eq!(
+        (&j["mode"], &j["chosen_mode"]),
+        (&Value::from("auto"), &Value::from(""))
+    );
+    assert!(j.get("write_rate_mib_s").is_none(), "{j}");
+    // Progress from the source, with what `auto` became and the rate that chose it; the
+    // instance is still n1's meanwhile.
     let mut p = progress(&mid, MigrationPhase::Precopy);
     p.rounds = 3;
     p.bytes_sent = 5 << 20;
     p.pages_sent = 1280;
+    p.chosen_mode = v1::MigrationMode::Precopy as i32;
+    p.write_rate_mib_s = Some(87.5);
     report(&hub, "n1", iid, InstanceStatus::Running, Some(p)).await;
     let j = job(&hub, &mid).await;
     assert_eq!(
         (&j["phase"], &j["rounds"], &j["pages_sent"]),
         (&Value::from("PRECOPY"), &Value::from(3), &Value::from(1280))
     );
+    assert_eq!(
+        (&j["chosen_mode"], &j["write_rate_mib_s"]),
+        (&Value::from("precopy"), &Value::from(87.5))
+    );
+    // The target's reports carry no choice and change none.
+    let target_side = progress(&mid, MigrationPhase::Precopy);
+    report(&hub, "n2", iid, InstanceStatus::Starting, Some(target_side)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(j["chosen_mode"], "precopy", "{j}");
+    assert_eq!(j["write_rate_mib_s"], 87.5, "{j}");
+    // gRPC says the same.
+    let g = hub
+        .grpc
+        .get_migration(tonic::Request::new(v1::GetMigrationRequest {
+            migration_id: mid.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.chosen_mode, v1::MigrationMode::Precopy as i32);
+    assert_eq!(g.write_rate_mib_s, Some(87.5));
     // A node outside the job is ignored.
     let mut stray = progress(&mid, MigrationPhase::Done);
     stray.error = "not mine".into();
