@@ -444,7 +444,7 @@ impl Host for NodeHost {
         spec: &InstanceSpec,
         order: &MigrationOrder,
         progress: ProgressSink,
-    ) -> Result<(), String> {
+    ) -> Result<crate::reconcile::SentAway, String> {
         self.send_instance(spec, order, progress).await
     }
 

@@ -39,7 +39,7 @@ use crate::migrate::session::{
 use crate::migrate::wire::DEFAULT_MAX_PAYLOAD;
 use crate::migrate::write_rate::{self, AutoPolicy};
 use crate::network::holder::NetnsHolder;
-use crate::reconcile::{InstanceSpec, MigrationMode, MigrationOrder, Started};
+use crate::reconcile::{InstanceSpec, MigrationMode, MigrationOrder, SentAway, Started};
 
 /// How long the target waits for the source's connection.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -116,7 +116,7 @@ impl NodeHost {
         spec: &InstanceSpec,
         order: &MigrationOrder,
         progress: ProgressSink,
-    ) -> Result<(), String> {
+    ) -> Result<SentAway, String> {
         let kit = self.kit()?;
         let id = spec.instance_id.clone();
         let mid = order.migration_id.clone();
@@ -263,8 +263,12 @@ impl NodeHost {
                 );
                 // Once the target ran it, the copy here is the target's page source only: it
                 // goes whether the pages all arrived (the target has them) or not (the target
-                // kills its copy too, and the hub restarts the instance).
-                Ok(())
+                // kills its copy too, its restart policy brings it back, and the job fails).
+                Ok(SentAway {
+                    pages_failed: outcome.pages_error.map(|e| {
+                        format!("post-copy: the memory did not all reach node {peer}: {e}")
+                    }),
+                })
             }
             Ok(Sent::Precopy(outcome)) => {
                 info!(
@@ -281,7 +285,7 @@ impl NodeHost {
                     target_adopt_ms = outcome.target.adopt_ms,
                     "instance sent: the target runs it, the copy here stays frozen until removed"
                 );
-                Ok(())
+                Ok(SentAway::default())
             }
             Err(e) => Err(format!("migration {mid} to node {peer}: {e}")),
         }
@@ -410,6 +414,26 @@ impl NodeHost {
                 }
             });
         let transfer = arrived.as_ref().map_or(Transfer::Precopy, |a| a.transfer);
+        // The target's reports say how it arrives too: an `auto` job's switch must know
+        // whether memory is still to come, whichever node's report the hub hears first.
+        let progress: ProgressSink = {
+            let inner = progress;
+            let choice = ModeChoice {
+                mode: match transfer {
+                    Transfer::Postcopy => MigrationMode::Postcopy,
+                    Transfer::Precopy if order.mode == MigrationMode::Stopcopy => {
+                        MigrationMode::Stopcopy
+                    }
+                    Transfer::Precopy => MigrationMode::Precopy,
+                },
+                write_rate_mib_s: None,
+            };
+            Arc::new(move |p: &MigrationProgress| {
+                let mut p = *p;
+                p.choice = Some(choice);
+                inner(&p)
+            })
+        };
         let result = match arrived {
             Ok(crate::migrate::link::Arrived {
                 connection: conn, ..

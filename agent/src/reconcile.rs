@@ -174,6 +174,14 @@ pub enum MigrationMode {
     Postcopy,
 }
 
+/// How a successful [`Host::migrate_out`] ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentAway {
+    /// Post-copy: the peer ran the instance but its memory did not all arrive (both copies are
+    /// killed, and the peer's restart policy brings it back); the job fails with this reason.
+    pub pages_failed: Option<String>,
+}
+
 /// Stop timeout when the hub gives none (and in records written before it existed).
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -487,15 +495,16 @@ pub trait Host: Send + Sync + 'static {
     fn probe_check(&self, spec: &InstanceSpec, probe: &ProbeSpec)
         -> Result<Arc<dyn Check>, String>;
     /// Live-migrates the running instance to `order`'s peer (source side). It keeps running here
-    /// through the pre-copy rounds. `Ok`: the peer runs it now and the copy here is frozen, to be
-    /// removed once the hub drops the assignment. `Err`: the copy here was resumed and runs on as
-    /// before (the error says why the migration failed). `progress` must not block.
+    /// through the pre-copy rounds. `Ok`: the peer runs it now and the copy here is frozen (or,
+    /// post-copy, served its memory and is dead), to be removed once the hub drops the
+    /// assignment. `Err`: the copy here was resumed and runs on as before (the error says why
+    /// the migration failed). `progress` must not block.
     fn migrate_out(
         &self,
         _spec: &InstanceSpec,
         _order: &MigrationOrder,
         _progress: ProgressSink,
-    ) -> impl Future<Output = Result<(), String>> + Send {
+    ) -> impl Future<Output = Result<SentAway, String>> + Send {
         async { Err("this node cannot send live migrations".to_owned()) }
     }
     /// Runs on the copy a successful [`Host::migrate_out`] left frozen here: the hub failed the
@@ -662,7 +671,7 @@ enum Event {
     /// How a migration of an instance goes.
     Migration(String, MigrationProgress),
     /// A migrate-out task ended: (instance, migration, outcome).
-    MigratedOut(String, String, Result<(), String>),
+    MigratedOut(String, String, Result<SentAway, String>),
     /// A migrate-in task ended: (instance, migration, outcome).
     MigratedIn(String, String, Result<Started, String>),
     /// A frozen, sent-away copy was taken back (the hub failed its migration).
@@ -1058,7 +1067,7 @@ impl<H: Host> Reconciler<H> {
         }
     }
 
-    fn on_migrated_out(&mut self, id: &str, migration_id: &str, result: Result<(), String>) {
+    fn on_migrated_out(&mut self, id: &str, migration_id: &str, result: Result<SentAway, String>) {
         let Some(l) = self.locals.get_mut(id) else {
             return;
         };
@@ -1066,12 +1075,17 @@ impl<H: Host> Reconciler<H> {
             return;
         };
         match result {
-            Ok(()) => {
+            Ok(sent) => {
                 // The target runs it; what is left here is frozen. Nothing probes or restarts it:
                 // the hub drops the assignment and the stop removes it.
                 info!(instance_id = %id, migration_id, "instance migrated away");
                 self.prober.stop(id);
                 l.phase = Phase::MigratedAway;
+                if let Some(reason) = sent.pages_failed {
+                    warn!(instance_id = %id, migration_id, %reason, "post-copy memory did not all arrive");
+                    self.out
+                        .migration(l, migration_failed(migration_id, reason));
+                }
             }
             Err(error) => {
                 warn!(instance_id = %id, migration_id, %error, "migration failed; the instance runs on here");

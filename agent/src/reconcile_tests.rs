@@ -27,6 +27,8 @@ struct FakeState {
     migrated_in: Vec<(String, String)>,
     /// Instance ids whose next migration (either side) fails.
     fail_next_migration: HashSet<String>,
+    /// Instance ids whose next send succeeds but whose post-copy memory then does not arrive.
+    pages_fail_next: HashSet<String>,
     /// Frozen copies taken back.
     resumed: Vec<String>,
 }
@@ -150,7 +152,7 @@ impl Host for FakeHost {
         spec: &InstanceSpec,
         order: &MigrationOrder,
         progress: ProgressSink,
-    ) -> Result<(), String> {
+    ) -> Result<crate::reconcile::SentAway, String> {
         progress(&fake_progress(crate::migrate::session::Phase::Precopy));
         let mut s = self.state();
         let id = spec.instance_id.clone();
@@ -160,7 +162,12 @@ impl Host for FakeHost {
             return Err("target gone".into());
         }
         // Frozen, not gone: the stop removes it.
-        Ok(())
+        Ok(crate::reconcile::SentAway {
+            pages_failed: s
+                .pages_fail_next
+                .remove(&id)
+                .then(|| "pages lost".to_owned()),
+        })
     }
 
     async fn resume_migrated(&self, spec: &InstanceSpec) -> Result<(), String> {
@@ -1526,6 +1533,43 @@ async fn failed_migrations_keep_the_source_running_and_never_start_the_target_fr
     })
     .await;
     assert_eq!(h.host.state().stops, ["ins-in".to_owned()]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn post_copy_memory_lost_after_the_switch_fails_the_job_without_resuming_here() {
+    use berth_proto::v1::MigrationRole;
+    let host = FakeHost::default();
+    host.state().pages_fail_next = HashSet::from(["ins-out".to_owned()]);
+    let mut h = harness(host);
+    send(&h, vec![assignment("ins-out")]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| is_status(r, "ins-out", InstanceStatus::Running))
+    })
+    .await;
+    send(&h, vec![with_order("ins-out", MigrationRole::Source)]);
+    let seen = h
+        .until(|rs| {
+            migration_reports(rs, "ins-out")
+                .iter()
+                .any(|m| m.migration_id == "mig-1" && m.error.contains("pages lost"))
+        })
+        .await;
+    assert!(!seen.is_empty());
+    // The target ran it: nothing here is resumed or restarted, and the hub's removal of the
+    // assignment (it switched the instance) removes what is left.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    {
+        let s = h.host.state();
+        assert!(s.resumed.is_empty(), "{:?}", s.resumed);
+        assert_eq!(s.starts, ["ins-out".to_owned()]);
+    }
+    send(&h, vec![]);
+    h.until(|rs| {
+        rs.iter()
+            .any(|r| matches!(r, Report::Removed(id) if id == "ins-out"))
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -317,8 +317,11 @@ fn postcopy_runs_the_container_on_the_target_and_brings_every_page() {
         v
     };
     let src = phases(&source_seen);
+    // The switch while pages flow, then done once every page was served.
     assert!(
-        src.contains(&Phase::Freeze) && src.last() == Some(&Phase::Switch),
+        src.contains(&Phase::Freeze)
+            && src.contains(&Phase::Switch)
+            && src.last() == Some(&Phase::Done),
         "{src:?}"
     );
     let last = source_seen.lock().unwrap().last().copied().unwrap();

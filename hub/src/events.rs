@@ -82,6 +82,8 @@ pub mod types {
     pub const UNCORDONED: &str = "uncordoned";
     /// A migration started.
     pub const STARTED: &str = "started";
+    /// A post-copy migration's target runs the instance; its memory is still arriving.
+    pub const SWITCHED: &str = "switched";
     /// A migration finished.
     pub const COMPLETED: &str = "completed";
     /// A migration failed.

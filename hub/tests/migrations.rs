@@ -431,3 +431,146 @@ async fn a_failure_leaves_the_replica_where_it_was() {
     assert_eq!(hub.assignments().await.len(), 1);
     alive.stop();
 }
+
+/// Post-copy: the replica is the target's as soon as the target runs it, but the job runs on
+/// until the source served every page; pages that never arrive fail it without moving the
+/// replica back (its memory is gone from both nodes); a source whose pages finish before the
+/// target's report arrives completes it at that report.
+#[tokio::test]
+async fn a_postcopy_job_switches_first_and_ends_when_the_memory_arrived() {
+    async fn start(hub: &Hub, cid: &str, body: &str) -> String {
+        let (s, j) = hub
+            .post(&format!("/v1/containers/{cid}/migrate"), body)
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{j}");
+        j["migration_id"].as_str().unwrap().to_owned()
+    }
+    let hub = Hub::start(false).await;
+    let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
+    register(&hub, "n1", 8 * GIB, "127.0.0.1:9752").await;
+    let alive = hub.keep_alive(&["n1", "n2"]);
+    let (cid, iids) = running_on_n1(&hub, &mut rec, 1).await;
+    let iid = &iids[0];
+    register(&hub, "n2", 8 * GIB, "127.0.0.2:9752").await;
+    let placed_on = |c: &Value| c["instances"][0]["node_id"].as_str().unwrap().to_owned();
+    let with_choice = |mid: &str, phase: MigrationPhase| {
+        let mut p = progress(mid, phase);
+        p.chosen_mode = v1::MigrationMode::Postcopy as i32;
+        Some(p)
+    };
+
+    // `auto` chose post-copy (the source said so); the target runs it: switched, not done.
+    let mid = start(&hub, &cid, "").await;
+    rec.pass().await.unwrap();
+    report(
+        &hub,
+        "n1",
+        iid,
+        InstanceStatus::Running,
+        with_choice(&mid, MigrationPhase::Transfer),
+    )
+    .await;
+    report(
+        &hub,
+        "n2",
+        iid,
+        InstanceStatus::Running,
+        with_choice(&mid, MigrationPhase::Done),
+    )
+    .await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(
+        (&j["status"], &j["phase"]),
+        (&Value::from("IN_PROGRESS"), &Value::from("SWITCH")),
+        "{j}"
+    );
+    assert_eq!(j["switched"], true, "{j}");
+    let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
+    assert_eq!(placed_on(&c), "n2", "the target's now: {c}");
+    let a = hub.assignments().await;
+    assert_eq!(a.len(), 1, "the source's assignment went");
+    assert!(a[&("n2".to_owned(), iid.clone())].migration.is_none());
+    // No other move while its memory is still arriving.
+    let (s, body) = hub
+        .post(
+            &format!("/v1/containers/{cid}/migrate"),
+            r#"{"target_node":"n1"}"#,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    // Passes leave it alone: no orders, no failure, the instance counted once on n2.
+    rec.pass().await.unwrap();
+    assert_eq!(job(&hub, &mid).await["status"], "IN_PROGRESS");
+    assert_eq!(hub.assignments().await.len(), 1);
+    // The source served the last page: COMPLETED.
+    let mut done = with_choice(&mid, MigrationPhase::Done).unwrap();
+    done.pages_sent = 65536;
+    done.downtime_ms = 250;
+    report(&hub, "n1", iid, InstanceStatus::Running, Some(done)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(
+        (&j["status"], &j["phase"]),
+        (&Value::from("COMPLETED"), &Value::from("DONE")),
+        "{j}"
+    );
+    assert_eq!(
+        (&j["pages_sent"], &j["downtime_ms"]),
+        (&Value::from(65536), &Value::from(250))
+    );
+    assert!(!j["finished_at"].as_str().unwrap().is_empty());
+
+    // Back to n1 as post-copy, whose pages then fail: FAILED, and the replica stays on n1 (its
+    // new node), whose agent restarts it per policy; nothing is handed back to n2.
+    let mid = start(&hub, &cid, r#"{"target_node":"n1","mode":"postcopy"}"#).await;
+    rec.pass().await.unwrap();
+    report(
+        &hub,
+        "n1",
+        iid,
+        InstanceStatus::Running,
+        Some(progress(&mid, MigrationPhase::Done)),
+    )
+    .await;
+    assert_eq!(job(&hub, &mid).await["phase"], "SWITCH");
+    let mut lost = progress(&mid, MigrationPhase::Switch);
+    lost.error = "post-copy: the memory did not all reach node n1: connection lost".into();
+    report(&hub, "n2", iid, InstanceStatus::Running, Some(lost)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(j["status"], "FAILED", "{j}");
+    assert!(
+        j["error"].as_str().unwrap().contains("did not all reach"),
+        "{j}"
+    );
+    let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
+    assert_eq!(placed_on(&c), "n1", "{c}");
+    let a = hub.assignments().await;
+    assert_eq!(a.len(), 1, "{:?}", a.keys());
+    assert!(a.contains_key(&("n1".to_owned(), iid.clone())));
+
+    // Pages all served before the target's report reached the hub: that report completes it.
+    let mid = start(&hub, &cid, r#"{"target_node":"n2","mode":"postcopy"}"#).await;
+    rec.pass().await.unwrap();
+    report(
+        &hub,
+        "n1",
+        iid,
+        InstanceStatus::Running,
+        Some(progress(&mid, MigrationPhase::Done)),
+    )
+    .await;
+    assert_eq!(job(&hub, &mid).await["status"], "IN_PROGRESS");
+    report(
+        &hub,
+        "n2",
+        iid,
+        InstanceStatus::Running,
+        Some(progress(&mid, MigrationPhase::Done)),
+    )
+    .await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(j["status"], "COMPLETED", "{j}");
+    let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
+    assert_eq!(placed_on(&c), "n2", "{c}");
+    assert_eq!(hub.assignments().await.len(), 1);
+    alive.stop();
+}

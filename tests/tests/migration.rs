@@ -574,6 +574,19 @@ fn a_postcopy_migration_runs_the_container_on_the_target_before_its_memory_arriv
     assert_eq!(job["status"], "COMPLETED");
     assert_eq!(job["mode"], "postcopy");
     assert_eq!(job["target_node"], m.target.as_str());
+    // It switched to the target first and completed once the source served the last page;
+    // those pages count in the job.
+    assert_eq!(
+        (&job["switched"], &job["pages_done"]),
+        (&json!(true), &json!(true)),
+        "{job}"
+    );
+    let pages = job["pages_sent"].as_u64().unwrap_or(0);
+    assert!(pages > 0, "{job}");
+    assert!(
+        job["bytes_sent"].as_u64().unwrap_or(0) > pages * 4096,
+        "{job}"
+    );
     assert_eq!(job["phase"], "DONE");
     m.check_moved(&cluster, &m.target, count_before);
     // Every page arrived (else the target would have killed its copy) and the source's frozen

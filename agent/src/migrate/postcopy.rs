@@ -262,8 +262,13 @@ pub async fn run_source_postcopy_quic(
                 .take()
                 .map(SourceRelay::stop)
                 .unwrap_or_default();
-            // The final figures: every page CRIU served went through the relay by now.
-            tracker.enter(Phase::Switch);
+            // The final figures: every page CRIU served went through the relay by now. Done
+            // only when every page was served: that ends the job at the hub.
+            tracker.enter(if pages_error.is_none() {
+                Phase::Done
+            } else {
+                Phase::Switch
+            });
             tracing::info!(
                 parent: &span,
                 downtime_ms = millis(downtime),

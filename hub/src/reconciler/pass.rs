@@ -51,7 +51,8 @@ pub(crate) fn capacity(snap: &Snapshot) -> (Vec<NodeCapacity>, Vec<Placed>) {
     let arriving: HashMap<&str, &str> = snap
         .migrations
         .values()
-        .filter(|j| j.value.in_progress())
+        // A switched post-copy job's instance is placed on its target already.
+        .filter(|j| j.value.in_progress() && !j.value.switched)
         .map(|j| (j.value.instance_id.as_str(), j.value.target_node.as_str()))
         .collect();
     let mut placed = Vec::new();
@@ -80,6 +81,16 @@ pub(crate) fn capacity(snap: &Snapshot) -> (Vec<NodeCapacity>, Vec<Placed>) {
         }
     }
     (nodes, placed)
+}
+
+/// The node a running job's instance is placed on: the source, or the target once a post-copy
+/// job switched.
+fn holder(j: &crate::store::records::MigrationRecord) -> &String {
+    if j.switched {
+        &j.target_node
+    } else {
+        &j.source_node
+    }
 }
 
 /// The job moving `r`, while it runs.
@@ -454,7 +465,8 @@ impl Reconciler {
     /// TARGET order; the source's gets its SOURCE order in `sync_assignments`), and fails jobs whose
     /// instance went away, whose nodes are not healthy, or that reported nothing for
     /// [`MIGRATION_STALL`]. The switch itself happens when the target reports done
-    /// (`service::migrations`).
+    /// (`service::migrations`); a post-copy job that switched runs on until its source served
+    /// every page, and fails (the instance staying the target's) if a node goes or it stalls.
     async fn migrations(&self, snap: &Snapshot, report: &mut PassReport) -> Result<(), StoreError> {
         let now = time::OffsetDateTime::now_utc();
         for job in snap.migrations.values().filter(|j| j.value.in_progress()) {
@@ -471,7 +483,7 @@ impl Reconciler {
             let failure = match inst.map(|i| &i.record.value) {
                 None => Some("the instance was deleted".to_owned()),
                 Some(r) if r.stopping => Some("the instance is being removed".to_owned()),
-                Some(r) if r.migration_id != j.migration_id || r.node_id != j.source_node => {
+                Some(r) if r.migration_id != j.migration_id || r.node_id != *holder(j) => {
                     Some(format!("the instance moved to {} meanwhile", r.node_id))
                 }
                 Some(_) => [&j.source_node, &j.target_node]

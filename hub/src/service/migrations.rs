@@ -42,6 +42,10 @@ pub mod status {
 pub enum Outcome {
     /// The target runs the replica.
     Completed,
+    /// Post-copy: the target runs the replica, which moves to it now, but its memory is still
+    /// arriving from the source; the job runs on (phase SWITCH) until the source has served
+    /// every page, and fails, without moving anything back, if it cannot.
+    Switched,
     /// It stays (or goes back) where it was, for this reason.
     Failed(String),
 }
@@ -210,16 +214,39 @@ impl Service {
             }
             let phase = v1::MigrationPhase::try_from(p.phase).unwrap_or_default();
             let running = report.status == v1::InstanceStatus::Running as i32;
-            if from_target && phase == v1::MigrationPhase::Done && running {
+            let ending =
+                if from_target && phase == v1::MigrationPhase::Done && running && !j.switched {
+                    // Post-copy's memory may still be arriving: the replica is the target's now,
+                    // but the job ends once the source has served the last page.
+                    let mut absorbed = j.clone();
+                    absorb(&mut absorbed, p);
+                    Some(if postcopy(&absorbed) && !absorbed.pages_done {
+                        Outcome::Switched
+                    } else {
+                        Outcome::Completed
+                    })
+                } else if !from_target && phase == v1::MigrationPhase::Done && j.switched {
+                    Some(Outcome::Completed)
+                } else {
+                    None
+                };
+            if let Some(outcome) = ending {
                 let mut done = job.clone();
                 absorb(&mut done.value, p);
-                if finish(&self.store, &self.events, &done, Outcome::Completed).await? {
+                if !from_target && phase == v1::MigrationPhase::Done {
+                    done.value.pages_done = true;
+                }
+                if finish(&self.store, &self.events, &done, outcome).await? {
                     return Ok(());
                 }
                 continue;
             }
             let mut next = j.clone();
             absorb(&mut next, p);
+            if !from_target && phase == v1::MigrationPhase::Done {
+                // Every page served before the target's report arrived: the switch completes.
+                next.pages_done = true;
+            }
             if next == *j {
                 return Ok(());
             }
@@ -248,6 +275,11 @@ impl Service {
             .and_then([TxnOp::put(key, to_json(&next), None)]);
         Ok(self.store.txn(txn).await?.succeeded())
     }
+}
+
+/// Whether the job moves memory by post-copy (asked for, or what `auto` chose).
+fn postcopy(j: &MigrationRecord) -> bool {
+    j.mode == "postcopy" || j.chosen_mode == "postcopy"
 }
 
 /// Takes the figures a node reported; the larger wins, since the source counts what it sent and
@@ -308,6 +340,11 @@ pub(crate) async fn finish(
             done.status = status::COMPLETED.to_owned();
             done.phase = phase_name(v1::MigrationPhase::Done).to_owned();
         }
+        Outcome::Switched => {
+            done.switched = true;
+            done.phase = phase_name(v1::MigrationPhase::Switch).to_owned();
+            done.finished_at.clear();
+        }
         Outcome::Failed(reason) => {
             done.status = status::FAILED.to_owned();
             done.error = reason.clone();
@@ -316,14 +353,20 @@ pub(crate) async fn finish(
     // The instance still belongs to this job: move it (or just release it from the job).
     if let Some(inst) = inst.filter(|i| i.value.migration_id == j.migration_id) {
         let mut next = inst.value.clone();
-        next.migration_id.clear();
+        // While post-copy pages flow the instance stays the job's: no other move may start
+        // from a copy whose memory is not all there.
+        if !matches!(outcome, Outcome::Switched) {
+            next.migration_id.clear();
+        }
         compares.push(Compare::mod_revision(
             ikey.clone(),
             CompareOp::Equal,
             inst.mod_revision,
         ));
         match &outcome {
-            Outcome::Completed => {
+            // Switched earlier: already the target's, its assignments already final.
+            Outcome::Completed | Outcome::Failed(_) if j.switched => {}
+            Outcome::Completed | Outcome::Switched => {
                 next.node_id = j.target_node.clone();
                 next.placed_at = now;
                 ops.push(TxnOp::delete(source_key.clone(), None));
@@ -339,7 +382,7 @@ pub(crate) async fn finish(
             }
         }
         ops.push(TxnOp::put(ikey, to_json(&next), None));
-    } else if matches!(outcome, Outcome::Failed(_)) {
+    } else if matches!(outcome, Outcome::Failed(_)) && !j.switched {
         // The instance went away (deleted, moved by a node failure): only the target's leftovers.
         ops.push(TxnOp::delete(target_key, None));
     }
@@ -352,6 +395,16 @@ pub(crate) async fn finish(
         return Ok(false);
     }
     match &outcome {
+        Outcome::Switched => {
+            tracing::info!(migration_id = %j.migration_id, instance_id = %j.instance_id,
+                target = %j.target_node, "post-copy migration switched: the target runs it, its memory follows");
+            events.emit(
+                Event::migration(&j.migration_id, types::SWITCHED)
+                    .with_container(&j.container_id)
+                    .with_node(&j.target_node)
+                    .with_reason("the target runs it; memory still arriving".to_owned()),
+            );
+        }
         Outcome::Completed => {
             tracing::info!(migration_id = %j.migration_id, instance_id = %j.instance_id,
                 target = %j.target_node, downtime_ms = done.downtime_ms, "migration completed");

@@ -285,6 +285,14 @@ pub struct MigrationRecord {
     /// The write rate (MiB/s) the source measured to choose; absent unless `auto` measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_rate_mib_s: Option<f64>,
+    /// Post-copy: the target runs the replica (it is the target's now) while its memory still
+    /// arrives from the source; the job ends when the source has served every page.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub switched: bool,
+    /// Post-copy: the source reported every page served (possibly before the target's report
+    /// that it runs the replica reached the hub).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pages_done: bool,
     #[serde(default)]
     pub rounds: u32,
     #[serde(default)]
