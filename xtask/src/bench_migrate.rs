@@ -189,7 +189,7 @@ fn build_program() -> anyhow::Result<PathBuf> {
     let bin = dir.join("migrate-prog");
     crate::run(
         Command::new("gcc")
-            .args(["-static", "-O2", "-Wall", "-o"])
+            .args(["-static", "-pthread", "-O2", "-Wall", "-o"])
             .arg(&bin)
             .arg(&src),
     )
@@ -367,7 +367,18 @@ impl Bench<'_> {
             }
         }
         std::thread::sleep(Duration::from_millis(300));
-        let client = analyse(&poller.stop()?);
+        let lines = poller.stop()?;
+        // Every attempt the client made, for a closer look at a gap.
+        let trace = berth_tests::paths::harness_dir()
+            .join("bench-migrate")
+            .join(format!("client-{size}MiB-{mode}-{mid}.txt"));
+        if let Some(dir) = trace.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if std::fs::write(&trace, lines.join("\n")).is_ok() {
+            println!("  client trace: {}", trace.display());
+        }
+        let client = analyse(&lines);
         let after = self.get(&d.client, &d.ip, "/").ok();
         let pause = |key| {
             after

@@ -3,9 +3,11 @@
  *
  *   prog serve SIZE_MIB RATE_MIB_S
  *     Allocates SIZE_MIB MiB, touches all of it, then rewrites RATE_MIB_S MiB of it per second (whole
- *     pages, a little every millisecond) and answers HTTP on port 80 with its counters:
+ *     pages, a little every millisecond, on a writer thread) and answers HTTP on port 80 (on the
+ *     main thread, so a writer stalled by missing pages does not hold the answers) with its
+ *     counters:
  *       seq=N maxgap_us=G wallgap_us=W net=net:[INODE] rewritten_mib=M
- *     maxgap_us is the longest gap between two of its loop iterations since start or since the last
+ *     maxgap_us is the longest gap between two of the writer's iterations since start or since the last
  *     `GET /reset` (its own view of a pause: a freeze, a dump, the move) on CLOCK_MONOTONIC, which
  *     CRIU restores inside a time namespace whose offset hides the time between dump and restore;
  *     wallgap_us is the same on CLOCK_REALTIME, which nothing hides. net names the network
@@ -27,6 +29,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -70,6 +74,65 @@ struct conn {
 	char buf[1024];
 };
 
+/* What the writer thread measures and the server reports. */
+static _Atomic int64_t maxgap_us, wallgap_us;
+static _Atomic uint64_t rewritten;
+static _Atomic int reset_requested;
+
+struct writer_args {
+	unsigned char *mem;
+	size_t pages;
+	long rate_mib;
+};
+
+/* Rewrites rate_mib MiB/s in whole pages, a little every millisecond, cycling through the region,
+ * and keeps the longest gap between two of its iterations (its own view of a pause). A pause puts
+ * it behind: it catches up at once, as a writer with a quota would. */
+static void *writer(void *arg) {
+	struct writer_args *w = arg;
+	uint64_t generation = 0;
+	size_t next_page = 0;
+	double owed_pages = 0;
+	double pages_per_us = (double)w->rate_mib * 256.0 / 1e6;
+	int64_t last = now_us(), last_wall = wall_us();
+	for (;;) {
+		struct timespec ms = {.tv_sec = 0, .tv_nsec = 1000000};
+		nanosleep(&ms, NULL);
+		int64_t t = now_us();
+		int64_t gap = t - last;
+		last = t;
+		int64_t wt = wall_us();
+		int64_t wgap = wt - last_wall;
+		last_wall = wt;
+		if (atomic_exchange(&reset_requested, 0)) {
+			maxgap_us = 0;
+			wallgap_us = 0;
+		}
+		if (gap > maxgap_us)
+			maxgap_us = gap;
+		if (wgap > wallgap_us)
+			wallgap_us = wgap;
+		owed_pages += (double)gap * pages_per_us;
+		while (owed_pages >= 1.0 && w->pages > 0) {
+			unsigned char *page = w->mem + next_page * PAGE;
+			memset(page, (int)(generation & 0xff), 64);
+			memcpy(page + 64, &generation, 8);
+			for (size_t off = 72; off < PAGE; off += 8)
+				page[off] ^= (unsigned char)(generation + off);
+			next_page++;
+			if (next_page == w->pages) {
+				next_page = 0;
+				generation++;
+			}
+			owed_pages -= 1.0;
+			rewritten++;
+		}
+	}
+	return NULL;
+}
+
+/* Answers HTTP on its own thread, as a service's request path would beside its background work:
+ * what the client sees is the service, the writer's pauses are the program's own column. */
 static int serve(long size_mib, long rate_mib) {
 	size_t size = (size_t)size_mib << 20;
 	size_t pages = size / PAGE;
@@ -96,48 +159,25 @@ static int serve(long size_mib, long rate_mib) {
 		return 1;
 	}
 	nonblock(lfd);
+	static struct writer_args wargs;
+	wargs = (struct writer_args){.mem = mem, .pages = pages, .rate_mib = rate_mib};
+	pthread_t tid;
+	if (pthread_create(&tid, NULL, writer, &wargs) != 0) {
+		perror("pthread_create");
+		return 1;
+	}
 	fprintf(stderr, "serving: %ld MiB resident, rewriting %ld MiB/s\n", size_mib, rate_mib);
 
 	struct conn conns[MAX_CLIENTS];
 	int nconns = 0;
-	uint64_t seq = 0, generation = 0;
-	size_t next_page = 0;
-	double owed_pages = 0, rewritten_pages = 0;
-	int64_t last = now_us(), maxgap = 0, last_wall = wall_us(), wallgap = 0;
-	double pages_per_us = (double)rate_mib * 256.0 / 1e6;
+	uint64_t seq = 0;
 
 	for (;;) {
 		struct pollfd pfd[MAX_CLIENTS + 1];
 		pfd[0] = (struct pollfd){.fd = lfd, .events = POLLIN};
 		for (int i = 0; i < nconns; i++)
 			pfd[i + 1] = (struct pollfd){.fd = conns[i].fd, .events = POLLIN};
-		poll(pfd, nconns + 1, 1);
-
-		int64_t t = now_us();
-		int64_t gap = t - last;
-		last = t;
-		if (gap > maxgap)
-			maxgap = gap;
-		int64_t w = wall_us();
-		if (w - last_wall > wallgap)
-			wallgap = w - last_wall;
-		last_wall = w;
-
-		/* The write rate, spread over the iterations: whole pages, cycling through the region. */
-		owed_pages += (double)gap * pages_per_us;
-		while (owed_pages >= 1.0 && pages > 0) {
-			memset(mem + next_page * PAGE, (int)(generation & 0xff), 64);
-			memcpy(mem + next_page * PAGE + 64, &generation, 8);
-			for (size_t off = 72; off < PAGE; off += 8)
-				mem[next_page * PAGE + off] ^= (unsigned char)(generation + off);
-			next_page++;
-			if (next_page == pages) {
-				next_page = 0;
-				generation++;
-			}
-			owed_pages -= 1.0;
-			rewritten_pages += 1.0;
-		}
+		poll(pfd, nconns + 1, 100);
 
 		if (pfd[0].revents & POLLIN) {
 			for (;;) {
@@ -166,7 +206,7 @@ static int serve(long size_mib, long rate_mib) {
 				if (strstr(c->buf, "\r\n\r\n") || strstr(c->buf, "\n\n") ||
 				    c->len == sizeof c->buf - 1) {
 					if (strncmp(c->buf, "GET /reset", 10) == 0)
-						maxgap = wallgap = 0;
+						reset_requested = 1;
 					char net[64] = "?";
 					ssize_t l = readlink("/proc/self/ns/net", net, sizeof net - 1);
 					if (l > 0)
@@ -175,9 +215,9 @@ static int serve(long size_mib, long rate_mib) {
 					int blen = snprintf(body, sizeof body,
 					                    "seq=%llu maxgap_us=%lld wallgap_us=%lld net=%s "
 					                    "rewritten_mib=%.1f\n",
-					                    (unsigned long long)++seq, (long long)maxgap,
-					                    (long long)wallgap, net,
-					                    rewritten_pages / 256.0);
+					                    (unsigned long long)++seq, (long long)maxgap_us,
+					                    (long long)wallgap_us, net,
+					                    (double)rewritten / 256.0);
 					int keep = strstr(c->buf, "HTTP/1.1") != NULL &&
 					           strstr(c->buf, "Connection: close") == NULL;
 					char resp[512];
