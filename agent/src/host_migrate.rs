@@ -327,6 +327,7 @@ impl NodeHost {
                     changed_pages = rate.changed_pages,
                     took_ms = rate.took.as_millis() as u64,
                     postcopy_below_mib_s = policy.postcopy_below_mib_s,
+                    precopy_max_resident_mib = policy.precopy_max_resident_mib,
                     ?mode,
                     "auto migration: mode chosen by the write rate"
                 );

@@ -83,9 +83,14 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT|none")]
     listen_migration: Option<String>,
     /// An `auto` migration leaving this node measures how fast the container rewrites its memory
-    /// and moves it by post-copy below this rate (MiB/s), by pre-copy at or above it.
+    /// and moves it by post-copy below this rate (MiB/s); at or above it, by pre-copy if the
+    /// container is small (--auto-precopy-max-resident), else still by post-copy.
     #[arg(long, value_name = "MIB_PER_S", default_value_t = 32.0, value_parser = parse_rate)]
     auto_postcopy_below: f64,
+    /// The largest resident memory (MiB) an `auto` migration moves by pre-copy (its freeze grows
+    /// with the memory without soft-dirty tracking; post-copy's does not).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    auto_precopy_max_resident: u64,
 }
 
 /// A write rate in MiB/s: a finite number ≥ 0.
@@ -510,6 +515,7 @@ async fn run(args: Args) -> Result<(), Failure> {
             helper.clone(),
             berth_agent::migrate::write_rate::AutoPolicy {
                 postcopy_below_mib_s: args.auto_postcopy_below,
+                precopy_max_resident_mib: args.auto_precopy_max_resident,
                 ..Default::default()
             },
             addr_tx,

@@ -11,9 +11,6 @@ mod lazy_support;
 mod runtime_support;
 
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +23,7 @@ use berth_agent::migrate::session::{
 use berth_agent::migrate::transport::MigrationEndpoint;
 use berth_agent::migrate::wire::DEFAULT_MAX_PAYLOAD;
 use lazy_support::{
-    counter, first_tick, fixture, identities, require_lazy_pages, PipeReader, COUNTER,
+    counter, first_tick, fixture, identities, require_lazy_pages, LandingSite, PipeReader, COUNTER,
 };
 use runtime_support::{
     frozen_counter, init_pid, proc_state, suffix, wait_for, Fixture, Netns, Restored,
@@ -50,16 +47,7 @@ async fn connect() -> (
 
 /// The test's target node: a copy of the rootfs, its own netns, cgroup and output pipes.
 struct Landing {
-    /// The source's files, copied to `rootfs` once the source is frozen (as a migration's upper
-    /// dir arrives after the freeze): a copy taken earlier would hold files the container changed
-    /// since, and CRIU refuses an open file whose size moved.
-    from: PathBuf,
-    rootfs: PathBuf,
-    netns: PathBuf,
-    cgroup_root: String,
-    resolv: PathBuf,
-    /// Write ends of the output pipes, handed to the restore once.
-    stdio: Mutex<Option<(OwnedFd, OwnedFd)>>,
+    site: LandingSite,
     fail_prepare: bool,
     prepared: Mutex<Option<Received>>,
     adopted: Mutex<Option<i32>>,
@@ -72,30 +60,7 @@ impl TargetHost for Landing {
         if self.fail_prepare {
             return Err("no room on this node (test)".into());
         }
-        let (out, err) = self.stdio.lock().unwrap().take().ok_or("prepared twice")?;
-        let copied = Command::new("cp")
-            .arg("-a")
-            .arg(&self.from)
-            .arg(&self.rootfs)
-            .status()?;
-        if !copied.success() {
-            return Err("cp -a rootfs".into());
-        }
-        let external_mounts = received
-            .metadata
-            .external_mounts
-            .iter()
-            .map(|m| (m.clone(), self.resolv.clone()))
-            .collect();
-        Ok(RestorePlan {
-            rootfs: self.rootfs.clone(),
-            netns: Some(self.netns.clone()),
-            stdio: [None, Some(out), Some(err)],
-            cgroup_root: Some(self.cgroup_root.clone()),
-            external_mounts,
-            tcp_established: true,
-            timeout: Duration::from_secs(30),
-        })
+        self.site.plan(received)
     }
 
     async fn adopt(&self, restored: &RestoreReport) -> Result<(), HookError> {
@@ -169,12 +134,14 @@ fn setup(fail_prepare: bool) -> Setup {
     let resolv = work.join("resolv.target");
     std::fs::write(&resolv, "nameserver 10.0.0.2\n").unwrap();
     let landing = Landing {
-        from: f.rootfs.clone(),
-        rootfs,
-        netns: netns.path(),
-        cgroup_root: format!("/{}/ins-pc-{}", f.parent, suffix()),
-        resolv,
-        stdio: Mutex::new(Some((out_w, err_w))),
+        site: LandingSite {
+            from: f.rootfs.clone(),
+            rootfs,
+            netns: netns.path(),
+            cgroup_root: format!("/{}/ins-pc-{}", f.parent, suffix()),
+            resolv,
+            stdio: Mutex::new(Some((out_w, err_w))),
+        },
         fail_prepare,
         prepared: Mutex::new(None),
         adopted: Mutex::new(None),
@@ -283,7 +250,7 @@ fn postcopy_runs_the_container_on_the_target_and_brings_every_page() {
     // The counter continues in the new rootfs, with the whole string in memory.
     assert!(matches!(proc_state(restored.0), Some('S' | 'R')));
     let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", restored.0)).unwrap();
-    assert!(cgroups.contains(&s.landing.cgroup_root), "{cgroups}");
+    assert!(cgroups.contains(&s.landing.site.cgroup_root), "{cgroups}");
     let (frozen, at_dump) = frozen_counter(&s.f.rootfs);
     // Empty when the freeze fell between the shell's truncate and write.
     assert!(
@@ -291,7 +258,7 @@ fn postcopy_runs_the_container_on_the_target_and_brings_every_page() {
         "{frozen:?}"
     );
     wait_for("the restored counter", Duration::from_secs(10), || {
-        counter(&s.landing.rootfs) > at_dump + 3
+        counter(&s.landing.site.rootfs) > at_dump + 3
     });
     wait_for("a tick on our pipe", Duration::from_secs(10), || {
         first_tick(&s.out.text()).is_some()

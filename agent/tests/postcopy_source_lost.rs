@@ -19,9 +19,7 @@ mod lazy_support;
 mod runtime_support;
 
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,7 +32,7 @@ use berth_agent::migrate::session::{
 };
 use berth_agent::migrate::transport::MigrationEndpoint;
 use berth_agent::migrate::wire::DEFAULT_MAX_PAYLOAD;
-use lazy_support::{fixture, identities, require_lazy_pages, PipeReader};
+use lazy_support::{fixture, identities, require_lazy_pages, LandingSite, PipeReader};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -217,43 +215,12 @@ fn lose_the_source_while_pages_arrive(loss: Loss) {
 
 /// The test's target node: a copy of the rootfs, its own netns, cgroup and output pipes.
 struct Landing {
-    /// The source's files, copied once the source is frozen (as a migration's upper dir
-    /// arrives after the freeze).
-    from: PathBuf,
-    rootfs: PathBuf,
-    netns: PathBuf,
-    cgroup_root: String,
-    resolv: PathBuf,
-    /// Write ends of the output pipes, handed to the restore once.
-    stdio: Mutex<Option<(OwnedFd, OwnedFd)>>,
+    site: LandingSite,
 }
 
 impl TargetHost for Landing {
     async fn prepare(&self, received: &Received) -> Result<RestorePlan, HookError> {
-        let (out, err) = self.stdio.lock().unwrap().take().ok_or("prepared twice")?;
-        let copied = Command::new("cp")
-            .arg("-a")
-            .arg(&self.from)
-            .arg(&self.rootfs)
-            .status()?;
-        if !copied.success() {
-            return Err("cp -a rootfs".into());
-        }
-        let external_mounts = received
-            .metadata
-            .external_mounts
-            .iter()
-            .map(|m| (m.clone(), self.resolv.clone()))
-            .collect();
-        Ok(RestorePlan {
-            rootfs: self.rootfs.clone(),
-            netns: Some(self.netns.clone()),
-            stdio: [None, Some(out), Some(err)],
-            cgroup_root: Some(self.cgroup_root.clone()),
-            external_mounts,
-            tcp_established: true,
-            timeout: Duration::from_secs(30),
-        })
+        self.site.plan(received)
     }
 
     async fn adopt(&self, _restored: &RestoreReport) -> Result<(), HookError> {
@@ -325,12 +292,14 @@ fn setup() -> Setup {
     let resolv = work.join("resolv.target");
     std::fs::write(&resolv, "nameserver 10.0.0.2\n").unwrap();
     let landing = Landing {
-        from: f.rootfs.clone(),
-        rootfs: work.join("rootfs2"),
-        netns: netns.path(),
-        cgroup_root: format!("/{}/ins-pl-{}", f.parent, suffix()),
-        resolv,
-        stdio: Mutex::new(Some((out_w, err_w))),
+        site: LandingSite {
+            from: f.rootfs.clone(),
+            rootfs: work.join("rootfs2"),
+            netns: netns.path(),
+            cgroup_root: format!("/{}/ins-pl-{}", f.parent, suffix()),
+            resolv,
+            stdio: Mutex::new(Some((out_w, err_w))),
+        },
     };
     Setup {
         pid,

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::page_proto::{PageStreamCounter, StreamEnd};
+use super::page_proto::{PageStreamCounter, RequestTracker, StreamEnd};
 use super::pages::PAGE_SIZE;
 
 /// First bytes of every relay stream (opened by the target).
@@ -369,10 +369,21 @@ async fn bridge(
     let tcp_to_quic = async {
         let mut buf = vec![0u8; BUF];
         let mut pages = (side == Side::Source).then(|| PageTally::new(c));
+        let mut requests = (side == Side::Target).then(RequestTracker::default);
         loop {
             let n = tcp_r.read(&mut buf).await?;
             if n == 0 {
+                // A daemon that hangs up without its close died: passed on as a plain end, the
+                // page server would take it for a finished transfer.
+                if requests.as_ref().and_then(RequestTracker::closed_cleanly) == Some(false) {
+                    return Err(std::io::Error::other(
+                        "the lazy-pages daemon hung up before its close: pages not all delivered",
+                    ));
+                }
                 break;
+            }
+            if let Some(r) = &mut requests {
+                r.feed(&buf[..n]);
             }
             send.write_all(&buf[..n])
                 .await
@@ -654,6 +665,57 @@ mod tests {
         // The watch outlives the relay.
         source.stop();
         assert_eq!(watch.counters().pages, pages);
+    }
+
+    /// A daemon that dies after its requests, without the close: the page server must see its
+    /// connection reset (CRIU then fails the transfer), not the plain end it would take for a
+    /// finished one. After a close, the plain end passes.
+    #[tokio::test]
+    async fn a_daemon_hanging_up_without_its_close_resets_the_page_server() {
+        async fn ending(close: bool) -> std::io::ErrorKind {
+            let p = pair().await;
+            let l = TcpListener::bind(localhost()).await.unwrap();
+            let page_server = l.local_addr().unwrap();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut h = [0u8; 32];
+                let end = loop {
+                    if let Err(e) = s.read_exact(&mut h).await {
+                        break e.kind();
+                    }
+                    let cmd = u32::from_ne_bytes(h[..4].try_into().unwrap());
+                    if cmd == PS_IOV_CLOSE {
+                        s.write_all(&0i32.to_ne_bytes()).await.unwrap();
+                        continue;
+                    }
+                    let nr = u64::from_ne_bytes(h[8..16].try_into().unwrap());
+                    s.write_all(&psi(PAGE_REPLY, nr, 0x1000, 1)).await.unwrap();
+                    s.write_all(&payload(nr as usize * PAGE_SIZE, 1))
+                        .await
+                        .unwrap();
+                };
+                let _ = tx.send(end);
+            });
+            let _source = SourceRelay::start(p.source.clone(), page_server);
+            let target = TargetRelay::start(p.target.clone()).await.unwrap();
+            let mut tcp = TcpStream::connect(target.local_addr()).await.unwrap();
+            tcp.write_all(&psi(PS_IOV_GET, 2, 0x1000, 1)).await.unwrap();
+            let mut reply = vec![0u8; 32 + 2 * PAGE_SIZE];
+            tcp.read_exact(&mut reply).await.unwrap();
+            if close {
+                tcp.write_all(&psi(PS_IOV_CLOSE, 0, 0, 0)).await.unwrap();
+                let mut status = [0u8; 4];
+                tcp.read_exact(&mut status).await.unwrap();
+            }
+            drop(tcp);
+            tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+        assert_eq!(ending(false).await, std::io::ErrorKind::ConnectionReset);
+        assert_eq!(ending(true).await, std::io::ErrorKind::UnexpectedEof);
     }
 
     #[tokio::test]

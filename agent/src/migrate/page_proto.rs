@@ -313,6 +313,65 @@ fn parse_header(h: &[u8; HEADER_LEN], page_size: u64, offset: u64) -> Result<u64
     Ok(nr_pages)
 }
 
+/// `PS_IOV_GET`: the daemon asks for pages (a header, nothing after it).
+const PS_IOV_GET: u32 = 7;
+/// `PS_IOV_CLOSE` / `PS_IOV_FORCE_CLOSE`: the daemon is done.
+const PS_IOV_CLOSE: u32 = 0x1023;
+const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+
+/// Follows the daemon's side of the conversation (headers only: `PS_IOV_GET`s, then
+/// `PS_IOV_CLOSE`), to tell its hang-up after the close from a hang-up without one.
+///
+/// The page server reads a plain end of its connection before the daemon's close as the end of
+/// a good transfer (CRIU 4.2.1, `page_server_serve`), so a daemon that died would look, at the
+/// source, like every page delivered; the relay resets the connection instead when this says
+/// the close never came.
+#[derive(Debug, Default, Clone)]
+pub struct RequestTracker {
+    /// Bytes of the header being read.
+    have: usize,
+    /// Its command word (the first 4 bytes, host order).
+    cmd: [u8; 4],
+    /// The last whole header's command (low 16 bits).
+    last: Option<u32>,
+    /// Something that is not a request came: nothing is judged.
+    lost: bool,
+}
+
+impl RequestTracker {
+    /// Takes the next bytes the daemon sent.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !self.lost && !chunk.is_empty() {
+            let take = (HEADER_LEN - self.have).min(chunk.len());
+            for (i, b) in chunk[..take].iter().enumerate() {
+                if let Some(slot) = self.cmd.get_mut(self.have + i) {
+                    *slot = *b;
+                }
+            }
+            self.have += take;
+            chunk = &chunk[take..];
+            if self.have == HEADER_LEN {
+                let cmd = u32::from_ne_bytes(self.cmd) & PS_CMD_MASK;
+                if matches!(cmd, PS_IOV_GET | PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE) {
+                    self.last = Some(cmd);
+                } else {
+                    self.lost = true;
+                }
+                self.have = 0;
+            }
+        }
+    }
+
+    /// At the daemon's end of stream: `Some(true)` after a close, `Some(false)` when it hung up
+    /// without one (mid-header, or after a request), `None` when its bytes were not requests.
+    pub fn closed_cleanly(&self) -> Option<bool> {
+        if self.lost {
+            return None;
+        }
+        Some(self.have == 0 && matches!(self.last, Some(PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE)))
+    }
+}
+
 #[cfg(test)]
 #[path = "page_proto_tests.rs"]
 mod tests;

@@ -208,3 +208,42 @@ fn ends_inside_a_reply_are_told_apart_from_the_close_status() {
     assert_eq!(c.finish(), Ok(StreamEnd::Closed { status: -1 }));
     assert_eq!(PageStreamCounter::new(PS).finish(), Ok(StreamEnd::AtReply));
 }
+
+fn request(cmd: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&cmd.to_ne_bytes());
+    h[8..16].copy_from_slice(&16u64.to_ne_bytes());
+    h
+}
+
+#[test]
+fn the_daemons_close_is_told_from_a_hang_up_at_any_split() {
+    let mut stream = Vec::new();
+    for _ in 0..3 {
+        stream.extend_from_slice(&request(7));
+    }
+    stream.extend_from_slice(&request(0x1023));
+    for cut in 0..=stream.len() {
+        let mut t = RequestTracker::default();
+        t.feed(&stream[..cut]);
+        t.feed(&stream[cut..]);
+        assert_eq!(t.closed_cleanly(), Some(true), "split at {cut}");
+    }
+    // Forced close (with flag bits above the command) counts too.
+    let mut t = RequestTracker::default();
+    t.feed(&request(0x1024 | 4 << 16));
+    assert_eq!(t.closed_cleanly(), Some(true));
+    // Hang-ups: after requests only, mid-header, before anything.
+    let mut t = RequestTracker::default();
+    t.feed(&stream[..3 * HEADER_LEN]);
+    assert_eq!(t.closed_cleanly(), Some(false));
+    let mut t = RequestTracker::default();
+    t.feed(&stream[..3 * HEADER_LEN + 5]);
+    assert_eq!(t.closed_cleanly(), Some(false));
+    assert_eq!(RequestTracker::default().closed_cleanly(), Some(false));
+    // Bytes that are not requests: no judgement.
+    let mut t = RequestTracker::default();
+    t.feed(&request(6));
+    t.feed(&request(0x1023));
+    assert_eq!(t.closed_cleanly(), None);
+}

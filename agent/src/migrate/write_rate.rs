@@ -67,15 +67,23 @@ impl WriteRate {
     }
 }
 
-/// How an `auto` migration chooses: measure for `window`, then post-copy below
-/// `postcopy_below_mib_s`, pre-copy at or above it.
+/// How an `auto` migration chooses: measure for `window`, then post-copy unless the container
+/// both writes fast (at or above `postcopy_below_mib_s`) and is small (resident at most
+/// `precopy_max_resident_mib`), where pre-copy wins.
+///
+/// Why, from `cargo xtask bench migrate` on the 2-core VM (README "Live migration"): post-copy
+/// answered clients again 0.22–0.36 s after the freeze at every size and rate, and its program
+/// paused no longer than that up to 10 MiB/s; under 100 MiB/s of writes the program's first
+/// touches of pages not pulled yet stretched its pause to 0.5 s (64 MiB), 1.1 s (256 MiB) and
+/// 1.5 s (1 GiB). Without soft-dirty tracking pre-copy's freeze handles all memory three times
+/// (final dump, images, restore), so it grows with the size: 0.37 s, 0.79 s and 4.3 s there.
+/// Pre-copy is the shorter pause only for small, write-heavy containers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AutoPolicy {
-    /// The write rate (MiB/s) from which pre-copy is chosen. `cargo xtask bench migrate` on the
-    /// 2-core VM: at 10 MiB/s post-copy paused the program 0.21–0.28 s against pre-copy's ~1 s;
-    /// at 100 MiB/s post-copy's first touches of missing pages paused it 0.8–1.5 s, pre-copy's
-    /// freeze 0.4–1.0 s. The default sits between, nearer the side where post-copy still wins.
+    /// The write rate (MiB/s) from which pre-copy may be chosen.
     pub postcopy_below_mib_s: f64,
+    /// The largest resident size (MiB) pre-copy is chosen for.
+    pub precopy_max_resident_mib: u64,
     /// Time between the two reads of each page.
     pub window: Duration,
     /// Pages read per pass at most (the estimate scales up from them).
@@ -86,6 +94,7 @@ impl Default for AutoPolicy {
     fn default() -> Self {
         Self {
             postcopy_below_mib_s: 32.0,
+            precopy_max_resident_mib: 256,
             window: Duration::from_millis(200),
             // 64 MiB: two passes cost ~0.1 s of one core whatever the container's size.
             max_sample_pages: 16 * 1024,
@@ -94,9 +103,11 @@ impl Default for AutoPolicy {
 }
 
 impl AutoPolicy {
-    /// Whether a container writing at `rate` should move by post-copy.
+    /// Whether a container measured as `rate` should move by post-copy.
     pub fn prefers_postcopy(&self, rate: &WriteRate) -> bool {
+        let resident_mib = rate.resident_pages.saturating_mul(PAGE as u64) >> 20;
         rate.mib_per_sec() < self.postcopy_below_mib_s
+            || resident_mib > self.precopy_max_resident_mib
     }
 }
 
@@ -374,18 +385,21 @@ garbage line
     #[test]
     fn policy_picks_postcopy_below_its_rate() {
         let policy = AutoPolicy::default();
-        let at = |mib: f64| WriteRate {
+        let at = |mib: f64, resident_mib: u64| WriteRate {
             bytes_per_sec: mib * 1024.0 * 1024.0,
-            resident_pages: 1,
+            resident_pages: resident_mib * 256,
             sampled_pages: 1,
             changed_pages: 0,
             window: Duration::from_millis(200),
             took: Duration::ZERO,
         };
-        assert!(policy.prefers_postcopy(&at(0.0)));
-        assert!(policy.prefers_postcopy(&at(10.0)));
-        assert!(!policy.prefers_postcopy(&at(32.0)));
-        assert!(!policy.prefers_postcopy(&at(100.0)));
+        assert!(policy.prefers_postcopy(&at(0.0, 64)));
+        assert!(policy.prefers_postcopy(&at(10.0, 64)));
+        assert!(!policy.prefers_postcopy(&at(32.0, 64)));
+        assert!(!policy.prefers_postcopy(&at(100.0, 256)));
+        // Large: pre-copy's freeze grows with the size, post-copy's pause with the writes.
+        assert!(policy.prefers_postcopy(&at(100.0, 257)));
+        assert!(policy.prefers_postcopy(&at(100.0, 1024)));
     }
 
     #[test]

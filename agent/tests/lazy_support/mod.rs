@@ -1,5 +1,5 @@
-//! What the lazy-pages tests share (checkpoint_lazy.rs, postcopy.rs): a busybox container whose
-//! memory must come back whole, and the target's side of a restore.
+//! What the lazy-pages tests share (checkpoint_lazy.rs, postcopy.rs, postcopy_source_lost.rs): a
+//! busybox container whose memory must come back whole, and the target's side of a restore.
 #![allow(dead_code)] // each test binary uses its own part
 #![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
 
@@ -170,4 +170,53 @@ pub fn identities() -> (NodeIdentity, NodeIdentity) {
         .unwrap()
     };
     (identity("n1"), identity("n2"))
+}
+
+/// Where a post-copy test's target restores: a copy of the source's rootfs, its own netns,
+/// cgroup and output pipes.
+pub struct LandingSite {
+    /// The source's files, copied to `rootfs` once the source is frozen (as a migration's upper
+    /// dir arrives after the freeze): a copy taken earlier would hold files the container changed
+    /// since, and CRIU refuses an open file whose size moved.
+    pub from: PathBuf,
+    pub rootfs: PathBuf,
+    pub netns: PathBuf,
+    pub cgroup_root: String,
+    pub resolv: PathBuf,
+    /// Write ends of the output pipes, handed to the restore once.
+    pub stdio: Mutex<Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>>,
+}
+
+impl LandingSite {
+    /// The restore `received` asks for, into this site (the rootfs copied now).
+    pub fn plan(
+        &self,
+        received: &berth_agent::migrate::session::Received,
+    ) -> Result<berth_agent::migrate::session::RestorePlan, berth_agent::migrate::session::HookError>
+    {
+        let (out, err) = self.stdio.lock().unwrap().take().ok_or("prepared twice")?;
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&self.from)
+            .arg(&self.rootfs)
+            .status()?;
+        if !copied.success() {
+            return Err("cp -a rootfs".into());
+        }
+        let external_mounts = received
+            .metadata
+            .external_mounts
+            .iter()
+            .map(|m| (m.clone(), self.resolv.clone()))
+            .collect();
+        Ok(berth_agent::migrate::session::RestorePlan {
+            rootfs: self.rootfs.clone(),
+            netns: Some(self.netns.clone()),
+            stdio: [None, Some(out), Some(err)],
+            cgroup_root: Some(self.cgroup_root.clone()),
+            external_mounts,
+            tcp_established: true,
+            timeout: Duration::from_secs(30),
+        })
+    }
 }
