@@ -89,7 +89,7 @@ struct Args {
     auto_postcopy_below: f64,
     /// The largest resident memory (MiB) an `auto` migration moves by pre-copy (its freeze grows
     /// with the memory without soft-dirty tracking; post-copy's does not).
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    #[arg(long, value_name = "MIB", default_value_t = 320)]
     auto_precopy_max_resident: u64,
 }
 
