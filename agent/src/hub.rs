@@ -295,7 +295,12 @@ impl Outbox {
                 self.statuses.insert(r.instance_id.clone(), r);
             }
             Report::Removed(id) => {
-                self.statuses.remove(&id);
+                // A migration's end still goes: a post-copy source removes its copy right after
+                // reporting the last page served, and that report is what completes the job (the
+                // hub ignores the status part, the instance being another node's by then).
+                if self.statuses.get(&id).is_none_or(|r| r.migration.is_none()) {
+                    self.statuses.remove(&id);
+                }
                 self.removed.insert(id);
             }
         }
@@ -315,8 +320,10 @@ impl Outbox {
 
     /// Puts back a batch that failed, without overwriting anything newer.
     fn restore(&mut self, req: ReportStatusRequest) {
+        // Statuses pushed since the batch was taken: an instance started again after its removal.
+        let newer: std::collections::HashSet<String> = self.statuses.keys().cloned().collect();
         for r in req.reports {
-            if self.removed.contains(&r.instance_id) {
+            if self.removed.contains(&r.instance_id) && r.migration.is_none() {
                 continue;
             }
             match self.statuses.get_mut(&r.instance_id) {
@@ -328,7 +335,7 @@ impl Outbox {
             }
         }
         for id in req.removed {
-            if !self.statuses.contains_key(&id) {
+            if !newer.contains(&id) {
                 self.removed.insert(id);
             }
         }
@@ -484,6 +491,37 @@ mod tests {
             req.removed.is_empty(),
             "a newer status of c cancels its older removal"
         );
+    }
+
+    #[test]
+    fn a_migration_report_survives_the_removal_that_follows_it() {
+        let done = Some(berth_proto::v1::MigrationProgress {
+            migration_id: "mig-1".into(),
+            phase: berth_proto::v1::MigrationPhase::Done as i32,
+            ..Default::default()
+        });
+        let mut o = Outbox::default();
+        o.push(Report::Status(InstanceReport {
+            instance_id: "a".into(),
+            status: InstanceStatus::Running as i32,
+            migration: done.clone(),
+            ..Default::default()
+        }));
+        o.push(status("b", InstanceStatus::Running));
+        o.push(Report::Removed("a".into()));
+        o.push(Report::Removed("b".into()));
+        let req = o.take("n1");
+        assert_eq!(req.reports.len(), 1, "{req:?}");
+        assert_eq!(req.reports[0].migration, done);
+        let mut removed = req.removed.clone();
+        removed.sort();
+        assert_eq!(removed, ["a", "b"]);
+        // A batch that failed comes back whole, the migration's end included.
+        o.restore(req);
+        let again = o.take("n1");
+        assert_eq!(again.reports.len(), 1);
+        assert_eq!(again.reports[0].migration, done);
+        assert_eq!(again.removed.len(), 2);
     }
 
     #[test]

@@ -295,7 +295,8 @@ fn absorb(j: &mut MigrationRecord, p: &v1::MigrationProgress) {
     if p.downtime_ms > 0 {
         j.downtime_ms = p.downtime_ms;
     }
-    // Only the source chooses (the target's reports leave it unspecified).
+    // The source chooses and says so; the target says how the migration arrived (the same),
+    // so the switch knows it is post-copy whichever report the hub hears first.
     let chosen = v1::MigrationMode::try_from(p.chosen_mode).unwrap_or_default();
     if !matches!(
         chosen,
