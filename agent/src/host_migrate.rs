@@ -169,6 +169,7 @@ impl NodeHost {
             pages_sent: 0,
             downtime_ms: None,
             choice: None,
+            memory_complete: false,
         });
         let transfer = match mode {
             MigrationMode::Postcopy => Transfer::Postcopy,
@@ -457,8 +458,34 @@ impl NodeHost {
                         )
                         .await
                         // The pages keep arriving in the background; that task kills the
-                        // container if they do not, and removes the staging dir.
-                        .map(|landed| landed.outcome)
+                        // container if they do not, and removes the staging dir. Once they
+                        // all arrived the hub hears it from here too: with the source's own
+                        // report, whichever comes first, it ends the job.
+                        .map(|landed| {
+                            let (progress, mid) = (progress.clone(), mid.clone());
+                            tokio::spawn(async move {
+                                match landed.pages.wait().await {
+                                    Ok(after) => {
+                                        info!(migration_id = %mid, since_restore_ms = after.as_millis() as u64, "memory complete");
+                                        progress(&MigrationProgress {
+                                            phase: Phase::Done,
+                                            rounds: 1,
+                                            bytes_sent: 0,
+                                            pages_sent: 0,
+                                            downtime_ms: None,
+                                            choice: None,
+                                            memory_complete: true,
+                                        });
+                                    }
+                                    // The task killed the container: its exit and the source's
+                                    // report tell the rest.
+                                    Err(error) => {
+                                        warn!(migration_id = %mid, %error, "post-copy memory incomplete")
+                                    }
+                                }
+                            });
+                            landed.outcome
+                        })
                     }
                     Transfer::Precopy => {
                         run_target_quic(&conn, kit.criu.clone(), &landing, &config, &progress).await

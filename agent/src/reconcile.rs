@@ -792,6 +792,7 @@ fn progress_to_proto(
             Some(MigrationMode::Postcopy) => berth_proto::v1::MigrationMode::Postcopy,
         } as i32,
         write_rate_mib_s: p.choice.and_then(|c| c.write_rate_mib_s),
+        memory_complete: p.memory_complete,
     }
 }
 

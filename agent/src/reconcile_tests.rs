@@ -1371,6 +1371,7 @@ fn fake_progress(
         pages_sent: 1,
         downtime_ms: None,
         choice: None,
+        memory_complete: false,
     }
 }
 

@@ -572,5 +572,45 @@ async fn a_postcopy_job_switches_first_and_ends_when_the_memory_arrived() {
     let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
     assert_eq!(placed_on(&c), "n2", "{c}");
     assert_eq!(hub.assignments().await.len(), 1);
+
+    // The source's last report lost (its agent died once it had served): the target's "memory
+    // complete" ends the job as well.
+    let mid = start(&hub, &cid, r#"{"target_node":"n1","mode":"postcopy"}"#).await;
+    rec.pass().await.unwrap();
+    report(
+        &hub,
+        "n1",
+        iid,
+        InstanceStatus::Running,
+        Some(progress(&mid, MigrationPhase::Done)),
+    )
+    .await;
+    assert_eq!(job(&hub, &mid).await["phase"], "SWITCH");
+    let mut complete = progress(&mid, MigrationPhase::Done);
+    complete.memory_complete = true;
+    report(
+        &hub,
+        "n1",
+        iid,
+        InstanceStatus::Running,
+        Some(complete.clone()),
+    )
+    .await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(
+        (&j["status"], &j["pages_done"]),
+        (&Value::from("COMPLETED"), &Value::from(true)),
+        "{j}"
+    );
+    // Both target reports folded into one (the agent keeps the newest): completed at once.
+    let mid = start(&hub, &cid, r#"{"target_node":"n2","mode":"postcopy"}"#).await;
+    rec.pass().await.unwrap();
+    complete.migration_id = mid.clone();
+    report(&hub, "n2", iid, InstanceStatus::Running, Some(complete)).await;
+    let j = job(&hub, &mid).await;
+    assert_eq!(j["status"], "COMPLETED", "{j}");
+    let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
+    assert_eq!(placed_on(&c), "n2", "{c}");
+    assert_eq!(hub.assignments().await.len(), 1);
     alive.stop();
 }

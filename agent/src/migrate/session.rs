@@ -144,6 +144,8 @@ pub struct MigrationProgress {
     /// How the source carries the migration, once it chose (the agent fills it in around the
     /// session, which runs one protocol and does not know why).
     pub choice: Option<ModeChoice>,
+    /// Post-copy target: the last lazy page arrived (reported once, after the session).
+    pub memory_complete: bool,
 }
 
 /// The mode a source runs a migration in, and the measurement an `auto` order chose it by.
@@ -709,6 +711,7 @@ impl Tracker {
             pages_sent: self.pages.load(Ordering::Relaxed),
             downtime_ms: (downtime != u64::MAX).then_some(downtime),
             choice: None,
+            memory_complete: false,
         }
     }
 

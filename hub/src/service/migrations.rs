@@ -214,18 +214,24 @@ impl Service {
             }
             let phase = v1::MigrationPhase::try_from(p.phase).unwrap_or_default();
             let running = report.status == v1::InstanceStatus::Running as i32;
+            // Post-copy's memory is all on the target: the source served the last page, or the
+            // target has it (either report may be the one that arrives).
+            let memory_moved =
+                phase == v1::MigrationPhase::Done && (!from_target || p.memory_complete);
             let ending =
                 if from_target && phase == v1::MigrationPhase::Done && running && !j.switched {
                     // Post-copy's memory may still be arriving: the replica is the target's now,
-                    // but the job ends once the source has served the last page.
+                    // but the job ends once the last page arrived.
                     let mut absorbed = j.clone();
                     absorb(&mut absorbed, p);
-                    Some(if postcopy(&absorbed) && !absorbed.pages_done {
-                        Outcome::Switched
-                    } else {
-                        Outcome::Completed
-                    })
-                } else if !from_target && phase == v1::MigrationPhase::Done && j.switched {
+                    Some(
+                        if postcopy(&absorbed) && !absorbed.pages_done && !memory_moved {
+                            Outcome::Switched
+                        } else {
+                            Outcome::Completed
+                        },
+                    )
+                } else if memory_moved && j.switched {
                     Some(Outcome::Completed)
                 } else {
                     None
@@ -233,9 +239,7 @@ impl Service {
             if let Some(outcome) = ending {
                 let mut done = job.clone();
                 absorb(&mut done.value, p);
-                if !from_target && phase == v1::MigrationPhase::Done {
-                    done.value.pages_done = true;
-                }
+                done.value.pages_done |= memory_moved;
                 if finish(&self.store, &self.events, &done, outcome).await? {
                     return Ok(());
                 }
@@ -243,10 +247,8 @@ impl Service {
             }
             let mut next = j.clone();
             absorb(&mut next, p);
-            if !from_target && phase == v1::MigrationPhase::Done {
-                // Every page served before the target's report arrived: the switch completes.
-                next.pages_done = true;
-            }
+            // Every page served before the target's report arrived: that report completes it.
+            next.pages_done |= memory_moved;
             if next == *j {
                 return Ok(());
             }

@@ -289,8 +289,9 @@ pub struct MigrationRecord {
     /// arrives from the source; the job ends when the source has served every page.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub switched: bool,
-    /// Post-copy: the source reported every page served (possibly before the target's report
-    /// that it runs the replica reached the hub).
+    /// Post-copy: every page reached the target, as the source (last page served) or the target
+    /// (memory complete) reported, possibly before the target's report that it runs the replica
+    /// reached the hub.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pages_done: bool,
     #[serde(default)]
