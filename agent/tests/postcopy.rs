@@ -14,16 +14,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_agent::checkpoint::{bind_mount_points, DumpMode, DumpRequest, RestoreReport};
+use berth_agent::checkpoint::RestoreReport;
 use berth_agent::migrate::postcopy::{run_source_postcopy_quic, run_target_postcopy_quic};
 use berth_agent::migrate::session::{
-    HookError, MigrationProgress, Phase, PrecopyPolicy, ProgressSink, Received, RestorePlan,
-    SessionError, SourceConfig, TargetConfig, TargetHost, Timeouts,
+    HookError, MigrationProgress, Phase, ProgressSink, Received, RestorePlan, SessionError,
+    SourceConfig, TargetConfig, TargetHost,
 };
 use berth_agent::migrate::transport::MigrationEndpoint;
-use berth_agent::migrate::wire::DEFAULT_MAX_PAYLOAD;
 use lazy_support::{
-    counter, first_tick, fixture, identities, require_lazy_pages, LandingSite, PipeReader, COUNTER,
+    counter, first_tick, fixture, identities, require_lazy_pages, session_configs, LandingSite,
+    PipeReader, COUNTER,
 };
 use runtime_support::{
     frozen_counter, init_pid, proc_state, suffix, wait_for, Fixture, Netns, Restored,
@@ -102,31 +102,8 @@ fn setup(fail_prepare: bool) -> Setup {
         f.output(&id).contains("len 8000000")
     });
     let pid = init_pid(&f, &id);
+    let (source, target) = session_configs(&f, &id, pid);
     let work = f.dir.path().canonicalize().unwrap();
-    let mut dump = DumpRequest::new(pid, work.join("out/dump"), DumpMode::LeaveRunning);
-    dump.external_mounts =
-        bind_mount_points(&f.runtime.bundle_dir(&id).join("config.json")).unwrap();
-    dump.tcp_established = true;
-    let mid = format!("mig-{}", suffix());
-    let source = SourceConfig {
-        migration_id: mid.clone(),
-        instance_id: id.clone(),
-        dump,
-        work_dir: work.join("out"),
-        upper_dir: None,
-        precopy: PrecopyPolicy::default(),
-        timeouts: Timeouts::default(),
-        max_payload: DEFAULT_MAX_PAYLOAD,
-    };
-    let target = TargetConfig {
-        migration_id: mid,
-        instance_id: id,
-        staging_dir: work.join("in/staging"),
-        max_bytes: 1 << 30,
-        chown: true,
-        timeouts: Timeouts::default(),
-        max_payload: DEFAULT_MAX_PAYLOAD,
-    };
     let rootfs = f.dir.path().canonicalize().unwrap().join("rootfs2");
     let netns = Netns::new();
     let (out, out_w) = PipeReader::new();

@@ -220,3 +220,45 @@ impl LandingSite {
         })
     }
 }
+
+/// The two sides' configs for moving container `id` (init `pid`) of `f`: a leave-running dump
+/// with its bind mounts and established connections, a staging dir on the target, one
+/// migration id for both.
+pub fn session_configs(
+    f: &Fixture,
+    id: &str,
+    pid: i32,
+) -> (
+    berth_agent::migrate::session::SourceConfig,
+    berth_agent::migrate::session::TargetConfig,
+) {
+    use berth_agent::checkpoint::{bind_mount_points, DumpMode, DumpRequest};
+    use berth_agent::migrate::session::{PrecopyPolicy, SourceConfig, TargetConfig, Timeouts};
+    use berth_agent::migrate::wire::DEFAULT_MAX_PAYLOAD;
+    let work = f.dir.path().canonicalize().unwrap();
+    let mut dump = DumpRequest::new(pid, work.join("out/dump"), DumpMode::LeaveRunning);
+    dump.external_mounts =
+        bind_mount_points(&f.runtime.bundle_dir(id).join("config.json")).unwrap();
+    dump.tcp_established = true;
+    let mid = format!("mig-{}", runtime_support::suffix());
+    let source = SourceConfig {
+        migration_id: mid.clone(),
+        instance_id: id.to_owned(),
+        dump,
+        work_dir: work.join("out"),
+        upper_dir: None,
+        precopy: PrecopyPolicy::default(),
+        timeouts: Timeouts::default(),
+        max_payload: DEFAULT_MAX_PAYLOAD,
+    };
+    let target = TargetConfig {
+        migration_id: mid,
+        instance_id: id.to_owned(),
+        staging_dir: work.join("in/staging"),
+        max_bytes: 1 << 30,
+        chown: true,
+        timeouts: Timeouts::default(),
+        max_payload: DEFAULT_MAX_PAYLOAD,
+    };
+    (source, target)
+}
