@@ -28,7 +28,8 @@
 //! The source reports one round (the lazy dump), `bytes_sent` = the session's streams plus
 //! every byte the relay carried to the target, and `pages_sent` = the pages in CRIU's replies
 //! (counted as they pass, `page_proto`). It reports again every [`PROGRESS_EVERY`] while pages
-//! flow, and once more when serving ended.
+//! flow, and once more when serving ended: phase DONE if every page was served (that, or the
+//! target's `memory_complete` once its daemon has them all, ends the hub's job).
 //!
 //! # Failure
 //!
