@@ -53,10 +53,10 @@ use tracing::Instrument;
 use super::lazy_relay::{RelayCounters, RelayWatch, SourceRelay, TargetRelay};
 use super::session::{
     accept_hellos_and_stage, adopt_and_answer, blocking, check_upper_dir, flush, framed_reader,
-    framed_writer, millis, prepare_restore, receive_files, send, send_files,
-    send_hellos_and_await_ready, Budget, ImageSet, MigrationProgress, Phase, ProgressSink,
-    Received, SessionError, SourceConfig, Staging, TargetConfig, TargetHost, TargetOutcome,
-    Tracker, CLOSE_FAILED, CLOSE_GRACE, CLOSE_OK, ERROR_GRACE, IMAGES_AREA,
+    framed_writer, millis, prepare_restore, read_verdict, receive_files, send, send_files,
+    send_hellos_and_await_ready, tell_peer_failed, Budget, ImageSet, MigrationProgress, Phase,
+    ProgressSink, Received, SessionError, SourceConfig, TargetConfig, TargetHost, TargetOutcome,
+    TargetState, Tracker, CLOSE_FAILED, CLOSE_GRACE, CLOSE_OK, ERROR_GRACE, IMAGES_AREA,
 };
 use super::wire::{Frame, FrameReader, FrameWriter, Restored, WireCounters};
 use crate::checkpoint::lazy::{LazyDump, LazyDumpRequest, LazyPages, LazyPagesRequest};
@@ -295,12 +295,7 @@ pub async fn run_source_postcopy_quic(
         }
         Err(cause) => {
             tracing::warn!(parent: &span, error = %cause, "post-copy migration source failed");
-            let message = cause.to_string();
-            let _ = tokio::time::timeout(ERROR_GRACE, async {
-                control_tx.send(&Frame::Error { message }).await?;
-                control_tx.flush().await
-            })
-            .await;
+            tell_peer_failed(&mut control_tx, &cause).await;
             drop(state.relay.take());
             if let Some(lazy) = state.lazy.take() {
                 // Kills the page server; the tasks stay stopped for the resume.
@@ -444,29 +439,7 @@ where
         config.upper_dir.as_deref(),
         t.peer,
     );
-    let verdict = async {
-        match control_rx.next().await {
-            Ok(Some(Frame::Restored(restored))) => Ok(restored),
-            Ok(Some(Frame::Error { message })) => Err(SessionError::Peer {
-                phase: tracker.phase(),
-                message,
-            }),
-            Ok(Some(other)) => Err(SessionError::protocol(
-                tracker.phase(),
-                format!("expected the verdict, got {}", other.kind()),
-            )),
-            Ok(None) => Err(SessionError::Wire {
-                phase: tracker.phase(),
-                source: super::wire::WireError::UnexpectedEnd {
-                    expected: "verdict",
-                },
-            }),
-            Err(e) => Err(SessionError::Wire {
-                phase: tracker.phase(),
-                source: e,
-            }),
-        }
-    };
+    let verdict = read_verdict(control_rx, tracker);
     tokio::pin!(transfer, verdict);
     tokio::select! {
         biased;
@@ -550,14 +523,6 @@ async fn rollback(
 // ------------------------------------------------------------------------------------------
 // Target
 // ------------------------------------------------------------------------------------------
-
-/// What the target did so far, read after a failure to undo it.
-#[derive(Default)]
-struct TargetState {
-    staging: Option<Staging>,
-    prepared: bool,
-    pid: Option<i32>,
-}
 
 /// Receives the post-copy migration the hub ordered (`config`) on `connection`, restores it
 /// lazily as `host` prepares, and answers the source. Returns once the container runs here
@@ -680,18 +645,7 @@ pub async fn run_target_postcopy_quic<H: TargetHost>(
         }
         Err(err) => {
             tracing::warn!(parent: &span, error = %err, "post-copy migration target failed");
-            if state.prepared {
-                host.abort(state.pid).await;
-            }
-            let message = err.to_string();
-            let _ = tokio::time::timeout(ERROR_GRACE, async {
-                control_tx.send(&Frame::Error { message }).await?;
-                control_tx.flush().await
-            })
-            .await;
-            if let Some(staging) = state.staging.take() {
-                let _ = tokio::task::spawn_blocking(move || drop(staging)).await;
-            }
+            state.undo(host, &mut control_tx, &err).await;
             fail_close();
             Err(err)
         }

@@ -889,13 +889,7 @@ where
         }
         Err(cause) => {
             tracing::warn!(migration_id = %config.migration_id, error = %cause, "migration source failed");
-            let message = cause.to_string();
-            // Best effort: a cancelled send leaves the writer broken, and the link may be gone.
-            let _ = tokio::time::timeout(ERROR_GRACE, async {
-                control_tx.send(&Frame::Error { message }).await?;
-                control_tx.flush().await
-            })
-            .await;
+            tell_peer_failed(&mut control_tx, &cause).await;
             Err(source_rollback(&checkpointer, hooks, config, &state, cause).await)
         }
     };
@@ -985,6 +979,31 @@ where
     }
 }
 
+/// The target's verdict, in either mode: `Restored`, or its error.
+pub(crate) async fn read_verdict<R: AsyncRead + Unpin>(
+    control_rx: &mut FrameReader<R>,
+    tracker: &Tracker,
+) -> Result<Restored, SessionError> {
+    match control_rx.next().await {
+        Ok(Some(Frame::Restored(restored))) => Ok(restored),
+        Ok(Some(Frame::Error { message })) => Err(SessionError::Peer {
+            phase: tracker.phase(),
+            message,
+        }),
+        Ok(Some(other)) => Err(SessionError::protocol(
+            tracker.phase(),
+            format!("expected the verdict, got {}", other.kind()),
+        )),
+        Ok(None) => Err(SessionError::Wire {
+            phase: tracker.phase(),
+            source: WireError::UnexpectedEnd {
+                expected: "verdict",
+            },
+        }),
+        Err(e) => Err(SessionError::wire(tracker.phase(), e)),
+    }
+}
+
 /// Hellos, rounds, freeze, transfer, verdict.
 #[allow(clippy::too_many_arguments)]
 async fn source_exchange<C, H, R, W, F>(
@@ -1035,26 +1054,7 @@ where
     tracing::debug!("migration target ready");
 
     // The verdict may come early (an error from the target); watch for it during the transfer.
-    let verdict = async {
-        match control_rx.next().await {
-            Ok(Some(Frame::Restored(restored))) => Ok(restored),
-            Ok(Some(Frame::Error { message })) => Err(SessionError::Peer {
-                phase: tracker.phase(),
-                message,
-            }),
-            Ok(Some(other)) => Err(SessionError::protocol(
-                tracker.phase(),
-                format!("expected the verdict, got {}", other.kind()),
-            )),
-            Ok(None) => Err(SessionError::Wire {
-                phase: tracker.phase(),
-                source: WireError::UnexpectedEnd {
-                    expected: "verdict",
-                },
-            }),
-            Err(e) => Err(SessionError::wire(tracker.phase(), e)),
-        }
-    };
+    let verdict = read_verdict(control_rx, tracker);
     tokio::pin!(verdict);
     {
         let transfer = source_transfer(
@@ -1683,12 +1683,47 @@ impl Drop for Staging {
     }
 }
 
-/// What the target did so far, read after a failure to undo it.
+/// What the target did so far, in either mode, read after a failure to undo it.
 #[derive(Default)]
-struct TargetState {
-    staging: Option<Staging>,
-    prepared: bool,
-    pid: Option<i32>,
+pub(crate) struct TargetState {
+    pub(crate) staging: Option<Staging>,
+    pub(crate) prepared: bool,
+    pub(crate) pid: Option<i32>,
+}
+
+impl TargetState {
+    /// After a failure: the host's part undone, the source told why, the staging dir removed.
+    pub(crate) async fn undo<H, W>(
+        &mut self,
+        host: &H,
+        control_tx: &mut FrameWriter<W>,
+        err: &SessionError,
+    ) where
+        H: TargetHost,
+        W: AsyncWrite + Unpin + Send,
+    {
+        if self.prepared {
+            host.abort(self.pid).await;
+        }
+        tell_peer_failed(control_tx, err).await;
+        if let Some(staging) = self.staging.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(staging)).await;
+        }
+    }
+}
+
+/// Sends the peer an `Error` frame saying why this side failed. Best effort: a cancelled send
+/// leaves the writer broken, and the link may be gone.
+pub(crate) async fn tell_peer_failed<W: AsyncWrite + Unpin + Send>(
+    control_tx: &mut FrameWriter<W>,
+    err: &SessionError,
+) {
+    let message = err.to_string();
+    let _ = tokio::time::timeout(ERROR_GRACE, async {
+        control_tx.send(&Frame::Error { message }).await?;
+        control_tx.flush().await
+    })
+    .await;
 }
 
 /// What the files stream brought.
@@ -1748,18 +1783,7 @@ where
         }
         Err(err) => {
             tracing::warn!(migration_id = %config.migration_id, error = %err, "migration target failed");
-            if state.prepared {
-                host.abort(state.pid).await;
-            }
-            let message = err.to_string();
-            let _ = tokio::time::timeout(ERROR_GRACE, async {
-                control_tx.send(&Frame::Error { message }).await?;
-                control_tx.flush().await
-            })
-            .await;
-            if let Some(staging) = state.staging.take() {
-                let _ = tokio::task::spawn_blocking(move || drop(staging)).await;
-            }
+            state.undo(host, &mut control_tx, &err).await;
             Err(err)
         }
     }
