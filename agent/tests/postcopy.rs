@@ -17,17 +17,15 @@ use std::time::{Duration, Instant};
 use berth_agent::checkpoint::RestoreReport;
 use berth_agent::migrate::postcopy::{run_source_postcopy_quic, run_target_postcopy_quic};
 use berth_agent::migrate::session::{
-    HookError, MigrationProgress, Phase, ProgressSink, Received, RestorePlan, SessionError,
-    SourceConfig, TargetConfig, TargetHost,
+    HookError, MigrationProgress, Phase, Received, RestorePlan, SessionError, SourceConfig,
+    TargetConfig, TargetHost,
 };
 use berth_agent::migrate::transport::MigrationEndpoint;
 use lazy_support::{
-    counter, first_tick, fixture, identities, require_lazy_pages, session_configs, LandingSite,
-    PipeReader, COUNTER,
+    counter, first_tick, fixture, identities, progress_log, require_lazy_pages, runtime,
+    session_configs, LandingSite, PipeReader, COUNTER,
 };
-use runtime_support::{
-    frozen_counter, init_pid, proc_state, suffix, wait_for, Fixture, Netns, Restored,
-};
+use runtime_support::{frozen_counter, init_pid, proc_state, wait_for, Fixture, Netns, Restored};
 
 /// A connection from n1 (source, dialling as an agent does) to n2 (target):
 /// (source's, target's, endpoints to keep).
@@ -103,22 +101,10 @@ fn setup(fail_prepare: bool) -> Setup {
     });
     let pid = init_pid(&f, &id);
     let (source, target) = session_configs(&f, &id, pid);
-    let work = f.dir.path().canonicalize().unwrap();
-    let rootfs = f.dir.path().canonicalize().unwrap().join("rootfs2");
     let netns = Netns::new();
-    let (out, out_w) = PipeReader::new();
-    let (err, err_w) = PipeReader::new();
-    let resolv = work.join("resolv.target");
-    std::fs::write(&resolv, "nameserver 10.0.0.2\n").unwrap();
+    let (site, out, err) = LandingSite::new(&f, netns.path(), "pc");
     let landing = Landing {
-        site: LandingSite {
-            from: f.rootfs.clone(),
-            rootfs,
-            netns: netns.path(),
-            cgroup_root: format!("/{}/ins-pc-{}", f.parent, suffix()),
-            resolv,
-            stdio: Mutex::new(Some((out_w, err_w))),
-        },
+        site,
         fail_prepare,
         prepared: Mutex::new(None),
         adopted: Mutex::new(None),
@@ -136,30 +122,13 @@ fn setup(fail_prepare: bool) -> Setup {
     }
 }
 
-fn phases() -> (ProgressSink, Arc<Mutex<Vec<MigrationProgress>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink: ProgressSink = {
-        let seen = seen.clone();
-        Arc::new(move |p: &MigrationProgress| seen.lock().unwrap().push(*p))
-    };
-    (sink, seen)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn postcopy_runs_the_container_on_the_target_and_brings_every_page() {
     let criu = Arc::new(require_lazy_pages());
     let s = setup(false);
     let rt = runtime();
-    let (source_progress, source_seen) = phases();
-    let (target_progress, target_seen) = phases();
+    let (source_progress, source_seen) = progress_log();
+    let (target_progress, target_seen) = progress_log();
     let at_start = counter(&s.f.rootfs);
 
     let started = Instant::now();
@@ -297,7 +266,7 @@ fn a_failed_restore_resumes_the_source_and_leaves_nothing_on_the_target() {
     let criu = Arc::new(require_lazy_pages());
     let s = setup(true);
     let rt = runtime();
-    let (progress, _) = phases();
+    let (progress, _) = progress_log();
     let (sent, landed) = rt.block_on(async {
         let (src_conn, dst_conn, _endpoints) = connect().await;
         tokio::join!(

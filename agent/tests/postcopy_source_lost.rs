@@ -27,17 +27,17 @@ use std::time::{Duration, Instant};
 use berth_agent::checkpoint::RestoreReport;
 use berth_agent::migrate::postcopy::{run_source_postcopy_quic, run_target_postcopy_quic};
 use berth_agent::migrate::session::{
-    HookError, MigrationProgress, ProgressSink, Received, RestorePlan, SourceConfig, TargetConfig,
-    TargetHost,
+    HookError, Received, RestorePlan, SourceConfig, TargetConfig, TargetHost,
 };
 use berth_agent::migrate::transport::MigrationEndpoint;
 use lazy_support::{
-    fixture, identities, require_lazy_pages, session_configs, LandingSite, PipeReader,
+    fixture, identities, progress_log, require_lazy_pages, runtime, session_configs, LandingSite,
+    PipeReader,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use runtime_support::{init_pid, proc_state, suffix, wait_for, Fixture, Netns};
+use runtime_support::{init_pid, proc_state, wait_for, Fixture, Netns};
 use tokio::net::UdpSocket;
 
 /// Bytes of memory the container holds (and the target must pull after the restore).
@@ -86,7 +86,7 @@ fn lose_the_source_while_pages_arrive(loss: Loss) {
     // minutes).
     let rt = Rt(Some(runtime()));
     let _sweep = CriuSweep(work.clone());
-    let (progress, _) = phases();
+    let (progress, _) = progress_log();
 
     let (n1, n2) = identities();
     let local = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -263,22 +263,9 @@ fn setup() -> Setup {
     });
     let pid = init_pid(&f, &id);
     let (source, target) = session_configs(&f, &id, pid);
-    let work = f.dir.path().canonicalize().unwrap();
     let netns = Netns::new();
-    let (out, out_w) = PipeReader::new();
-    let (err, err_w) = PipeReader::new();
-    let resolv = work.join("resolv.target");
-    std::fs::write(&resolv, "nameserver 10.0.0.2\n").unwrap();
-    let landing = Landing {
-        site: LandingSite {
-            from: f.rootfs.clone(),
-            rootfs: work.join("rootfs2"),
-            netns: netns.path(),
-            cgroup_root: format!("/{}/ins-pl-{}", f.parent, suffix()),
-            resolv,
-            stdio: Mutex::new(Some((out_w, err_w))),
-        },
-    };
+    let (site, out, err) = LandingSite::new(&f, netns.path(), "pl");
+    let landing = Landing { site };
     Setup {
         pid,
         source,
@@ -289,23 +276,6 @@ fn setup() -> Setup {
         _netns: netns,
         _f: f,
     }
-}
-
-fn phases() -> (ProgressSink, Arc<Mutex<Vec<MigrationProgress>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink: ProgressSink = {
-        let seen = seen.clone();
-        Arc::new(move |p: &MigrationProgress| seen.lock().unwrap().push(*p))
-    };
-    (sink, seen)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 // ------------------------------------------------------------------------------------------

@@ -188,6 +188,26 @@ pub struct LandingSite {
 }
 
 impl LandingSite {
+    /// A site for `f`'s container in network namespace `netns`: `rootfs2` and a resolv.conf of
+    /// its own under the fixture's dir, cgroup `/<parent>/ins-<tag>-<random>`, and the read ends
+    /// of its output pipes (stdout, stderr).
+    pub fn new(f: &Fixture, netns: PathBuf, tag: &str) -> (Self, PipeReader, PipeReader) {
+        let work = f.dir.path().canonicalize().unwrap();
+        let (out, out_w) = PipeReader::new();
+        let (err, err_w) = PipeReader::new();
+        let resolv = work.join("resolv.target");
+        std::fs::write(&resolv, "nameserver 10.0.0.2\n").unwrap();
+        let site = LandingSite {
+            from: f.rootfs.clone(),
+            rootfs: work.join("rootfs2"),
+            netns,
+            cgroup_root: format!("/{}/ins-{tag}-{}", f.parent, runtime_support::suffix()),
+            resolv,
+            stdio: Mutex::new(Some((out_w, err_w))),
+        };
+        (site, out, err)
+    }
+
     /// The restore `received` asks for, into this site (the rootfs copied now).
     pub fn plan(
         &self,
@@ -261,4 +281,27 @@ pub fn session_configs(
         max_payload: DEFAULT_MAX_PAYLOAD,
     };
     (source, target)
+}
+
+/// A progress sink for a session and what it was told, in order.
+pub fn progress_log() -> (
+    berth_agent::migrate::session::ProgressSink,
+    Arc<Mutex<Vec<berth_agent::migrate::session::MigrationProgress>>>,
+) {
+    use berth_agent::migrate::session::{MigrationProgress, ProgressSink};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink: ProgressSink = {
+        let seen = seen.clone();
+        Arc::new(move |p: &MigrationProgress| seen.lock().unwrap().push(*p))
+    };
+    (sink, seen)
+}
+
+/// A runtime for both sides of a session in one test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
 }
