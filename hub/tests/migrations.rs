@@ -445,6 +445,11 @@ async fn a_postcopy_job_switches_first_and_ends_when_the_memory_arrived() {
         assert_eq!(s, StatusCode::ACCEPTED, "{j}");
         j["migration_id"].as_str().unwrap().to_owned()
     }
+    /// `node` says DONE for `mid`, the replica RUNNING.
+    async fn report_done(hub: &Hub, node: &str, iid: &str, mid: &str) {
+        let done = progress(mid, MigrationPhase::Done);
+        report(hub, node, iid, InstanceStatus::Running, Some(done)).await;
+    }
     let hub = Hub::start(false).await;
     let mut rec = Reconciler::new(hub.store.clone(), Duration::from_secs(60));
     register(&hub, "n1", 8 * GIB, "127.0.0.1:9752").await;
@@ -523,14 +528,7 @@ async fn a_postcopy_job_switches_first_and_ends_when_the_memory_arrived() {
     // new node), whose agent restarts it per policy; nothing is handed back to n2.
     let mid = start(&hub, &cid, r#"{"target_node":"n1","mode":"postcopy"}"#).await;
     rec.pass().await.unwrap();
-    report(
-        &hub,
-        "n1",
-        iid,
-        InstanceStatus::Running,
-        Some(progress(&mid, MigrationPhase::Done)),
-    )
-    .await;
+    report_done(&hub, "n1", iid, &mid).await;
     assert_eq!(job(&hub, &mid).await["phase"], "SWITCH");
     let mut lost = progress(&mid, MigrationPhase::Switch);
     lost.error = "post-copy: the memory did not all reach node n1: connection lost".into();
@@ -550,23 +548,9 @@ async fn a_postcopy_job_switches_first_and_ends_when_the_memory_arrived() {
     // Pages all served before the target's report reached the hub: that report completes it.
     let mid = start(&hub, &cid, r#"{"target_node":"n2","mode":"postcopy"}"#).await;
     rec.pass().await.unwrap();
-    report(
-        &hub,
-        "n1",
-        iid,
-        InstanceStatus::Running,
-        Some(progress(&mid, MigrationPhase::Done)),
-    )
-    .await;
+    report_done(&hub, "n1", iid, &mid).await;
     assert_eq!(job(&hub, &mid).await["status"], "IN_PROGRESS");
-    report(
-        &hub,
-        "n2",
-        iid,
-        InstanceStatus::Running,
-        Some(progress(&mid, MigrationPhase::Done)),
-    )
-    .await;
+    report_done(&hub, "n2", iid, &mid).await;
     let j = job(&hub, &mid).await;
     assert_eq!(j["status"], "COMPLETED", "{j}");
     let (_, c) = hub.get(&format!("/v1/containers/{cid}")).await;
@@ -577,14 +561,7 @@ async fn a_postcopy_job_switches_first_and_ends_when_the_memory_arrived() {
     // complete" ends the job as well.
     let mid = start(&hub, &cid, r#"{"target_node":"n1","mode":"postcopy"}"#).await;
     rec.pass().await.unwrap();
-    report(
-        &hub,
-        "n1",
-        iid,
-        InstanceStatus::Running,
-        Some(progress(&mid, MigrationPhase::Done)),
-    )
-    .await;
+    report_done(&hub, "n1", iid, &mid).await;
     assert_eq!(job(&hub, &mid).await["phase"], "SWITCH");
     let mut complete = progress(&mid, MigrationPhase::Done);
     complete.memory_complete = true;
