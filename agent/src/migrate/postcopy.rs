@@ -53,14 +53,15 @@ use tracing::Instrument;
 use super::lazy_relay::{RelayCounters, RelayWatch, SourceRelay, TargetRelay};
 use super::session::{
     accept_hellos_and_stage, adopt_and_answer, blocking, check_upper_dir, flush, framed_reader,
-    framed_writer, millis, prepare_restore, read_verdict, receive_files, send, send_files,
-    send_hellos_and_await_ready, tell_peer_failed, Budget, ImageSet, MigrationProgress, Phase,
-    ProgressSink, Received, SessionError, SourceConfig, TargetConfig, TargetHost, TargetOutcome,
-    TargetState, Tracker, CLOSE_FAILED, CLOSE_GRACE, CLOSE_OK, ERROR_GRACE, IMAGES_AREA,
+    framed_writer, millis, prepare_restore, read_verdict, receive_files, resume_source, send,
+    send_files, send_hellos_and_await_ready, tell_peer_failed, Budget, ImageSet, MigrationProgress,
+    Phase, ProgressSink, Received, SessionError, SourceConfig, TargetConfig, TargetHost,
+    TargetOutcome, TargetState, Tracker, CLOSE_FAILED, CLOSE_GRACE, CLOSE_OK, ERROR_GRACE,
+    IMAGES_AREA,
 };
 use super::wire::{Frame, FrameReader, FrameWriter, Restored, WireCounters};
 use crate::checkpoint::lazy::{LazyDump, LazyDumpRequest, LazyPages, LazyPagesRequest};
-use crate::checkpoint::{Checkpointer, Criu, DumpMode, Metadata, NetworkLock, ResumeRequest};
+use crate::checkpoint::{Criu, DumpMode, Metadata};
 
 /// How long the source serves pages and the target waits for them once the target runs the
 /// container (background fetching moves hundreds of MiB a second here).
@@ -486,30 +487,8 @@ async fn rollback(
     if !needs_resume {
         return cause;
     }
-    let phase = cause.phase();
-    let req = ResumeRequest {
-        pid: config.dump.pid,
-        unlock_network: config.dump.network_lock == NetworkLock::Iptables,
-    };
-    let criu = Arc::clone(criu);
-    let resumed = blocking(phase, move || {
-        criu.resume(&req)
-            .map_err(|source| SessionError::Checkpoint {
-                phase,
-                op: "resume",
-                source,
-            })
-    })
-    .await;
-    match resumed {
-        Ok(report) => {
-            tracing::info!(
-                pid = config.dump.pid,
-                tasks = report.tasks.len(),
-                "source container resumed after the failed post-copy migration"
-            );
-            cause
-        }
+    match resume_source(criu, config, cause.phase()).await {
+        Ok(()) => cause,
         Err(resume) => {
             tracing::error!(error = %resume, "resuming the source container failed");
             SessionError::ResumeFailed {

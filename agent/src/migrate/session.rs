@@ -1563,6 +1563,36 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
+/// Resumes the source's container that a dump left stopped (and its traffic lock), in either
+/// mode, after the migration failed before the target ran it.
+pub(crate) async fn resume_source<C: Checkpointer + ?Sized + 'static>(
+    checkpointer: &Arc<C>,
+    config: &SourceConfig,
+    phase: Phase,
+) -> Result<(), SessionError> {
+    let req = ResumeRequest {
+        pid: config.dump.pid,
+        unlock_network: config.dump.network_lock == NetworkLock::Iptables,
+    };
+    let checkpointer = Arc::clone(checkpointer);
+    let report = blocking(phase, move || {
+        checkpointer
+            .resume(&req)
+            .map_err(|source| SessionError::Checkpoint {
+                phase,
+                op: "resume",
+                source,
+            })
+    })
+    .await?;
+    tracing::info!(
+        pid = config.dump.pid,
+        tasks = report.tasks.len(),
+        "source container resumed after the failed migration"
+    );
+    Ok(())
+}
+
 /// Resumes the container after a failure (when a dump may have stopped it); keeps both errors
 /// when that fails too.
 async fn source_rollback<C: Checkpointer + ?Sized + 'static, H: SourceHooks>(
@@ -1575,28 +1605,8 @@ async fn source_rollback<C: Checkpointer + ?Sized + 'static, H: SourceHooks>(
     let phase = cause.phase();
     let mut failure = None;
     if state.needs_resume {
-        let req = ResumeRequest {
-            pid: config.dump.pid,
-            unlock_network: config.dump.network_lock == NetworkLock::Iptables,
-        };
-        let checkpointer = Arc::clone(checkpointer);
-        let resumed = blocking(phase, move || {
-            checkpointer
-                .resume(&req)
-                .map_err(|source| SessionError::Checkpoint {
-                    phase,
-                    op: "resume",
-                    source,
-                })
-        })
-        .await;
-        match resumed {
-            Ok(report) => tracing::info!(
-                pid = config.dump.pid,
-                tasks = report.tasks.len(),
-                "source container resumed after the failed migration"
-            ),
-            Err(e) => failure = Some(e),
+        if let Err(e) = resume_source(checkpointer, config, phase).await {
+            failure = Some(e);
         }
     }
     if state.hooked {
