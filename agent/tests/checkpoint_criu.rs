@@ -19,8 +19,8 @@ use berth_agent::checkpoint::{
 };
 use berth_agent::runtime::cgroup;
 use runtime_support::{
-    frozen_counter, images, init_pid, proc_state, require_criu, suffix, wait_for, Fixture, Netns,
-    Restored,
+    assert_stopped, frozen_counter, images, init_pid, proc_state, require_criu, suffix, wait_for,
+    Fixture, Netns, Restored,
 };
 
 /// Counts in a shell variable (memory), mirrors it to /tmp/c and says `tick N` every 10.
@@ -98,7 +98,7 @@ fn leave_stopped_dump_then_resume_continues() {
         ))
         .unwrap();
     eprintln!("leave-stopped dump: {report:?}");
-    assert_eq!(proc_state(pid), Some('T'), "init stopped after the dump");
+    assert_stopped(pid, "init stopped after the dump");
     let (frozen, frozen_at) = frozen_counter(&f.rootfs);
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(

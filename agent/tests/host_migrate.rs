@@ -24,7 +24,7 @@ use berth_agent::checkpoint::{
 use berth_agent::network::holder::NetnsHolder;
 use berth_agent::runtime::{cgroup, Runtime, Status};
 use runtime_support::{
-    proc_state, remove_cgroup_tree, require_criu, suffix, wait_for, Fixture, AGENT,
+    assert_stopped, proc_state, remove_cgroup_tree, require_criu, suffix, wait_for, Fixture, AGENT,
 };
 
 /// Counts in a shell variable (memory) and says `tick N` every 10.
@@ -86,7 +86,7 @@ fn a_restored_container_logs_through_its_own_shim_and_is_adopted() {
     let report = criu.dump(&dump).unwrap();
     assert!(report.stdio[1].starts_with("pipe:["), "{:?}", report.stdio);
     assert!(report.stdio[2].starts_with("pipe:["), "{:?}", report.stdio);
-    assert_eq!(proc_state(pid), Some('T'), "left frozen");
+    assert_stopped(pid, "left frozen");
     let at_dump = last_tick(&f.output(&id)).unwrap();
 
     // The target's rootfs (the upper dir travels in a migration; a copy does here).

@@ -218,6 +218,15 @@ pub fn proc_state(pid: i32) -> Option<char> {
         .next()
 }
 
+/// Asserts that `pid` is stopped (`T`) right after a leave-stopped dump. CRIU detaches from a
+/// dumped task with SIGSTOP pending, which takes effect when the task is next scheduled: on a
+/// busy machine it can read `R` for a moment, so the state gets 2 s to settle.
+pub fn assert_stopped(pid: i32, what: &str) {
+    wait_for(what, Duration::from_secs(2), || {
+        proc_state(pid) == Some('T')
+    });
+}
+
 /// A network namespace of our own (as a migration target has), deleted on drop.
 pub struct Netns(String);
 
